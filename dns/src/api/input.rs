@@ -1,0 +1,281 @@
+//! Request bodies and the validation of names, addresses and numbers in them.
+
+use std::net::IpAddr;
+
+use serde::Deserialize;
+
+use super::ApiError;
+use crate::view::Nameserver;
+
+/// `POST /v1/subscribers`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct NewSubscriber {
+    pub(super) name: String,
+}
+
+/// `POST /v1/zones`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct NewZone {
+    pub(super) origin: String,
+    pub(super) nameservers: Vec<NameserverSpec>,
+    pub(super) hostmaster: Option<String>,
+    #[serde(default = "default_refresh")]
+    pub(super) refresh: u32,
+    #[serde(default = "default_retry")]
+    pub(super) retry: u32,
+    #[serde(default = "default_expire")]
+    pub(super) expire: u32,
+    #[serde(default = "default_minimum")]
+    pub(super) minimum: u32,
+    #[serde(default = "default_soa_ttl")]
+    pub(super) soa_ttl: u32,
+    #[serde(default = "default_ns_ttl")]
+    pub(super) ns_ttl: u32,
+}
+
+/// A nameserver: a bare name, or a name with glue addresses.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum NameserverSpec {
+    Name(String),
+    WithGlue(Nameserver),
+}
+
+/// `POST /v1/domains`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct NewDomain {
+    pub(super) name: String,
+    pub(super) static_ip: Option<IpAddr>,
+    #[serde(default = "default_ttl")]
+    pub(super) ttl: u32,
+    pub(super) fallback_ip: Option<IpAddr>,
+    #[serde(default)]
+    pub(super) when_empty: WhenEmpty,
+    #[serde(default = "default_load_threshold")]
+    pub(super) load_threshold_pct: u32,
+    /// Required when the operator creates a domain; refused from a subscriber.
+    pub(super) subscriber_id: Option<i64>,
+}
+
+/// What a name answers when nothing is live and there is no fallback.
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum WhenEmpty {
+    #[default]
+    Nodata,
+    LastKnown,
+}
+
+/// `POST /v1/domains/{name}/addresses`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct NewAddress {
+    pub(super) ip: IpAddr,
+    #[serde(default)]
+    pub(super) priority: u16,
+    #[serde(default = "default_weight")]
+    pub(super) weight: u16,
+    pub(super) check: Option<Check>,
+}
+
+/// A service check a heartbeat server runs against a static address.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub(super) enum Check {
+    /// Connect, optionally send a line and expect a reply starting with `expect`.
+    Tcp {
+        port: u16,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        send: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expect: Option<String>,
+    },
+    /// GET `path`, expect `status`.
+    Http {
+        port: u16,
+        #[serde(default = "default_path")]
+        path: String,
+        #[serde(default = "default_status")]
+        status: u16,
+    },
+}
+
+/// One element of `PUT /v1/domains/{name}/services`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ServiceSpec {
+    pub(super) service: String,
+    pub(super) transport: String,
+    pub(super) ip: Option<IpAddr>,
+    pub(super) target: Option<String>,
+    pub(super) port: u16,
+    #[serde(default)]
+    pub(super) priority: u16,
+    #[serde(default)]
+    pub(super) weight: u16,
+}
+
+/// Most service tuples one domain may have.
+pub(super) const MAX_SERVICES: usize = 64;
+
+/// Turns user input into the stored form: lower case, fully qualified (`www.example.com.`), or says what is wrong.
+pub(super) fn hostname(field: &str, input: &str) -> Result<String, ApiError> {
+    let name = input.strip_suffix('.').unwrap_or(input).to_ascii_lowercase();
+    if name.is_empty() {
+        return Err(ApiError::invalid(format!("{field}: empty name")));
+    }
+    if name.len() > 253 {
+        return Err(ApiError::invalid(format!("{field}: longer than 253 characters")));
+    }
+    for label in name.split('.') {
+        if label.is_empty() {
+            return Err(ApiError::invalid(format!("{field}: empty label in {input:?}")));
+        }
+        if label.len() > 63 {
+            return Err(ApiError::invalid(format!("{field}: label {label:?} is longer than 63 characters")));
+        }
+        if !label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+            return Err(ApiError::invalid(format!(
+                "{field}: label {label:?} may hold only letters, digits and hyphens"
+            )));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(ApiError::invalid(format!(
+                "{field}: label {label:?} may not start or end with a hyphen"
+            )));
+        }
+    }
+    if !name.contains('.') {
+        return Err(ApiError::invalid(format!("{field}: {input:?} is not a domain name (no dot)")));
+    }
+    Ok(format!("{name}."))
+}
+
+/// A service or transport label: `http`, `tcp`; a leading underscore is accepted and dropped.
+pub(super) fn service_label(field: &str, input: &str) -> Result<String, ApiError> {
+    let label = input.strip_prefix('_').unwrap_or(input).to_ascii_lowercase();
+    let ok = !label.is_empty()
+        && label.len() <= 62
+        && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !label.starts_with('-')
+        && !label.ends_with('-');
+    if ok {
+        Ok(label)
+    } else {
+        Err(ApiError::invalid(format!(
+            "{field}: {input:?} must be 1-62 letters, digits or inner hyphens"
+        )))
+    }
+}
+
+/// Refuses addresses no one can reach: unspecified, multicast, broadcast.
+pub(super) fn usable_ip(field: &str, ip: IpAddr) -> Result<IpAddr, ApiError> {
+    let bad = ip.is_unspecified()
+        || ip.is_multicast()
+        || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    if bad {
+        Err(ApiError::invalid(format!("{field}: {ip} cannot be used as a host address")))
+    } else {
+        Ok(ip)
+    }
+}
+
+/// A number within bounds, or an error naming the field.
+pub(super) fn bounded(field: &str, value: u32, min: u32, max: u32) -> Result<i32, ApiError> {
+    if (min..=max).contains(&value) {
+        Ok(i32::try_from(value).unwrap_or(i32::MAX))
+    } else {
+        Err(ApiError::invalid(format!("{field}: {value} is outside {min}..={max}")))
+    }
+}
+
+/// How a name is shown: without the trailing dot.
+pub(super) fn display(fqdn: &str) -> &str {
+    fqdn.strip_suffix('.').unwrap_or(fqdn)
+}
+
+fn default_refresh() -> u32 {
+    3600
+}
+fn default_retry() -> u32 {
+    600
+}
+fn default_expire() -> u32 {
+    604_800
+}
+fn default_minimum() -> u32 {
+    1
+}
+fn default_soa_ttl() -> u32 {
+    60
+}
+fn default_ns_ttl() -> u32 {
+    3600
+}
+fn default_ttl() -> u32 {
+    1
+}
+fn default_load_threshold() -> u32 {
+    50
+}
+fn default_weight() -> u16 {
+    1
+}
+fn default_path() -> String {
+    "/".into()
+}
+fn default_status() -> u16 {
+    200
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostnames_are_normalised() {
+        assert_eq!(hostname("name", "WWW.Example.COM").ok().as_deref(), Some("www.example.com."));
+        assert_eq!(hostname("name", "a-b.example.com.").ok().as_deref(), Some("a-b.example.com."));
+    }
+
+    #[test]
+    fn bad_hostnames_say_why() {
+        for (input, why) in [
+            ("", "empty"),
+            ("a..b.com", "empty label"),
+            ("-a.com", "hyphen"),
+            ("a_b.com", "letters, digits"),
+            ("localhost", "no dot"),
+            (&format!("{}.com", "a".repeat(64)), "63"),
+        ] {
+            let err = hostname("name", input).expect_err(input);
+            assert!(err.message_contains(why), "{input:?}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn service_labels() {
+        assert_eq!(service_label("service", "_HTTP").ok().as_deref(), Some("http"));
+        assert!(service_label("service", "").is_err());
+        assert!(service_label("service", "a b").is_err());
+    }
+
+    #[test]
+    fn unusable_ips_refused() {
+        for ip in ["0.0.0.0", "::", "224.0.0.1", "255.255.255.255", "ff02::1"] {
+            assert!(usable_ip("ip", ip.parse().expect("ip")).is_err(), "{ip}");
+        }
+        assert!(usable_ip("ip", "198.18.0.1".parse().expect("ip")).is_ok());
+    }
+
+    #[test]
+    fn check_shapes() {
+        let tcp: Check = serde_json::from_str(r#"{"kind":"tcp","port":443}"#).expect("tcp check");
+        assert!(matches!(tcp, Check::Tcp { port: 443, .. }));
+        assert!(serde_json::from_str::<Check>(r#"{"kind":"icmp"}"#).is_err());
+        assert!(serde_json::from_str::<Check>(r#"{"kind":"tcp","port":1,"x":2}"#).is_err());
+    }
+}

@@ -1,0 +1,139 @@
+//! The admin API: JSON over HTTP with bearer tokens. The operator creates subscribers and zones; each subscriber
+//! manages only its own domains.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    extract::{FromRequestParts, Request, State},
+    http::{StatusCode, header, request::Parts},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{delete, get, post},
+};
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+
+use crate::{store, sync::Shared};
+
+mod error;
+mod input;
+mod routes;
+
+pub use error::ApiError;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    /// Postgres.
+    pub pool: PgPool,
+    /// The served view and metrics.
+    pub shared: Arc<Shared>,
+    /// SHA-256 of the operator token; `None` disables operator routes.
+    pub operator_token_hash: Option<[u8; 32]>,
+    /// Lifetime of enrollment tokens.
+    pub enrollment_ttl: Duration,
+}
+
+/// Who is calling, from the bearer token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// The operator: everything.
+    Operator,
+    /// A subscriber: only its own domains.
+    Subscriber(i64),
+}
+
+/// The admin API's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(routes::healthz))
+        .route("/metrics", get(routes::metrics))
+        .route("/v1/openapi.json", get(routes::openapi))
+        .route("/v1/subscribers", post(routes::create_subscriber))
+        .route("/v1/zones", post(routes::create_zone).get(routes::list_zones))
+        .route("/v1/domains", post(routes::create_domain).get(routes::list_domains))
+        .route("/v1/domains/{name}", get(routes::get_domain).delete(routes::delete_domain))
+        .route("/v1/domains/{name}/addresses", post(routes::add_address))
+        .route("/v1/domains/{name}/addresses/{ip}", delete(routes::delete_address))
+        .route("/v1/domains/{name}/services", axum::routing::put(routes::put_services))
+        .route("/v1/domains/{name}/enrollments", post(routes::create_enrollment))
+        .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), count_responses))
+        .with_state(state)
+}
+
+/// SHA-256 of a token, as stored and compared.
+pub fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// A fresh random token with a readable prefix, e.g. `tsub_…`.
+pub fn new_token(prefix: &str) -> String {
+    let mut bytes = [0_u8; 32];
+    rand::Rng::fill(&mut rand::rng(), &mut bytes);
+    format!("{prefix}_{}", hex::encode(bytes))
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
+            return Err(ApiError::unauthorized("missing Authorization: Bearer <token>"));
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| ApiError::unauthorized("Authorization must be `Bearer <token>`"))?;
+        let hash = token_hash(token);
+        if state.operator_token_hash == Some(hash) {
+            return Ok(Self::Operator);
+        }
+        match store::admin::subscriber_by_token(&state.pool, &hash).await? {
+            Some(subscriber) => Ok(Self::Subscriber(subscriber.id)),
+            None => Err(ApiError::unauthorized("unknown token")),
+        }
+    }
+}
+
+impl Caller {
+    /// Refuses anyone but the operator.
+    pub fn require_operator(self) -> Result<(), ApiError> {
+        match self {
+            Self::Operator => Ok(()),
+            Self::Subscriber(_) => Err(ApiError::forbidden("only the operator may do this")),
+        }
+    }
+
+    /// Refuses a subscriber acting on another subscriber's domain.
+    pub fn require_owner(self, subscriber_id: i64) -> Result<(), ApiError> {
+        match self {
+            Self::Operator => Ok(()),
+            Self::Subscriber(id) if id == subscriber_id => Ok(()),
+            Self::Subscriber(_) => Err(ApiError::forbidden("this domain belongs to another subscriber")),
+        }
+    }
+}
+
+async fn count_responses(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    state
+        .shared
+        .metrics
+        .api_responses
+        .get_or_create(&crate::metrics::StatusLabel {
+            status: response.status().as_u16(),
+        })
+        .inc();
+    response
+}
+
+/// Shorthand for handlers that answer JSON with a status.
+fn created<T: serde::Serialize>(body: T) -> Response {
+    (StatusCode::CREATED, axum::Json(body)).into_response()
+}

@@ -1,0 +1,412 @@
+//! Handlers of the admin API.
+
+use std::{net::IpAddr, sync::atomic::Ordering};
+
+use axum::{
+    Json,
+    extract::State,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::{
+    AppState, Caller, created,
+    error::{ApiError, Body, Path},
+    input::{self, display},
+    new_token, token_hash,
+};
+use crate::store::{self, admin};
+
+/// A domain with its addresses and services.
+#[derive(Serialize)]
+struct DomainOut {
+    name: String,
+    zone: String,
+    subscriber_id: i64,
+    static_ip: Option<IpAddr>,
+    ttl: i32,
+    fallback_ip: Option<IpAddr>,
+    when_empty: String,
+    load_threshold_pct: i32,
+    created_at: chrono::DateTime<chrono::Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    addresses: Option<Vec<admin::AddressRow>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    services: Option<Vec<admin::Service>>,
+}
+
+pub(super) async fn healthz(State(state): State<AppState>) -> Response {
+    let last = state.shared.last_sync_ms.load(Ordering::Relaxed);
+    let connected = state.shared.metrics.database_connected.get() == 1;
+    let body = json!({
+        "status": if last > 0 { "ok" } else { "starting" },
+        "database": if connected { "connected" } else { "disconnected" },
+        "last_sync_ms": last,
+    });
+    let status = if last > 0 { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
+}
+
+pub(super) async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        state.shared.metrics.render(),
+    )
+        .into_response()
+}
+
+pub(super) async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("../../openapi.json"),
+    )
+        .into_response()
+}
+
+pub(super) async fn not_found() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+pub(super) async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
+}
+
+pub(super) async fn create_subscriber(
+    State(state): State<AppState>,
+    caller: Caller,
+    Body(body): Body<input::NewSubscriber>,
+) -> Result<Response, ApiError> {
+    caller.require_operator()?;
+    let name = body.name.trim();
+    if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
+        return Err(ApiError::invalid("name: 1-200 printable characters"));
+    }
+    let token = new_token("tsub");
+    let subscriber = admin::create_subscriber(&state.pool, name, &token_hash(&token))
+        .await
+        .map_err(|e| conflict_as(e, format!("subscriber {name:?} exists")))?;
+    tracing::info!(id = subscriber.id, "subscriber created");
+    Ok(created(json!({ "id": subscriber.id, "name": subscriber.name, "token": token })))
+}
+
+pub(super) async fn create_zone(
+    State(state): State<AppState>,
+    caller: Caller,
+    Body(body): Body<input::NewZone>,
+) -> Result<Response, ApiError> {
+    caller.require_operator()?;
+    let origin = input::hostname("origin", &body.origin)?;
+    if body.nameservers.is_empty() {
+        return Err(ApiError::invalid("nameservers: at least one is needed"));
+    }
+    let mut nameservers = Vec::with_capacity(body.nameservers.len());
+    for spec in body.nameservers {
+        let (name, ips) = match spec {
+            input::NameserverSpec::Name(name) => (name, Vec::new()),
+            input::NameserverSpec::WithGlue(ns) => (ns.name, ns.ips),
+        };
+        let name = input::hostname("nameservers", &name)?;
+        let inside = name == origin || name.ends_with(&format!(".{origin}"));
+        if !ips.is_empty() && !inside {
+            return Err(ApiError::invalid(format!(
+                "nameservers: glue for {} which is outside the zone",
+                display(&name)
+            )));
+        }
+        for ip in &ips {
+            input::usable_ip("nameservers.ips", *ip)?;
+        }
+        nameservers.push(crate::view::Nameserver { name, ips });
+    }
+    let hostmaster = match &body.hostmaster {
+        Some(h) => input::hostname("hostmaster", &h.replacen('@', ".", 1))?,
+        None => format!("hostmaster.{origin}"),
+    };
+    let zone = admin::NewZone {
+        origin: origin.clone(),
+        nameservers,
+        hostmaster,
+        timers: [
+            input::bounded("refresh", body.refresh, 1, 2_147_483_647)?,
+            input::bounded("retry", body.retry, 1, 2_147_483_647)?,
+            input::bounded("expire", body.expire, 1, 2_147_483_647)?,
+            input::bounded("minimum", body.minimum, 0, 86_400)?,
+        ],
+        soa_ttl: input::bounded("soa_ttl", body.soa_ttl, 0, 86_400)?,
+        ns_ttl: input::bounded("ns_ttl", body.ns_ttl, 0, 604_800)?,
+    };
+    let zone = admin::create_zone(&state.pool, &zone)
+        .await
+        .map_err(|e| conflict_as(e, format!("zone {} exists", display(&origin))))?;
+    tracing::info!(origin = %zone.origin, "zone created");
+    Ok(created(zone_out(zone)))
+}
+
+pub(super) async fn list_zones(State(state): State<AppState>, _caller: Caller) -> Result<Response, ApiError> {
+    let zones: Vec<Value> = admin::list_zones(&state.pool).await?.into_iter().map(zone_out).collect();
+    Ok(Json(zones).into_response())
+}
+
+pub(super) async fn create_domain(
+    State(state): State<AppState>,
+    caller: Caller,
+    Body(body): Body<input::NewDomain>,
+) -> Result<Response, ApiError> {
+    let subscriber_id = match (caller, body.subscriber_id) {
+        (Caller::Subscriber(id), None) => id,
+        (Caller::Subscriber(id), Some(other)) if other == id => id,
+        (Caller::Subscriber(_), Some(_)) => {
+            return Err(ApiError::forbidden("subscriber_id: you may create domains only for yourself"));
+        }
+        (Caller::Operator, Some(id)) => {
+            if !admin::subscriber_exists(&state.pool, id).await? {
+                return Err(ApiError::invalid(format!("subscriber_id: no subscriber {id}")));
+            }
+            id
+        }
+        (Caller::Operator, None) => {
+            return Err(ApiError::invalid("subscriber_id: required when the operator creates a domain"));
+        }
+    };
+    let fqdn = input::hostname("name", &body.name)?;
+    let static_ip = body.static_ip.map(|ip| input::usable_ip("static_ip", ip)).transpose()?;
+    let fallback_ip = body.fallback_ip.map(|ip| input::usable_ip("fallback_ip", ip)).transpose()?;
+    let ttl = input::bounded("ttl", body.ttl, 0, 86_400)?;
+    let load_threshold_pct = input::bounded("load_threshold_pct", body.load_threshold_pct, 1, 10_000)?;
+    let Some(zone_id) = admin::zone_for(&state.pool, &fqdn).await? else {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "outside_zones",
+            format!("name: {} is in none of our zones", display(&fqdn)),
+        ));
+    };
+    let when_empty = match body.when_empty {
+        input::WhenEmpty::Nodata => "nodata",
+        input::WhenEmpty::LastKnown => "last_known",
+    };
+    let domain = admin::NewDomain {
+        fqdn: fqdn.clone(),
+        subscriber_id,
+        static_ip,
+        ttl,
+        fallback_ip,
+        when_empty: when_empty.into(),
+        load_threshold_pct,
+    };
+    let domain = admin::create_domain(&state.pool, zone_id, &domain)
+        .await
+        .map_err(|e| conflict_as(e, format!("domain {} exists", display(&fqdn))))?;
+    tracing::info!(domain = %domain.fqdn, subscriber_id, "domain created");
+    Ok(created(domain_out(domain, None, None)))
+}
+
+pub(super) async fn list_domains(State(state): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+    let filter = match caller {
+        Caller::Operator => None,
+        Caller::Subscriber(id) => Some(id),
+    };
+    let domains: Vec<DomainOut> = admin::list_domains(&state.pool, filter)
+        .await?
+        .into_iter()
+        .map(|d| domain_out(d, None, None))
+        .collect();
+    Ok(Json(domains).into_response())
+}
+
+pub(super) async fn get_domain(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let domain = owned_domain(&state, caller, &name).await?;
+    let addresses = admin::addresses(&state.pool, domain.id).await?;
+    let services = admin::services(&state.pool, domain.id).await?;
+    Ok(Json(domain_out(domain, Some(addresses), Some(services))).into_response())
+}
+
+pub(super) async fn delete_domain(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let domain = owned_domain(&state, caller, &name).await?;
+    admin::delete_domain(&state.pool, domain.id).await?;
+    tracing::info!(domain = %domain.fqdn, "domain deleted");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+pub(super) async fn add_address(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Body(body): Body<input::NewAddress>,
+) -> Result<Response, ApiError> {
+    let domain = owned_domain(&state, caller, &name).await?;
+    let ip = input::usable_ip("ip", body.ip)?;
+    if body.weight == 0 {
+        return Err(ApiError::invalid("weight: must be at least 1"));
+    }
+    let check = body
+        .check
+        .map(|c| serde_json::to_value(c).map_err(|e| ApiError::invalid(format!("check: {e}"))))
+        .transpose()?;
+    let row = admin::add_static_address(
+        &state.pool,
+        domain.id,
+        ip,
+        i32::from(body.priority),
+        i32::from(body.weight),
+        check.as_ref(),
+    )
+    .await
+    .map_err(|e| conflict_as(e, format!("{ip} is already an address of {}", display(&domain.fqdn))))?;
+    tracing::info!(domain = %domain.fqdn, "static address added");
+    Ok(created(row))
+}
+
+pub(super) async fn delete_address(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((name, ip)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let domain = owned_domain(&state, caller, &name).await?;
+    let ip: IpAddr = ip
+        .parse()
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "bad_path", format!("{ip:?} is not an IP address")))?;
+    if !admin::delete_address(&state.pool, domain.id, ip).await? {
+        return Err(ApiError::not_found(format!("{ip} is not an address of {}", display(&domain.fqdn))));
+    }
+    tracing::info!(domain = %domain.fqdn, "address deleted");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+pub(super) async fn put_services(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Body(body): Body<Vec<input::ServiceSpec>>,
+) -> Result<Response, ApiError> {
+    let domain = owned_domain(&state, caller, &name).await?;
+    if body.len() > input::MAX_SERVICES {
+        return Err(ApiError::invalid(format!("at most {} service tuples", input::MAX_SERVICES)));
+    }
+    let mut services = Vec::with_capacity(body.len());
+    for (i, spec) in body.into_iter().enumerate() {
+        let service = input::service_label(&format!("[{i}].service"), &spec.service)?;
+        let transport = input::service_label(&format!("[{i}].transport"), &spec.transport)?;
+        if !["tcp", "udp", "sctp", "tls"].contains(&transport.as_str()) {
+            return Err(ApiError::invalid(format!("[{i}].transport: one of tcp, udp, sctp, tls")));
+        }
+        let ip = spec.ip.map(|ip| input::usable_ip(&format!("[{i}].ip"), ip)).transpose()?;
+        let target = spec.target.map(|t| input::hostname(&format!("[{i}].target"), &t)).transpose()?;
+        if ip.is_some() == target.is_some() {
+            return Err(ApiError::invalid(format!("[{i}]: give exactly one of ip and target")));
+        }
+        let tuple = admin::Service {
+            service,
+            transport,
+            ip,
+            target,
+            port: i32::from(spec.port),
+            priority: i32::from(spec.priority),
+            weight: i32::from(spec.weight),
+        };
+        if services.contains(&tuple) {
+            return Err(ApiError::invalid(format!("[{i}]: duplicate tuple")));
+        }
+        services.push(tuple);
+    }
+    admin::replace_services(&state.pool, domain.id, &services).await?;
+    tracing::info!(domain = %domain.fqdn, count = services.len(), "services replaced");
+    let stored = admin::services(&state.pool, domain.id).await?;
+    Ok(Json(stored).into_response())
+}
+
+pub(super) async fn create_enrollment(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let domain = owned_domain(&state, caller, &name).await?;
+    let token = new_token("tenr");
+    let ttl = chrono::Duration::from_std(state.enrollment_ttl).unwrap_or(chrono::Duration::hours(1));
+    let expires_at = chrono::Utc::now() + ttl;
+    admin::create_enrollment(&state.pool, domain.id, &token_hash(&token), expires_at).await?;
+    tracing::info!(domain = %domain.fqdn, "enrollment token issued");
+    Ok(created(json!({ "token": token, "expires_at": expires_at })))
+}
+
+/// The named domain, if it exists and the caller may touch it.
+async fn owned_domain(state: &AppState, caller: Caller, name: &str) -> Result<admin::Domain, ApiError> {
+    let fqdn = input::hostname("name", name).map_err(|e| {
+        if e.status() == StatusCode::UNPROCESSABLE_ENTITY {
+            ApiError::new(StatusCode::BAD_REQUEST, "bad_path", format!("{name:?} is not a valid domain name"))
+        } else {
+            e
+        }
+    })?;
+    let Some(domain) = admin::domain_by_name(&state.pool, &fqdn).await? else {
+        return Err(ApiError::not_found(format!("no domain {}", display(&fqdn))));
+    };
+    caller.require_owner(domain.subscriber_id)?;
+    Ok(domain)
+}
+
+/// A store conflict with a message naming what collided.
+fn conflict_as(error: store::StoreError, message: String) -> ApiError {
+    match error {
+        store::StoreError::Conflict(ref what) if what.starts_with("duplicate") => ApiError::conflict(message),
+        other => other.into(),
+    }
+}
+
+fn zone_out(zone: admin::Zone) -> Value {
+    let nameservers: Vec<Value> = zone
+        .nameservers
+        .0
+        .iter()
+        .map(|ns| json!({ "name": display(&ns.name), "ips": ns.ips }))
+        .collect();
+    json!({
+        "id": zone.id,
+        "origin": display(&zone.origin),
+        "nameservers": nameservers,
+        "hostmaster": display(&zone.hostmaster),
+        "serial": zone.serial,
+        "refresh": zone.refresh,
+        "retry": zone.retry,
+        "expire": zone.expire,
+        "minimum": zone.minimum,
+        "soa_ttl": zone.soa_ttl,
+        "ns_ttl": zone.ns_ttl,
+    })
+}
+
+fn domain_out(
+    d: admin::Domain,
+    addresses: Option<Vec<admin::AddressRow>>,
+    services: Option<Vec<admin::Service>>,
+) -> DomainOut {
+    DomainOut {
+        name: display(&d.fqdn).to_owned(),
+        zone: display(&d.zone).to_owned(),
+        subscriber_id: d.subscriber_id,
+        static_ip: d.static_ip,
+        ttl: d.ttl,
+        fallback_ip: d.fallback_ip,
+        when_empty: d.when_empty,
+        load_threshold_pct: d.load_threshold_pct,
+        created_at: d.created_at,
+        addresses,
+        services: services.map(|list| {
+            list.into_iter()
+                .map(|s| admin::Service {
+                    target: s.target.map(|t| display(&t).to_owned()),
+                    ..s
+                })
+                .collect()
+        }),
+    }
+}

@@ -1,0 +1,153 @@
+//! tether's authoritative DNS server and admin API.
+//!
+//! Queries are answered from an in-memory [`view::View`] of Postgres, kept fresh by LISTEN/NOTIFY ([`sync`]); the
+//! admin API ([`api`]) writes to Postgres, and the triggers in `migrations/` announce every change.
+
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use tokio::{
+    net::{TcpListener, UdpSocket},
+    sync::watch,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub mod answer;
+pub mod api;
+pub mod config;
+pub mod metrics;
+pub mod server;
+pub mod store;
+pub mod sync;
+pub mod view;
+
+pub use config::Config;
+
+/// Sockets bound before `run`, so tests can bind port 0 and read the addresses back.
+pub struct Listeners {
+    /// DNS over UDP.
+    pub dns_udp: UdpSocket,
+    /// DNS over TCP, same port as UDP.
+    pub dns_tcp: TcpListener,
+    /// The admin API.
+    pub api: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the configured addresses. With port 0 for DNS, UDP and TCP end up on the same free port.
+    pub async fn bind(dns: SocketAddr, api: SocketAddr) -> io::Result<Self> {
+        let mut attempts = 0;
+        let (dns_udp, dns_tcp) = loop {
+            let udp = UdpSocket::bind(dns).await?;
+            match TcpListener::bind(udp.local_addr()?).await {
+                Ok(tcp) => break (udp, tcp),
+                Err(error) if dns.port() == 0 && attempts < 16 => {
+                    attempts += 1;
+                    tracing::debug!(%error, "TCP port taken; trying another");
+                }
+                Err(error) => return Err(error),
+            }
+        };
+        let api = TcpListener::bind(api).await?;
+        Ok(Self { dns_udp, dns_tcp, api })
+    }
+
+    /// The DNS address (UDP and TCP).
+    pub fn dns_addr(&self) -> io::Result<SocketAddr> {
+        self.dns_udp.local_addr()
+    }
+
+    /// The admin API address.
+    pub fn api_addr(&self) -> io::Result<SocketAddr> {
+        self.api.local_addr()
+    }
+}
+
+/// Runs the DNS server, the view sync and the admin API until `shutdown` is cancelled.
+pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let pool = store::pool(config.database_url()).context("database_url")?;
+    if !prepare_database(&pool, config.max_backoff, &shutdown).await? {
+        return Ok(());
+    }
+
+    let shared = Arc::new(sync::Shared::new());
+    let (synced_tx, mut synced_rx) = watch::channel(false);
+    let sync_task = tokio::spawn(sync::run(
+        pool.clone(),
+        shared.clone(),
+        config.max_backoff,
+        synced_tx,
+        shutdown.clone(),
+    ));
+    tokio::select! {
+        () = shutdown.cancelled() => {
+            let _ = sync_task.await;
+            return Ok(());
+        }
+        result = synced_rx.wait_for(|synced| *synced) => {
+            result.context("view sync stopped before the first load")?;
+        }
+    }
+
+    let dns_addr = listeners.dns_addr()?;
+    let api_addr = listeners.api_addr()?;
+    let mut dns = hickory_server::Server::new(server::Handler::new(shared.clone()));
+    dns.register_socket(listeners.dns_udp);
+    dns.register_listener(listeners.dns_tcp, config.tcp_idle_timeout, 64);
+
+    let operator_token_hash = config.operator_token.as_ref().map(|t| api::token_hash(t.expose()));
+    if operator_token_hash.is_none() {
+        warn!("no operator token configured (operator_token or TETHER_OPERATOR_TOKEN): operator routes refuse all");
+    }
+    let app = api::router(api::AppState {
+        pool: pool.clone(),
+        shared,
+        operator_token_hash,
+        enrollment_ttl: config.enrollment_ttl,
+    });
+    let api_shutdown = shutdown.clone();
+    let api_task = tokio::spawn(async move {
+        axum::serve(listeners.api, app)
+            .with_graceful_shutdown(api_shutdown.cancelled_owned())
+            .await
+    });
+    info!(%dns_addr, %api_addr, "serving");
+
+    shutdown.cancelled().await;
+    info!("shutting down");
+    if let Err(error) = dns.shutdown_gracefully().await {
+        warn!(%error, "DNS server did not stop cleanly");
+    }
+    match api_task.await {
+        Ok(Err(error)) => warn!(%error, "admin API did not stop cleanly"),
+        Err(error) => warn!(%error, "admin API task failed"),
+        Ok(Ok(())) => {}
+    }
+    let _ = sync_task.await;
+    pool.close().await;
+    Ok(())
+}
+
+/// Applies migrations, waiting for Postgres with backoff. False when shut down while waiting.
+async fn prepare_database(
+    pool: &sqlx::PgPool,
+    max_backoff: Duration,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<bool> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match store::migrate(pool).await {
+            Ok(()) => return Ok(true),
+            Err(error) if error.is_unavailable() => {
+                warn!(%error, retry_in = ?delay, "waiting for Postgres");
+            }
+            Err(error) => return Err(error).context("applying migrations"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(false),
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(max_backoff);
+    }
+}

@@ -1,0 +1,116 @@
+//! Prometheus metrics of the dns binary, rendered at `GET /metrics`.
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+/// Response codes counted separately; everything else is `other`.
+const RCODES: [&str; 6] = ["noerror", "nxdomain", "refused", "servfail", "formerr", "other"];
+
+/// Every metric, with handles obtained once so the query path only bumps an atomic.
+pub struct Metrics {
+    registry: Registry,
+    responses: [Counter; RCODES.len()],
+    /// Full reloads of the view.
+    pub full_reloads: Counter,
+    /// Reloads of only the zones and domains a notification named.
+    pub partial_reloads: Counter,
+    /// Notifications received on `tether_changes`.
+    pub notifications: Counter,
+    /// Failed attempts to reach or read Postgres.
+    pub sync_errors: Counter,
+    /// 1 while the change listener is connected.
+    pub database_connected: Gauge,
+    /// Domains in the current view.
+    pub domains: Gauge,
+    /// Zones in the current view.
+    pub zones: Gauge,
+    /// Admin API responses by status class.
+    pub api_responses: Family<StatusLabel, Counter>,
+}
+
+/// Label of an admin API response.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    /// HTTP status code.
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RcodeLabel {
+    rcode: &'static str,
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tether_dns");
+        let responses_family = Family::<RcodeLabel, Counter>::default();
+        registry.register(
+            "responses",
+            "DNS responses sent, by response code",
+            responses_family.clone(),
+        );
+        let responses = RCODES.map(|rcode| responses_family.get_or_create(&RcodeLabel { rcode }).clone());
+        let metrics = Self {
+            responses,
+            full_reloads: Counter::default(),
+            partial_reloads: Counter::default(),
+            notifications: Counter::default(),
+            sync_errors: Counter::default(),
+            database_connected: Gauge::default(),
+            domains: Gauge::default(),
+            zones: Gauge::default(),
+            api_responses: Family::default(),
+            registry,
+        };
+        let mut registry = metrics.registry;
+        registry.register("view_full_reloads", "Full reloads of the view", metrics.full_reloads.clone());
+        registry.register(
+            "view_partial_reloads",
+            "Reloads of only the changed zones and domains",
+            metrics.partial_reloads.clone(),
+        );
+        registry.register("notifications", "Change notifications received", metrics.notifications.clone());
+        registry.register("sync_errors", "Failed attempts to reach or read Postgres", metrics.sync_errors.clone());
+        registry.register(
+            "database_connected",
+            "1 while the change listener is connected",
+            metrics.database_connected.clone(),
+        );
+        registry.register("view_domains", "Domains in the served view", metrics.domains.clone());
+        registry.register("view_zones", "Zones in the served view", metrics.zones.clone());
+        registry.register("api_responses", "Admin API responses by status", metrics.api_responses.clone());
+        Self { registry, ..metrics }
+    }
+
+    /// Counts one DNS response.
+    pub fn count_response(&self, rcode: u16) {
+        let index = match rcode {
+            0 => 0,
+            3 => 1,
+            5 => 2,
+            2 => 3,
+            1 => 4,
+            _ => 5,
+        };
+        self.responses[index].inc();
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(error) = encode(&mut out, &self.registry) {
+            tracing::error!(%error, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

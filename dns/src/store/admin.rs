@@ -1,0 +1,392 @@
+//! Writes and reads behind the admin API. Every write that alters answers fires the schema's triggers, which bump
+//! the zone serial and notify listeners in the same transaction.
+
+use std::net::IpAddr;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{FromRow, PgPool, types::Json};
+
+use super::StoreError;
+use crate::view::Nameserver;
+
+/// A subscriber as the API shows it.
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct Subscriber {
+    /// Primary key.
+    pub id: i64,
+    /// Unique name.
+    pub name: String,
+}
+
+/// A zone as the API shows it.
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct Zone {
+    /// Primary key.
+    pub id: i64,
+    /// Origin, fully qualified.
+    pub origin: String,
+    /// Authoritative servers and glue.
+    pub nameservers: Json<Vec<Nameserver>>,
+    /// SOA RNAME.
+    pub hostmaster: String,
+    /// Current SOA serial.
+    pub serial: i64,
+    /// SOA refresh.
+    pub refresh: i32,
+    /// SOA retry.
+    pub retry: i32,
+    /// SOA expire.
+    pub expire: i32,
+    /// SOA minimum (negative TTL).
+    pub minimum: i32,
+    /// TTL of the SOA record.
+    pub soa_ttl: i32,
+    /// TTL of NS records.
+    pub ns_ttl: i32,
+}
+
+/// What creating a zone needs.
+#[derive(Debug, Clone)]
+pub struct NewZone {
+    /// Origin, fully qualified, lower case.
+    pub origin: String,
+    /// Authoritative servers.
+    pub nameservers: Vec<Nameserver>,
+    /// SOA RNAME.
+    pub hostmaster: String,
+    /// SOA refresh, retry, expire, minimum.
+    pub timers: [i32; 4],
+    /// SOA and NS TTLs.
+    pub soa_ttl: i32,
+    /// NS TTL.
+    pub ns_ttl: i32,
+}
+
+/// A domain as the API shows it.
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct Domain {
+    /// Primary key.
+    pub id: i64,
+    /// Fully qualified name.
+    pub fqdn: String,
+    /// Origin of its zone.
+    pub zone: String,
+    /// Owner.
+    pub subscriber_id: i64,
+    /// Address owned by the packet-forwarder.
+    pub static_ip: Option<IpAddr>,
+    /// Record TTL.
+    pub ttl: i32,
+    /// Answered when nothing is live.
+    pub fallback_ip: Option<IpAddr>,
+    /// `nodata` or `last_known`.
+    pub when_empty: String,
+    /// Load hold-back threshold.
+    pub load_threshold_pct: i32,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+}
+
+/// What creating a domain needs.
+#[derive(Debug, Clone)]
+pub struct NewDomain {
+    /// Fully qualified, lower case.
+    pub fqdn: String,
+    /// Owner.
+    pub subscriber_id: i64,
+    /// Forwarder address.
+    pub static_ip: Option<IpAddr>,
+    /// Record TTL.
+    pub ttl: i32,
+    /// Apology address.
+    pub fallback_ip: Option<IpAddr>,
+    /// `nodata` or `last_known`.
+    pub when_empty: String,
+    /// Load hold-back threshold.
+    pub load_threshold_pct: i32,
+}
+
+/// An address row as the API shows it.
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct AddressRow {
+    /// The published address.
+    pub ip: IpAddr,
+    /// The interface address the NCU reported, when it differs (NAT).
+    pub interface_ip: Option<IpAddr>,
+    /// `ncu` or `static`.
+    pub source: String,
+    /// Uplink name for NCU addresses.
+    pub uplink: Option<String>,
+    /// Lower is preferred.
+    pub priority: i32,
+    /// Share among equals.
+    pub weight: i32,
+    /// Last reported load.
+    pub load: f32,
+    /// `pending`, `live` or `dead`.
+    pub state: String,
+    /// Heartbeat server in charge.
+    pub hbs: Option<String>,
+    /// Service check for static addresses.
+    pub check: Option<serde_json::Value>,
+    /// Last state change.
+    pub changed_at: DateTime<Utc>,
+}
+
+/// A service tuple as stored.
+#[derive(Debug, Clone, Serialize, FromRow, PartialEq)]
+pub struct Service {
+    /// Service name, without underscore.
+    pub service: String,
+    /// Transport, without underscore.
+    pub transport: String,
+    /// Address, published under a generated target.
+    pub ip: Option<IpAddr>,
+    /// Explicit target.
+    pub target: Option<String>,
+    /// Port.
+    pub port: i32,
+    /// SRV priority.
+    pub priority: i32,
+    /// SRV weight.
+    pub weight: i32,
+}
+
+const DOMAIN_SELECT: &str = "SELECT d.id, d.fqdn, z.origin AS zone, d.subscriber_id, d.static_ip, d.ttl, \
+     d.fallback_ip, d.when_empty, d.load_threshold_pct, d.created_at FROM domains d JOIN zones z ON z.id = d.zone_id";
+
+/// Creates a subscriber with the hash of its token.
+pub async fn create_subscriber(pool: &PgPool, name: &str, token_hash: &[u8]) -> Result<Subscriber, StoreError> {
+    Ok(sqlx::query_as("INSERT INTO subscribers (name, token_hash) VALUES ($1, $2) RETURNING id, name")
+        .bind(name)
+        .bind(token_hash)
+        .fetch_one(pool)
+        .await?)
+}
+
+/// The subscriber holding the token with this hash.
+pub async fn subscriber_by_token(pool: &PgPool, token_hash: &[u8]) -> Result<Option<Subscriber>, StoreError> {
+    Ok(sqlx::query_as("SELECT id, name FROM subscribers WHERE token_hash = $1")
+        .bind(token_hash)
+        .fetch_optional(pool)
+        .await?)
+}
+
+/// True when a subscriber with this id exists.
+pub async fn subscriber_exists(pool: &PgPool, id: i64) -> Result<bool, StoreError> {
+    Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM subscribers WHERE id = $1)")
+        .bind(id)
+        .fetch_one(pool)
+        .await?)
+}
+
+/// Creates a zone, refusing one that would capture another zone's domains.
+pub async fn create_zone(pool: &PgPool, zone: &NewZone) -> Result<Zone, StoreError> {
+    let mut tx = pool.begin().await?;
+    let captured: Option<String> = sqlx::query_scalar(
+        "SELECT fqdn FROM domains WHERE fqdn = $1 OR right(fqdn, length($1) + 1) = '.' || $1 LIMIT 1",
+    )
+    .bind(&zone.origin)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(fqdn) = captured {
+        return Err(StoreError::Conflict(format!(
+            "domain {} of another zone lies under {}",
+            fqdn.trim_end_matches('.'),
+            zone.origin.trim_end_matches('.')
+        )));
+    }
+    let [refresh, retry, expire, minimum] = zone.timers;
+    let row = sqlx::query_as(
+        "INSERT INTO zones (origin, nameservers, hostmaster, refresh, retry, expire, minimum, soa_ttl, ns_ttl) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id, origin, nameservers, hostmaster, serial, \
+         refresh, retry, expire, minimum, soa_ttl, ns_ttl",
+    )
+    .bind(&zone.origin)
+    .bind(Json(&zone.nameservers))
+    .bind(&zone.hostmaster)
+    .bind(refresh)
+    .bind(retry)
+    .bind(expire)
+    .bind(minimum)
+    .bind(zone.soa_ttl)
+    .bind(zone.ns_ttl)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(row)
+}
+
+/// Every zone, by origin.
+pub async fn list_zones(pool: &PgPool) -> Result<Vec<Zone>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT id, origin, nameservers, hostmaster, serial, refresh, retry, expire, minimum, soa_ttl, ns_ttl \
+         FROM zones ORDER BY origin",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// The deepest zone containing `fqdn`.
+pub async fn zone_for(pool: &PgPool, fqdn: &str) -> Result<Option<i64>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT id FROM zones WHERE origin = $1 OR right($1, length(origin) + 1) = '.' || origin \
+         ORDER BY length(origin) DESC LIMIT 1",
+    )
+    .bind(fqdn)
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// Creates a domain in zone `zone_id`.
+pub async fn create_domain(pool: &PgPool, zone_id: i64, domain: &NewDomain) -> Result<Domain, StoreError> {
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO domains (fqdn, zone_id, subscriber_id, static_ip, ttl, fallback_ip, when_empty, \
+         load_threshold_pct) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+    )
+    .bind(&domain.fqdn)
+    .bind(zone_id)
+    .bind(domain.subscriber_id)
+    .bind(domain.static_ip)
+    .bind(domain.ttl)
+    .bind(domain.fallback_ip)
+    .bind(&domain.when_empty)
+    .bind(domain.load_threshold_pct)
+    .fetch_one(pool)
+    .await?;
+    domain_by_id(pool, id)
+        .await?
+        .ok_or_else(|| StoreError::Conflict("domain deleted while being created".into()))
+}
+
+/// Domains of one subscriber, or all of them.
+pub async fn list_domains(pool: &PgPool, subscriber_id: Option<i64>) -> Result<Vec<Domain>, StoreError> {
+    Ok(sqlx::query_as(&format!(
+        "{DOMAIN_SELECT} WHERE $1::bigint IS NULL OR d.subscriber_id = $1 ORDER BY d.fqdn"
+    ))
+    .bind(subscriber_id)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// The domain with this name.
+pub async fn domain_by_name(pool: &PgPool, fqdn: &str) -> Result<Option<Domain>, StoreError> {
+    Ok(sqlx::query_as(&format!("{DOMAIN_SELECT} WHERE d.fqdn = $1"))
+        .bind(fqdn)
+        .fetch_optional(pool)
+        .await?)
+}
+
+async fn domain_by_id(pool: &PgPool, id: i64) -> Result<Option<Domain>, StoreError> {
+    Ok(sqlx::query_as(&format!("{DOMAIN_SELECT} WHERE d.id = $1"))
+        .bind(id)
+        .fetch_optional(pool)
+        .await?)
+}
+
+/// Deletes a domain and everything hanging off it.
+pub async fn delete_domain(pool: &PgPool, id: i64) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM domains WHERE id = $1").bind(id).execute(pool).await?;
+    Ok(())
+}
+
+/// A domain's addresses, all states.
+pub async fn addresses(pool: &PgPool, domain_id: i64) -> Result<Vec<AddressRow>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT ip, interface_ip, source::text AS source, uplink, priority, weight, load, state::text AS state, \
+         hbs, \"check\" AS check, changed_at FROM addresses WHERE domain_id = $1 ORDER BY priority, ip",
+    )
+    .bind(domain_id)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Adds a static address. Until heartbeat servers check static addresses it is live at once.
+pub async fn add_static_address(
+    pool: &PgPool,
+    domain_id: i64,
+    ip: IpAddr,
+    priority: i32,
+    weight: i32,
+    check: Option<&serde_json::Value>,
+) -> Result<AddressRow, StoreError> {
+    Ok(sqlx::query_as(
+        "INSERT INTO addresses (domain_id, ip, source, priority, weight, state, \"check\") \
+         VALUES ($1, $2, 'static', $3, $4, 'live', $5) RETURNING ip, interface_ip, source::text AS source, \
+         uplink, priority, weight, load, state::text AS state, hbs, \"check\" AS check, changed_at",
+    )
+    .bind(domain_id)
+    .bind(ip)
+    .bind(priority)
+    .bind(weight)
+    .bind(check)
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Removes an address; false when there was none.
+pub async fn delete_address(pool: &PgPool, domain_id: i64, ip: IpAddr) -> Result<bool, StoreError> {
+    let done = sqlx::query("DELETE FROM addresses WHERE domain_id = $1 AND ip = $2")
+        .bind(domain_id)
+        .bind(ip)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// A domain's service tuples.
+pub async fn services(pool: &PgPool, domain_id: i64) -> Result<Vec<Service>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT service, transport, ip, target, port, priority, weight FROM services WHERE domain_id = $1 \
+         ORDER BY service, transport, priority, weight DESC, port",
+    )
+    .bind(domain_id)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Replaces a domain's service tuples in one transaction.
+pub async fn replace_services(pool: &PgPool, domain_id: i64, services: &[Service]) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("DELETE FROM services WHERE domain_id = $1")
+        .bind(domain_id)
+        .execute(&mut *tx)
+        .await?;
+    if !services.is_empty() {
+        // One statement, so the triggers bump the serial once.
+        sqlx::query(
+            "INSERT INTO services (domain_id, service, transport, ip, target, port, priority, weight) \
+             SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::inet[], $5::text[], $6::int[], $7::int[], \
+             $8::int[])",
+        )
+        .bind(domain_id)
+        .bind(services.iter().map(|s| s.service.clone()).collect::<Vec<_>>())
+        .bind(services.iter().map(|s| s.transport.clone()).collect::<Vec<_>>())
+        .bind(services.iter().map(|s| s.ip).collect::<Vec<_>>())
+        .bind(services.iter().map(|s| s.target.clone()).collect::<Vec<_>>())
+        .bind(services.iter().map(|s| s.port).collect::<Vec<_>>())
+        .bind(services.iter().map(|s| s.priority).collect::<Vec<_>>())
+        .bind(services.iter().map(|s| s.weight).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Stores a one-time enrollment token's hash.
+pub async fn create_enrollment(
+    pool: &PgPool,
+    domain_id: i64,
+    token_hash: &[u8],
+    expires_at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO enrollments (domain_id, token_hash, expires_at) VALUES ($1, $2, $3)")
+        .bind(domain_id)
+        .bind(token_hash)
+        .bind(expires_at)
+        .execute(pool)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,325 @@
+//! Keeps the view fresh: LISTEN on `tether_changes`, reload only what a notification names, swap atomically.
+//!
+//! Two tasks: a reader that owns the listener connection and turns notifications into events, and an applier that
+//! coalesces events, reads Postgres, builds the next view and swaps it in. When the connection is lost the reader
+//! reconnects with backoff and asks for a full reload, which catches up on every change missed meanwhile; the last
+//! view keeps answering throughout.
+
+use std::{
+    collections::BTreeSet,
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use sqlx::{PgPool, postgres::PgListener};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::{
+    metrics::Metrics,
+    store::{self, StoreError},
+    view::{Change, View},
+};
+
+/// The view being served and what is known about its freshness.
+pub struct Shared {
+    /// The view every query reads.
+    pub view: ArcSwap<View>,
+    /// Unix time (ms) of the last successful reload; 0 before the first.
+    pub last_sync_ms: AtomicI64,
+    /// Counters and gauges.
+    pub metrics: Metrics,
+}
+
+#[derive(Debug)]
+enum Event {
+    /// The listener (re)connected: anything may have changed.
+    Resync,
+    /// A notification payload.
+    Notify(String),
+}
+
+#[derive(Default)]
+struct Pending {
+    full: bool,
+    zones: BTreeSet<i64>,
+    domains: BTreeSet<i64>,
+}
+
+impl Shared {
+    /// An empty view, not yet synced.
+    pub fn new() -> Self {
+        Self {
+            view: ArcSwap::from_pointee(View::empty()),
+            last_sync_ms: AtomicI64::new(0),
+            metrics: Metrics::new(),
+        }
+    }
+
+    fn publish(&self, view: View) {
+        self.metrics.domains.set(i64::try_from(view.domain_count()).unwrap_or(i64::MAX));
+        self.metrics.zones.set(i64::try_from(view.zone_count()).unwrap_or(i64::MAX));
+        self.view.store(Arc::new(view));
+        self.last_sync_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+    }
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Runs both tasks until `shutdown`; `synced` turns true after the first full load.
+pub async fn run(
+    pool: PgPool,
+    shared: Arc<Shared>,
+    max_backoff: Duration,
+    synced: watch::Sender<bool>,
+    shutdown: CancellationToken,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let reader = read_notifications(pool.clone(), shared.clone(), tx, max_backoff, shutdown.clone());
+    let applier = apply_changes(pool, shared, rx, max_backoff, synced, shutdown);
+    tokio::join!(reader, applier);
+}
+
+async fn read_notifications(
+    pool: PgPool,
+    shared: Arc<Shared>,
+    tx: mpsc::UnboundedSender<Event>,
+    max_backoff: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(max_backoff);
+    loop {
+        let session = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen(store::CHANNEL).await?;
+            shared.metrics.database_connected.set(1);
+            info!("listening for changes");
+            backoff.reset();
+            // LISTEN is in place before the reload starts, so nothing falls between the two.
+            let _ = tx.send(Event::Resync);
+            loop {
+                match listener.try_recv().await? {
+                    Some(notification) => {
+                        shared.metrics.notifications.inc();
+                        let _ = tx.send(Event::Notify(notification.payload().to_owned()));
+                    }
+                    None => {
+                        // The listener reconnected on its own; what happened meanwhile is unknown.
+                        warn!("change listener lost its connection and reconnected; reloading everything");
+                        let _ = tx.send(Event::Resync);
+                    }
+                }
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), sqlx::Error>(())
+        };
+        let error = tokio::select! {
+            () = shutdown.cancelled() => return,
+            result = session => match result {
+                Ok(()) => continue,
+                Err(error) => error,
+            },
+        };
+        shared.metrics.database_connected.set(0);
+        shared.metrics.sync_errors.inc();
+        let delay = backoff.next();
+        warn!(%error, retry_in = ?delay, "change listener cannot reach Postgres; serving the last view");
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+async fn apply_changes(
+    pool: PgPool,
+    shared: Arc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    max_backoff: Duration,
+    synced: watch::Sender<bool>,
+    shutdown: CancellationToken,
+) {
+    let mut pending = Pending::default();
+    let mut backoff = Backoff::new(max_backoff);
+    loop {
+        if pending.is_empty() {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                event = rx.recv() => match event {
+                    Some(event) => pending.add(event),
+                    None => return,
+                },
+            }
+        }
+        while let Ok(event) = rx.try_recv() {
+            pending.add(event);
+        }
+        let was_full = pending.full;
+        match apply(&pool, &shared, &pending).await {
+            Ok(()) => {
+                pending = Pending::default();
+                backoff.reset();
+                if was_full {
+                    synced.send_replace(true);
+                }
+            }
+            Err(error) => {
+                shared.metrics.sync_errors.inc();
+                let delay = backoff.next();
+                warn!(%error, retry_in = ?delay, "cannot reload the view; serving the last one");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn apply(pool: &PgPool, shared: &Shared, pending: &Pending) -> Result<(), StoreError> {
+    if pending.full {
+        let (zones, domains) = store::view::load_all(pool).await?;
+        let view = View::build(zones, domains);
+        info!(zones = view.zone_count(), domains = view.domain_count(), "view loaded");
+        shared.publish(view);
+        shared.metrics.full_reloads.inc();
+        return Ok(());
+    }
+    let zone_ids: Vec<i64> = pending.zones.iter().copied().collect();
+    let domain_ids: Vec<i64> = pending.domains.iter().copied().collect();
+    let zones = store::view::load_zones(pool, &zone_ids).await?;
+    let domains = store::view::load_domains(pool, &domain_ids).await?;
+    let mut changes = Vec::with_capacity(zone_ids.len() + domain_ids.len());
+    for id in zone_ids {
+        changes.push(Change::Zone(id, zones.iter().find(|z| z.id == id).cloned()));
+    }
+    for id in domain_ids {
+        changes.push(Change::Domain(id, domains.iter().find(|d| d.id == id).cloned()));
+    }
+    debug!(changes = changes.len(), "applying changes");
+    let next = shared.view.load().with_changes(changes);
+    shared.publish(next);
+    shared.metrics.partial_reloads.inc();
+    Ok(())
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        !self.full && self.zones.is_empty() && self.domains.is_empty()
+    }
+
+    fn add(&mut self, event: Event) {
+        match event {
+            Event::Resync => self.full = true,
+            Event::Notify(payload) => match parse_payload(&payload) {
+                Some(Target::Zone(id)) => {
+                    self.zones.insert(id);
+                }
+                Some(Target::Domain(id)) => {
+                    self.domains.insert(id);
+                }
+                None => {
+                    warn!(payload, "unrecognised change notification; reloading everything");
+                    self.full = true;
+                }
+            },
+        }
+        if self.full {
+            self.zones.clear();
+            self.domains.clear();
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Target {
+    Zone(i64),
+    Domain(i64),
+}
+
+fn parse_payload(payload: &str) -> Option<Target> {
+    let (kind, id) = payload.split_once(':')?;
+    let id = id.parse().ok()?;
+    match kind {
+        "zone" => Some(Target::Zone(id)),
+        "domain" => Some(Target::Domain(id)),
+        _ => None,
+    }
+}
+
+/// Exponential backoff from 100 ms up to a cap.
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(max: Duration) -> Self {
+        Self {
+            next: Duration::from_millis(100),
+            max,
+        }
+    }
+
+    fn next(&mut self) -> Duration {
+        let now = self.next;
+        self.next = (self.next * 2).min(self.max);
+        now
+    }
+
+    fn reset(&mut self) {
+        self.next = Duration::from_millis(100);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_parse() {
+        assert_eq!(parse_payload("domain:42"), Some(Target::Domain(42)));
+        assert_eq!(parse_payload("zone:7"), Some(Target::Zone(7)));
+        assert_eq!(parse_payload("domain:x"), None);
+        assert_eq!(parse_payload("host:1"), None);
+        assert_eq!(parse_payload(""), None);
+    }
+
+    #[test]
+    fn a_resync_absorbs_partial_changes() {
+        let mut pending = Pending::default();
+        pending.add(Event::Notify("domain:1".into()));
+        pending.add(Event::Notify("zone:2".into()));
+        assert!(!pending.full);
+        assert_eq!(pending.domains.len(), 1);
+        pending.add(Event::Resync);
+        assert!(pending.full && pending.domains.is_empty() && pending.zones.is_empty());
+        pending.add(Event::Notify("domain:3".into()));
+        assert!(pending.domains.is_empty(), "a full reload covers later notifications in the batch");
+    }
+
+    #[test]
+    fn unknown_payload_forces_full_reload() {
+        let mut pending = Pending::default();
+        pending.add(Event::Notify("garbage".into()));
+        assert!(pending.full);
+    }
+
+    #[test]
+    fn backoff_doubles_to_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(500));
+        let seq: Vec<u128> = (0..5).map(|_| b.next().as_millis()).collect();
+        assert_eq!(seq, [100, 200, 400, 500, 500]);
+        b.reset();
+        assert_eq!(b.next().as_millis(), 100);
+    }
+}
