@@ -115,7 +115,7 @@ impl Config {
         {
             return Err(invalid("operator_token", "must be at least 16 characters"));
         }
-        if self.dns_listen == self.api_listen {
+        if self.dns_listen == self.api_listen && self.dns_listen.port() != 0 {
             return Err(invalid("api_listen", "must differ from dns_listen"));
         }
         if self.tcp_idle_timeout.is_zero() {

@@ -85,7 +85,7 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
             let _ = sync_task.await;
             return Ok(());
         }
-        result = synced_rx.wait_for(|synced| *synced) => {
+        result = async { synced_rx.wait_for(|synced| *synced).await.map(|_| ()) } => {
             result.context("view sync stopped before the first load")?;
         }
     }

@@ -1,0 +1,5 @@
+//! Integration tests: real Postgres, real sockets, the dns server in-process on port 0.
+
+mod admin_api;
+mod dns_answers;
+mod sync;
