@@ -92,10 +92,7 @@ pub fn select(addresses: &[Address], policy: &Policy, family: Family) -> Selecti
     }
     if let Some(fallback) = policy.fallback {
         if Family::of(&fallback) == family {
-            return Selection {
-                ips: vec![fallback],
-                weights: vec![1],
-            };
+            return Selection { ips: vec![fallback], weights: vec![1] };
         }
         return Selection::default();
     }
@@ -130,21 +127,14 @@ pub fn schedule(weights: &[u32]) -> Vec<u16> {
 }
 
 fn best_of(addresses: &[Address], family: Family, state: State, threshold_pct: u32) -> Selection {
-    let candidates = || {
-        addresses
-            .iter()
-            .filter(move |a| a.state == state && Family::of(&a.ip) == family)
-    };
+    let candidates = || addresses.iter().filter(move |a| a.state == state && Family::of(&a.ip) == family);
     let Some(best) = candidates().map(|a| a.priority).min() else {
         return Selection::default();
     };
     let mut chosen: Vec<&Address> = candidates().filter(|a| a.priority == best).collect();
     hold_back_overloaded(&mut chosen, threshold_pct);
     chosen.sort_by(|a, b| b.weight.cmp(&a.weight).then(a.ip.cmp(&b.ip)));
-    Selection {
-        ips: chosen.iter().map(|a| a.ip).collect(),
-        weights: chosen.iter().map(|a| a.weight.max(1)).collect(),
-    }
+    Selection { ips: chosen.iter().map(|a| a.ip).collect(), weights: chosen.iter().map(|a| a.weight.max(1)).collect() }
 }
 
 /// Drops addresses whose load is more than `threshold_pct` above the set's average; one at or below the average
@@ -167,10 +157,7 @@ fn scaled(weights: &[u32]) -> Vec<u32> {
     if total <= cap {
         return weights.iter().map(|&w| w.max(1)).collect();
     }
-    weights
-        .iter()
-        .map(|&w| u32::try_from((u64::from(w.max(1)) * cap / total).max(1)).unwrap_or(1))
-        .collect()
+    weights.iter().map(|&w| u32::try_from((u64::from(w.max(1)) * cap / total).max(1)).unwrap_or(1)).collect()
 }
 
 #[cfg(test)]
@@ -178,21 +165,11 @@ mod tests {
     use super::*;
 
     fn addr(ip: &str, priority: u32, weight: u32, load: f32, state: State) -> Address {
-        Address {
-            ip: ip.parse().expect("test ip"),
-            priority,
-            weight,
-            load,
-            state,
-        }
+        Address { ip: ip.parse().expect("test ip"), priority, weight, load, state }
     }
 
     fn policy() -> Policy {
-        Policy {
-            fallback: None,
-            when_empty: WhenEmpty::NoData,
-            load_threshold_pct: 50,
-        }
+        Policy { fallback: None, when_empty: WhenEmpty::NoData, load_threshold_pct: 50 }
     }
 
     fn ips(s: &Selection) -> Vec<String> {
@@ -213,10 +190,7 @@ mod tests {
 
     #[test]
     fn backups_only_while_no_primary_is_live() {
-        let mut rows = vec![
-            addr("198.18.0.1", 0, 1, 0.0, State::Live),
-            addr("198.18.0.9", 10, 1, 0.0, State::Live),
-        ];
+        let mut rows = vec![addr("198.18.0.1", 0, 1, 0.0, State::Live), addr("198.18.0.9", 10, 1, 0.0, State::Live)];
         assert_eq!(ips(&select(&rows, &policy(), Family::V4)), ["198.18.0.1"]);
         rows[0].state = State::Dead;
         assert_eq!(ips(&select(&rows, &policy(), Family::V4)), ["198.18.0.9"]);
@@ -225,10 +199,7 @@ mod tests {
     #[test]
     fn fallback_when_nothing_is_live() {
         let rows = [addr("198.18.0.1", 0, 1, 0.0, State::Dead)];
-        let p = Policy {
-            fallback: Some("198.18.9.9".parse().expect("ip")),
-            ..policy()
-        };
+        let p = Policy { fallback: Some("198.18.9.9".parse().expect("ip")), ..policy() };
         assert_eq!(ips(&select(&rows, &p, Family::V4)), ["198.18.9.9"]);
         assert!(select(&rows, &p, Family::V6).ips.is_empty());
         assert!(select(&rows, &policy(), Family::V4).ips.is_empty());
@@ -237,23 +208,14 @@ mod tests {
     #[test]
     fn fallback_not_used_while_another_family_is_live() {
         let rows = [addr("fd00::1", 0, 1, 0.0, State::Live)];
-        let p = Policy {
-            fallback: Some("198.18.9.9".parse().expect("ip")),
-            ..policy()
-        };
+        let p = Policy { fallback: Some("198.18.9.9".parse().expect("ip")), ..policy() };
         assert!(select(&rows, &p, Family::V4).ips.is_empty());
     }
 
     #[test]
     fn last_known_answers_dead_never_pending() {
-        let rows = [
-            addr("198.18.0.1", 0, 1, 0.0, State::Dead),
-            addr("198.18.0.2", 0, 1, 0.0, State::Pending),
-        ];
-        let p = Policy {
-            when_empty: WhenEmpty::LastKnown,
-            ..policy()
-        };
+        let rows = [addr("198.18.0.1", 0, 1, 0.0, State::Dead), addr("198.18.0.2", 0, 1, 0.0, State::Pending)];
+        let p = Policy { when_empty: WhenEmpty::LastKnown, ..policy() };
         assert_eq!(ips(&select(&rows, &p, Family::V4)), ["198.18.0.1"]);
     }
 
@@ -265,23 +227,14 @@ mod tests {
             addr("198.18.0.3", 0, 1, 90.0, State::Live),
         ];
         // average 37.3, limit 56: .3 is held back.
-        assert_eq!(
-            ips(&select(&rows, &policy(), Family::V4)),
-            ["198.18.0.1", "198.18.0.2"]
-        );
-        let lenient = Policy {
-            load_threshold_pct: 200,
-            ..policy()
-        };
+        assert_eq!(ips(&select(&rows, &policy(), Family::V4)), ["198.18.0.1", "198.18.0.2"]);
+        let lenient = Policy { load_threshold_pct: 200, ..policy() };
         assert_eq!(select(&rows, &lenient, Family::V4).ips.len(), 3);
     }
 
     #[test]
     fn heavier_weights_come_first() {
-        let rows = [
-            addr("198.18.0.1", 0, 1, 0.0, State::Live),
-            addr("198.18.0.2", 0, 3, 0.0, State::Live),
-        ];
+        let rows = [addr("198.18.0.1", 0, 1, 0.0, State::Live), addr("198.18.0.2", 0, 3, 0.0, State::Live)];
         let s = select(&rows, &policy(), Family::V4);
         assert_eq!(ips(&s), ["198.18.0.2", "198.18.0.1"]);
         assert_eq!(s.weights, [3, 1]);

@@ -77,10 +77,8 @@ pub enum ConfigError {
 impl Config {
     /// Reads, parses and validates the file at `path`, then applies the environment overrides.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
         let mut config = Self::parse(&text)?;
         config.apply_env(|key| std::env::var(key).ok());
         config.validate()?;
@@ -155,10 +153,7 @@ impl fmt::Debug for Secret {
 }
 
 fn invalid(key: &'static str, problem: &str) -> ConfigError {
-    ConfigError::Invalid {
-        key,
-        problem: problem.to_owned(),
-    }
+    ConfigError::Invalid { key, problem: problem.to_owned() }
 }
 
 fn default_dns_listen() -> SocketAddr {
@@ -223,10 +218,8 @@ mod tests {
 
     #[test]
     fn env_overrides_file_and_secrets_are_masked() {
-        let mut config = Config::parse(
-            "database_url = 'postgres://file/db'\noperator_token = 'from-the-file-0123'",
-        )
-        .expect("parses");
+        let mut config = Config::parse("database_url = 'postgres://file/db'\noperator_token = 'from-the-file-0123'")
+            .expect("parses");
         config.apply_env(|key| match key {
             "DATABASE_URL" => Some("postgres://env/db".into()),
             _ => None,
@@ -239,8 +232,7 @@ mod tests {
 
     #[test]
     fn short_operator_token_refused() {
-        let config =
-            Config::parse("database_url = 'postgres://x/y'\noperator_token = 'short'").expect("parses");
+        let config = Config::parse("database_url = 'postgres://x/y'\noperator_token = 'short'").expect("parses");
         let err = config.validate().expect_err("short token refused");
         assert!(err.to_string().contains("operator_token"), "{err}");
     }

@@ -73,13 +73,8 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
 
     let shared = Arc::new(sync::Shared::new());
     let (synced_tx, mut synced_rx) = watch::channel(false);
-    let sync_task = tokio::spawn(sync::run(
-        pool.clone(),
-        shared.clone(),
-        config.max_backoff,
-        synced_tx,
-        shutdown.clone(),
-    ));
+    let sync_task =
+        tokio::spawn(sync::run(pool.clone(), shared.clone(), config.max_backoff, synced_tx, shutdown.clone()));
     tokio::select! {
         () = shutdown.cancelled() => {
             let _ = sync_task.await;
@@ -108,9 +103,7 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
     });
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(async move {
-        axum::serve(listeners.api, app)
-            .with_graceful_shutdown(api_shutdown.cancelled_owned())
-            .await
+        axum::serve(listeners.api, app).with_graceful_shutdown(api_shutdown.cancelled_owned()).await
     });
     info!(%dns_addr, %api_addr, "serving");
 

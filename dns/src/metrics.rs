@@ -48,11 +48,7 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("tether_dns");
         let responses_family = Family::<RcodeLabel, Counter>::default();
-        registry.register(
-            "responses",
-            "DNS responses sent, by response code",
-            responses_family.clone(),
-        );
+        registry.register("responses", "DNS responses sent, by response code", responses_family.clone());
         let responses = RCODES.map(|rcode| responses_family.get_or_create(&RcodeLabel { rcode }).clone());
         let metrics = Self {
             responses,

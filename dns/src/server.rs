@@ -23,11 +23,7 @@ impl Handler {
 
 #[async_trait::async_trait]
 impl RequestHandler for Handler {
-    async fn handle_request<R: ResponseHandler, T: Time>(
-        &self,
-        request: &Request,
-        response_handle: R,
-    ) -> ResponseInfo {
+    async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, response_handle: R) -> ResponseInfo {
         // One atomic load and a reference count; it keeps this view alive for the query even if a newer one is swapped in.
         let view = self.shared.view.load_full();
         let info = view.catalog().handle_request::<R, T>(request, response_handle).await;

@@ -54,11 +54,7 @@ struct Pending {
 impl Shared {
     /// An empty view, not yet synced.
     pub fn new() -> Self {
-        Self {
-            view: ArcSwap::from_pointee(View::empty()),
-            last_sync_ms: AtomicI64::new(0),
-            metrics: Metrics::new(),
-        }
+        Self { view: ArcSwap::from_pointee(View::empty()), last_sync_ms: AtomicI64::new(0), metrics: Metrics::new() }
     }
 
     fn publish(&self, view: View) {
@@ -264,10 +260,7 @@ struct Backoff {
 
 impl Backoff {
     fn new(max: Duration) -> Self {
-        Self {
-            next: Duration::from_millis(100),
-            max,
-        }
+        Self { next: Duration::from_millis(100), max }
     }
 
     fn next(&mut self) -> Duration {

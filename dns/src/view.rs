@@ -12,6 +12,7 @@ use std::{
     },
 };
 
+use hickory_server::proto::rr::TSigResponseContext;
 use hickory_server::{
     proto::{
         op::ResponseCode,
@@ -22,11 +23,10 @@ use hickory_server::{
     },
     server::{Request, RequestInfo},
     zone_handler::{
-        AuthLookup, AxfrPolicy, Catalog, LookupControlFlow, LookupError, LookupOptions,
-        LookupRecords, ZoneHandler, ZoneType,
+        AuthLookup, AxfrPolicy, Catalog, LookupControlFlow, LookupError, LookupOptions, LookupRecords, ZoneHandler,
+        ZoneType,
     },
 };
-use hickory_server::proto::rr::TSigResponseContext;
 use serde::{Deserialize, Serialize};
 
 use crate::answer::{self, Address, Family, Policy};
@@ -158,23 +158,14 @@ struct Rotations {
 impl View {
     /// A view with no zones: everything is REFUSED.
     pub fn empty() -> Self {
-        Self {
-            zones: HashMap::new(),
-            domains: HashMap::new(),
-            catalog: Catalog::new(),
-        }
+        Self { zones: HashMap::new(), domains: HashMap::new(), catalog: Catalog::new() }
     }
 
     /// Builds a view from a full read of the database.
     pub fn build(zones: Vec<ZoneRow>, domains: Vec<DomainRow>) -> Self {
-        let domains: HashMap<i64, Arc<CompiledDomain>> = domains
-            .into_iter()
-            .map(|d| (d.id, Arc::new(CompiledDomain::compile(&d))))
-            .collect();
-        let zones = zones
-            .into_iter()
-            .map(|z| (z.id, Arc::new(ZoneView::build(z, &domains))))
-            .collect();
+        let domains: HashMap<i64, Arc<CompiledDomain>> =
+            domains.into_iter().map(|d| (d.id, Arc::new(CompiledDomain::compile(&d)))).collect();
+        let zones = zones.into_iter().map(|z| (z.id, Arc::new(ZoneView::build(z, &domains)))).collect();
         Self::assemble(zones, domains)
     }
 
@@ -235,19 +226,12 @@ impl View {
         self.domains.len()
     }
 
-    fn assemble(
-        zones: HashMap<i64, Arc<ZoneView>>,
-        domains: HashMap<i64, Arc<CompiledDomain>>,
-    ) -> Self {
+    fn assemble(zones: HashMap<i64, Arc<ZoneView>>, domains: HashMap<i64, Arc<CompiledDomain>>) -> Self {
         let mut catalog = Catalog::new();
         for zone in zones.values() {
             catalog.upsert(zone.origin.clone(), vec![zone.clone() as Arc<dyn ZoneHandler>]);
         }
-        Self {
-            zones,
-            domains,
-            catalog,
-        }
+        Self { zones, domains, catalog }
     }
 }
 
@@ -260,20 +244,8 @@ impl ZoneView {
             .first()
             .and_then(|ns| Name::from_ascii(&ns.name).ok())
             .unwrap_or_else(|| row.origin.clone());
-        let soa = SOA::new(
-            mname,
-            row.hostmaster.clone(),
-            serial,
-            row.refresh,
-            row.retry,
-            row.expire,
-            row.minimum,
-        );
-        let soa = Arc::new(RecordSet::from(Record::from_rdata(
-            row.origin.clone(),
-            row.soa_ttl,
-            RData::SOA(soa),
-        )));
+        let soa = SOA::new(mname, row.hostmaster.clone(), serial, row.refresh, row.retry, row.expire, row.minimum);
+        let soa = Arc::new(RecordSet::from(Record::from_rdata(row.origin.clone(), row.soa_ttl, RData::SOA(soa))));
 
         let mut ns = RecordSet::with_ttl(row.origin.clone(), RecordType::NS, row.ns_ttl);
         let mut names: HashMap<LowerName, Arc<NameEntry>> = HashMap::new();
@@ -309,14 +281,7 @@ impl ZoneView {
         }
         names.entry(origin.clone()).or_default();
 
-        Self {
-            row,
-            origin,
-            soa,
-            ns: Arc::new(ns),
-            glue,
-            names,
-        }
+        Self { row, origin, soa, ns: Arc::new(ns), glue, names }
     }
 
     fn lookup_now(
@@ -398,20 +363,14 @@ impl ZoneHandler for ZoneView {
         options: LookupOptions,
     ) -> (LookupControlFlow<AuthLookup>, Option<TSigResponseContext>) {
         let result = match request.request_info() {
-            Ok(info) if info.query.query_type() == RecordType::AXFR => {
-                Err(LookupError::from(ResponseCode::Refused))
-            }
+            Ok(info) if info.query.query_type() == RecordType::AXFR => Err(LookupError::from(ResponseCode::Refused)),
             Ok(info) => self.lookup_now(info.query.name(), info.query.query_type(), options),
             Err(error) => Err(error),
         };
         (LookupControlFlow::Break(result), None)
     }
 
-    async fn nsec_records(
-        &self,
-        _name: &LowerName,
-        _options: LookupOptions,
-    ) -> LookupControlFlow<AuthLookup> {
+    async fn nsec_records(&self, _name: &LowerName, _options: LookupOptions) -> LookupControlFlow<AuthLookup> {
         LookupControlFlow::Break(Ok(AuthLookup::default()))
     }
 }
@@ -465,17 +424,10 @@ impl CompiledDomain {
             }
         }
         for (owner, set, additionals) in by_owner {
-            let entry = NameEntry {
-                srv: Some(Arc::new(set)),
-                srv_additionals: additionals,
-                ..NameEntry::default()
-            };
+            let entry = NameEntry { srv: Some(Arc::new(set)), srv_additionals: additionals, ..NameEntry::default() };
             names.push((LowerName::new(&owner), Arc::new(entry)));
         }
-        Self {
-            zone_id: row.zone_id,
-            names,
-        }
+        Self { zone_id: row.zone_id, names }
     }
 }
 
@@ -516,16 +468,8 @@ impl Rotations {
                 Arc::new(set)
             })
             .collect();
-        let weights = if selection.weights.len() == n {
-            selection.weights.clone()
-        } else {
-            vec![1; n]
-        };
-        Some(Self {
-            sets,
-            schedule: answer::schedule(&weights),
-            next: AtomicUsize::new(0),
-        })
+        let weights = if selection.weights.len() == n { selection.weights.clone() } else { vec![1; n] };
+        Some(Self { sets, schedule: answer::schedule(&weights), next: AtomicUsize::new(0) })
     }
 
     /// Keeps only the base order.

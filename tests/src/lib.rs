@@ -41,12 +41,7 @@ impl Postgres {
             }
         }
         std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755))?;
-        let mut pg = Self {
-            root,
-            bin,
-            owner,
-            child: None,
-        };
+        let mut pg = Self { root, bin, owner, child: None };
         let status = pg
             .command("initdb")
             .args(["-D", "data", "-U", "postgres", "--auth=trust", "--no-locale", "-E", "UTF8", "-N"])
@@ -63,10 +58,7 @@ impl Postgres {
 
     /// A URL for sqlx and the servers.
     pub fn url(&self) -> String {
-        format!(
-            "postgres://postgres@localhost:{PORT}/postgres?host={}",
-            self.root.path().join("run").display()
-        )
+        format!("postgres://postgres@localhost:{PORT}/postgres?host={}", self.root.path().join("run").display())
     }
 
     /// Fast shutdown (SIGINT): connections are cut, as when a database host goes away.
@@ -128,10 +120,7 @@ impl Postgres {
 
     /// A pool for the test's own queries.
     pub async fn pool(&self) -> Result<sqlx::PgPool> {
-        Ok(sqlx::postgres::PgPoolOptions::new()
-            .max_connections(4)
-            .connect(&self.url())
-            .await?)
+        Ok(sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&self.url()).await?)
     }
 
     fn command(&self, program: &str) -> Command {

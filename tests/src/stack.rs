@@ -56,10 +56,8 @@ impl Stack {
 
     /// Creates a subscriber and returns its token.
     pub async fn subscriber(&self, name: &str) -> Result<String> {
-        let (status, body) = self
-            .api
-            .call(Method::POST, "/v1/subscribers", Some(OPERATOR_TOKEN), Some(json!({ "name": name })))
-            .await?;
+        let (status, body) =
+            self.api.call(Method::POST, "/v1/subscribers", Some(OPERATOR_TOKEN), Some(json!({ "name": name }))).await?;
         expect(status, StatusCode::CREATED, &body)?;
         Ok(body["token"].as_str().context("token in response")?.to_owned())
     }
@@ -119,12 +117,7 @@ impl DnsServer {
         let api_addr = listeners.api_addr()?;
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(dns::run(listeners, config, shutdown.clone()));
-        let server = Self {
-            dns_addr,
-            api_addr,
-            shutdown,
-            task: Some(task),
-        };
+        let server = Self { dns_addr, api_addr, shutdown, task: Some(task) };
         let api = Api::new(api_addr);
         eventually(Duration::from_secs(30), "dns to load its view", || async {
             matches!(api.call(Method::GET, "/healthz", None, None).await, Ok((StatusCode::OK, _))).then_some(())
@@ -154,10 +147,7 @@ impl Api {
     pub fn new(addr: SocketAddr) -> Self {
         Self {
             base: format!("http://{addr}"),
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .unwrap_or_default(),
+            client: reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap_or_default(),
         }
     }
 

@@ -143,9 +143,7 @@ pub(super) fn hostname(field: &str, input: &str) -> Result<String, ApiError> {
             )));
         }
         if label.starts_with('-') || label.ends_with('-') {
-            return Err(ApiError::invalid(format!(
-                "{field}: label {label:?} may not start or end with a hyphen"
-            )));
+            return Err(ApiError::invalid(format!("{field}: label {label:?} may not start or end with a hyphen")));
         }
     }
     if !name.contains('.') {
@@ -165,22 +163,14 @@ pub(super) fn service_label(field: &str, input: &str) -> Result<String, ApiError
     if ok {
         Ok(label)
     } else {
-        Err(ApiError::invalid(format!(
-            "{field}: {input:?} must be 1-62 letters, digits or inner hyphens"
-        )))
+        Err(ApiError::invalid(format!("{field}: {input:?} must be 1-62 letters, digits or inner hyphens")))
     }
 }
 
 /// Refuses addresses no one can reach: unspecified, multicast, broadcast.
 pub(super) fn usable_ip(field: &str, ip: IpAddr) -> Result<IpAddr, ApiError> {
-    let bad = ip.is_unspecified()
-        || ip.is_multicast()
-        || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
-    if bad {
-        Err(ApiError::invalid(format!("{field}: {ip} cannot be used as a host address")))
-    } else {
-        Ok(ip)
-    }
+    let bad = ip.is_unspecified() || ip.is_multicast() || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    if bad { Err(ApiError::invalid(format!("{field}: {ip} cannot be used as a host address"))) } else { Ok(ip) }
 }
 
 /// A number within bounds, or an error naming the field.

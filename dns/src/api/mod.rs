@@ -126,9 +126,7 @@ async fn count_responses(State(state): State<AppState>, request: Request, next: 
         .shared
         .metrics
         .api_responses
-        .get_or_create(&crate::metrics::StatusLabel {
-            status: response.status().as_u16(),
-        })
+        .get_or_create(&crate::metrics::StatusLabel { status: response.status().as_u16() })
         .inc();
     response
 }

@@ -50,19 +50,12 @@ pub(super) async fn healthz(State(state): State<AppState>) -> Response {
 }
 
 pub(super) async fn metrics(State(state): State<AppState>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        state.shared.metrics.render(),
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.shared.metrics.render())
         .into_response()
 }
 
 pub(super) async fn openapi() -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        include_str!("../../openapi.json"),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "application/json")], include_str!("../../openapi.json")).into_response()
 }
 
 pub(super) async fn not_found() -> ApiError {
@@ -207,11 +200,8 @@ pub(super) async fn list_domains(State(state): State<AppState>, caller: Caller) 
         Caller::Operator => None,
         Caller::Subscriber(id) => Some(id),
     };
-    let domains: Vec<DomainOut> = admin::list_domains(&state.pool, filter)
-        .await?
-        .into_iter()
-        .map(|d| domain_out(d, None, None))
-        .collect();
+    let domains: Vec<DomainOut> =
+        admin::list_domains(&state.pool, filter).await?.into_iter().map(|d| domain_out(d, None, None)).collect();
     Ok(Json(domains).into_response())
 }
 
@@ -363,12 +353,8 @@ fn conflict_as(error: store::StoreError, message: String) -> ApiError {
 }
 
 fn zone_out(zone: admin::Zone) -> Value {
-    let nameservers: Vec<Value> = zone
-        .nameservers
-        .0
-        .iter()
-        .map(|ns| json!({ "name": display(&ns.name), "ips": ns.ips }))
-        .collect();
+    let nameservers: Vec<Value> =
+        zone.nameservers.0.iter().map(|ns| json!({ "name": display(&ns.name), "ips": ns.ips })).collect();
     json!({
         "id": zone.id,
         "origin": display(&zone.origin),
@@ -401,12 +387,7 @@ fn domain_out(
         created_at: d.created_at,
         addresses,
         services: services.map(|list| {
-            list.into_iter()
-                .map(|s| admin::Service {
-                    target: s.target.map(|t| display(&t).to_owned()),
-                    ..s
-                })
-                .collect()
+            list.into_iter().map(|s| admin::Service { target: s.target.map(|t| display(&t).to_owned()), ..s }).collect()
         }),
     }
 }

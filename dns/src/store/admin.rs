@@ -175,10 +175,7 @@ pub async fn subscriber_by_token(pool: &PgPool, token_hash: &[u8]) -> Result<Opt
 
 /// True when a subscriber with this id exists.
 pub async fn subscriber_exists(pool: &PgPool, id: i64) -> Result<bool, StoreError> {
-    Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM subscribers WHERE id = $1)")
-        .bind(id)
-        .fetch_one(pool)
-        .await?)
+    Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM subscribers WHERE id = $1)").bind(id).fetch_one(pool).await?)
 }
 
 /// Creates a zone, refusing one that would capture another zone's domains.
@@ -255,34 +252,24 @@ pub async fn create_domain(pool: &PgPool, zone_id: i64, domain: &NewDomain) -> R
     .bind(domain.load_threshold_pct)
     .fetch_one(pool)
     .await?;
-    domain_by_id(pool, id)
-        .await?
-        .ok_or_else(|| StoreError::Conflict("domain deleted while being created".into()))
+    domain_by_id(pool, id).await?.ok_or_else(|| StoreError::Conflict("domain deleted while being created".into()))
 }
 
 /// Domains of one subscriber, or all of them.
 pub async fn list_domains(pool: &PgPool, subscriber_id: Option<i64>) -> Result<Vec<Domain>, StoreError> {
-    Ok(sqlx::query_as(&format!(
-        "{DOMAIN_SELECT} WHERE $1::bigint IS NULL OR d.subscriber_id = $1 ORDER BY d.fqdn"
-    ))
-    .bind(subscriber_id)
-    .fetch_all(pool)
-    .await?)
+    Ok(sqlx::query_as(&format!("{DOMAIN_SELECT} WHERE $1::bigint IS NULL OR d.subscriber_id = $1 ORDER BY d.fqdn"))
+        .bind(subscriber_id)
+        .fetch_all(pool)
+        .await?)
 }
 
 /// The domain with this name.
 pub async fn domain_by_name(pool: &PgPool, fqdn: &str) -> Result<Option<Domain>, StoreError> {
-    Ok(sqlx::query_as(&format!("{DOMAIN_SELECT} WHERE d.fqdn = $1"))
-        .bind(fqdn)
-        .fetch_optional(pool)
-        .await?)
+    Ok(sqlx::query_as(&format!("{DOMAIN_SELECT} WHERE d.fqdn = $1")).bind(fqdn).fetch_optional(pool).await?)
 }
 
 async fn domain_by_id(pool: &PgPool, id: i64) -> Result<Option<Domain>, StoreError> {
-    Ok(sqlx::query_as(&format!("{DOMAIN_SELECT} WHERE d.id = $1"))
-        .bind(id)
-        .fetch_optional(pool)
-        .await?)
+    Ok(sqlx::query_as(&format!("{DOMAIN_SELECT} WHERE d.id = $1")).bind(id).fetch_optional(pool).await?)
 }
 
 /// Deletes a domain and everything hanging off it.
@@ -349,10 +336,7 @@ pub async fn services(pool: &PgPool, domain_id: i64) -> Result<Vec<Service>, Sto
 /// Replaces a domain's service tuples in one transaction.
 pub async fn replace_services(pool: &PgPool, domain_id: i64, services: &[Service]) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
-    sqlx::query("DELETE FROM services WHERE domain_id = $1")
-        .bind(domain_id)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query("DELETE FROM services WHERE domain_id = $1").bind(domain_id).execute(&mut *tx).await?;
     if !services.is_empty() {
         // One statement, so the triggers bump the serial once.
         sqlx::query(

@@ -64,10 +64,7 @@ impl From<sqlx::Error> for StoreError {
 /// Opens a pool without connecting yet; connections are made on demand.
 pub fn pool(url: &str) -> Result<PgPool, StoreError> {
     let options: sqlx::postgres::PgConnectOptions = url.parse().map_err(StoreError::Other)?;
-    Ok(PgPoolOptions::new()
-        .max_connections(8)
-        .acquire_timeout(Duration::from_secs(3))
-        .connect_lazy_with(options))
+    Ok(PgPoolOptions::new().max_connections(8).acquire_timeout(Duration::from_secs(3)).connect_lazy_with(options))
 }
 
 /// Applies pending migrations. Safe when several binaries start at once: the migrator holds an advisory lock.

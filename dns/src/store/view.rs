@@ -18,33 +18,26 @@ const DOMAIN_COLUMNS: &str = "id, zone_id, fqdn, ttl, fallback_ip, when_empty, l
 /// Everything, from one consistent snapshot.
 pub async fn load_all(pool: &PgPool) -> Result<(Vec<ZoneRow>, Vec<DomainRow>), StoreError> {
     let mut tx = snapshot(pool).await?;
-    let zones = sqlx::query(&format!("SELECT {ZONE_COLUMNS} FROM zones"))
-        .fetch_all(&mut *tx)
-        .await?;
-    let domains = sqlx::query(&format!("SELECT {DOMAIN_COLUMNS} FROM domains"))
-        .fetch_all(&mut *tx)
-        .await?;
+    let zones = sqlx::query(&format!("SELECT {ZONE_COLUMNS} FROM zones")).fetch_all(&mut *tx).await?;
+    let domains = sqlx::query(&format!("SELECT {DOMAIN_COLUMNS} FROM domains")).fetch_all(&mut *tx).await?;
     let addresses = sqlx::query(
         "SELECT domain_id, ip, priority, weight, load, state::text AS state FROM addresses \
          WHERE state <> 'pending'",
     )
     .fetch_all(&mut *tx)
     .await?;
-    let services = sqlx::query(
-        "SELECT domain_id, service, transport, ip, target, port, priority, weight FROM services",
-    )
-    .fetch_all(&mut *tx)
-    .await?;
+    let services =
+        sqlx::query("SELECT domain_id, service, transport, ip, target, port, priority, weight FROM services")
+            .fetch_all(&mut *tx)
+            .await?;
     tx.commit().await?;
     Ok((zones_from(&zones), assemble(&domains, &addresses, &services)))
 }
 
 /// The named zones that still exist.
 pub async fn load_zones(pool: &PgPool, ids: &[i64]) -> Result<Vec<ZoneRow>, StoreError> {
-    let rows = sqlx::query(&format!("SELECT {ZONE_COLUMNS} FROM zones WHERE id = ANY($1)"))
-        .bind(ids)
-        .fetch_all(pool)
-        .await?;
+    let rows =
+        sqlx::query(&format!("SELECT {ZONE_COLUMNS} FROM zones WHERE id = ANY($1)")).bind(ids).fetch_all(pool).await?;
     Ok(zones_from(&rows))
 }
 
@@ -75,9 +68,7 @@ pub async fn load_domains(pool: &PgPool, ids: &[i64]) -> Result<Vec<DomainRow>, 
 
 async fn snapshot(pool: &PgPool) -> Result<Transaction<'static, Postgres>, StoreError> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
     Ok(tx)
 }
 
@@ -182,10 +173,7 @@ fn address_from(row: &PgRow) -> Result<(i64, Address), Box<dyn std::error::Error
 }
 
 fn service_from(row: &PgRow) -> Result<(i64, ServiceRow), Box<dyn std::error::Error + Send + Sync>> {
-    let target = row
-        .try_get::<Option<&str>, _>("target")?
-        .map(Name::from_ascii)
-        .transpose()?;
+    let target = row.try_get::<Option<&str>, _>("target")?.map(Name::from_ascii).transpose()?;
     Ok((
         row.try_get("domain_id")?,
         ServiceRow {

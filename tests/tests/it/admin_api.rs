@@ -18,16 +18,11 @@ async fn tokens_decide_who_may_do_what() -> Result<()> {
     assert_eq!(code(&body), "unauthorized");
     let (status, _) = api.call(Method::GET, "/v1/domains", Some("tsub_forged"), None).await?;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let (status, _) = api
-        .raw(Method::GET, "/v1/domains", None, None, "")
-        .await
-        .map(|(s, b)| (s, b))?;
+    let (status, _) = api.raw(Method::GET, "/v1/domains", Some("  "), None, "").await?;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 
     // Subscribers may not do the operator's work.
-    let (status, body) = api
-        .call(Method::POST, "/v1/subscribers", Some(&acme), Some(json!({ "name": "x" })))
-        .await?;
+    let (status, body) = api.call(Method::POST, "/v1/subscribers", Some(&acme), Some(json!({ "name": "x" }))).await?;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     let zone = json!({ "origin": "evil.test", "nameservers": ["ns.evil.test"] });
     let (status, _) = api.call(Method::POST, "/v1/zones", Some(&acme), Some(zone)).await?;
@@ -86,25 +81,65 @@ async fn bad_requests_get_4xx_with_a_reason() -> Result<()> {
         async move { api.call(Method::POST, path, Some(&acme), Some(body)).await }
     };
 
-    let cases: Vec<(&str, (StatusCode, Value), StatusCode, &str, &str)> = vec![
-        ("unknown field", post("/v1/domains", json!({ "name": "a.tether.test", "colour": 1 })).await?,
-            StatusCode::UNPROCESSABLE_ENTITY, "invalid", "colour"),
-        ("invalid name", post("/v1/domains", json!({ "name": "bad_name.tether.test" })).await?,
-            StatusCode::UNPROCESSABLE_ENTITY, "invalid", "bad_name"),
-        ("outside zones", post("/v1/domains", json!({ "name": "www.example.org" })).await?,
-            StatusCode::UNPROCESSABLE_ENTITY, "outside_zones", "example.org"),
-        ("duplicate", post("/v1/domains", json!({ "name": "DUP.tether.test." })).await?,
-            StatusCode::CONFLICT, "conflict", "dup.tether.test"),
-        ("bad ip", post("/v1/domains", json!({ "name": "b.tether.test", "static_ip": "300.1.1.1" })).await?,
-            StatusCode::UNPROCESSABLE_ENTITY, "invalid", "static_ip"),
-        ("unusable ip", post("/v1/domains", json!({ "name": "b.tether.test", "fallback_ip": "0.0.0.0" })).await?,
-            StatusCode::UNPROCESSABLE_ENTITY, "invalid", "fallback_ip"),
-        ("ttl too large", post("/v1/domains", json!({ "name": "b.tether.test", "ttl": 999999 })).await?,
-            StatusCode::UNPROCESSABLE_ENTITY, "invalid", "ttl"),
-        ("wrong type", post("/v1/domains", json!({ "name": 5 })).await?,
-            StatusCode::UNPROCESSABLE_ENTITY, "invalid", "name"),
-        ("missing field", post("/v1/domains", json!({})).await?,
-            StatusCode::UNPROCESSABLE_ENTITY, "invalid", "name"),
+    type Case<'a> = (&'a str, (StatusCode, Value), StatusCode, &'a str, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "unknown field",
+            post("/v1/domains", json!({ "name": "a.tether.test", "colour": 1 })).await?,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            "colour",
+        ),
+        (
+            "invalid name",
+            post("/v1/domains", json!({ "name": "bad_name.tether.test" })).await?,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            "bad_name",
+        ),
+        (
+            "outside zones",
+            post("/v1/domains", json!({ "name": "www.example.org" })).await?,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "outside_zones",
+            "example.org",
+        ),
+        (
+            "duplicate",
+            post("/v1/domains", json!({ "name": "DUP.tether.test." })).await?,
+            StatusCode::CONFLICT,
+            "conflict",
+            "dup.tether.test",
+        ),
+        (
+            "bad ip",
+            post("/v1/domains", json!({ "name": "b.tether.test", "static_ip": "300.1.1.1" })).await?,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            "static_ip",
+        ),
+        (
+            "unusable ip",
+            post("/v1/domains", json!({ "name": "b.tether.test", "fallback_ip": "0.0.0.0" })).await?,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            "fallback_ip",
+        ),
+        (
+            "ttl too large",
+            post("/v1/domains", json!({ "name": "b.tether.test", "ttl": 999999 })).await?,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            "ttl",
+        ),
+        (
+            "wrong type",
+            post("/v1/domains", json!({ "name": 5 })).await?,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            "name",
+        ),
+        ("missing field", post("/v1/domains", json!({})).await?, StatusCode::UNPROCESSABLE_ENTITY, "invalid", "name"),
     ];
     for (what, (status, body), want_status, want_code, mention) in cases {
         assert_eq!(status, want_status, "{what}: {body}");
@@ -113,9 +148,8 @@ async fn bad_requests_get_4xx_with_a_reason() -> Result<()> {
         assert!(message.contains(mention), "{what}: message {message:?} should mention {mention:?}");
     }
 
-    let (status, body) = api
-        .raw(Method::POST, "/v1/domains", Some(&acme), Some("application/json"), "{\"name\": ")
-        .await?;
+    let (status, body) =
+        api.raw(Method::POST, "/v1/domains", Some(&acme), Some("application/json"), "{\"name\": ").await?;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(code(&body), "malformed_json");
     let (status, body) = api.raw(Method::POST, "/v1/domains", Some(&acme), None, "{}").await?;
@@ -141,13 +175,11 @@ async fn bad_requests_get_4xx_with_a_reason() -> Result<()> {
     assert_eq!((status, code(&body)), (StatusCode::NOT_FOUND, "not_found"));
     let (status, body) = api.call(Method::GET, "/v1/domains/not..valid", Some(&acme), None).await?;
     assert_eq!((status, code(&body)), (StatusCode::BAD_REQUEST, "bad_path"));
-    let (status, body) = api
-        .call(Method::DELETE, "/v1/domains/dup.tether.test/addresses/not-an-ip", Some(&acme), None)
-        .await?;
+    let (status, body) =
+        api.call(Method::DELETE, "/v1/domains/dup.tether.test/addresses/not-an-ip", Some(&acme), None).await?;
     assert_eq!((status, code(&body)), (StatusCode::BAD_REQUEST, "bad_path"), "{body}");
-    let (status, _) = api
-        .call(Method::DELETE, "/v1/domains/dup.tether.test/addresses/198.18.9.9", Some(&acme), None)
-        .await?;
+    let (status, _) =
+        api.call(Method::DELETE, "/v1/domains/dup.tether.test/addresses/198.18.9.9", Some(&acme), None).await?;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, body) = api.call(Method::GET, "/v1/nothing-here", Some(&acme), None).await?;
     assert_eq!((status, code(&body)), (StatusCode::NOT_FOUND, "not_found"));
@@ -177,7 +209,8 @@ async fn bad_requests_get_4xx_with_a_reason() -> Result<()> {
     assert_eq!((status, code(&body)), (StatusCode::CONFLICT, "conflict"), "{body}");
     let (status, body) = op("/v1/zones", json!({ "origin": "z.test", "nameservers": [] })).await?;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
-    let glue_outside = json!({ "origin": "z.test", "nameservers": [{ "name": "ns.other.net", "ips": ["198.18.0.1"] }] });
+    let glue_outside =
+        json!({ "origin": "z.test", "nameservers": [{ "name": "ns.other.net", "ips": ["198.18.0.1"] }] });
     let (status, body) = op("/v1/zones", glue_outside).await?;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     // A zone that would capture an existing domain of another zone.
@@ -188,10 +221,9 @@ async fn bad_requests_get_4xx_with_a_reason() -> Result<()> {
     assert!(body["error"]["message"].as_str().unwrap_or_default().contains("subscriber_id"));
 
     // Nothing above leaked database text.
-    for (status, body) in [op("/v1/subscribers", json!({ "name": "acme" })).await?] {
-        let text = body.to_string();
-        assert!(!text.contains("violates") && !text.contains("SQL"), "{status}: {text}");
-    }
+    let (status, body) = op("/v1/subscribers", json!({ "name": "acme" })).await?;
+    let text = body.to_string();
+    assert!(!text.contains("violates") && !text.contains("SQL"), "{status}: {text}");
     Ok(())
 }
 
@@ -199,14 +231,21 @@ async fn bad_requests_get_4xx_with_a_reason() -> Result<()> {
 async fn domain_detail_shows_addresses_services_and_enrollment_tokens_are_stored_hashed() -> Result<()> {
     let (stack, acme) = Stack::with_acme().await?;
     let created = stack
-        .domain(&acme, json!({ "name": "Shop.Tether.Test", "static_ip": "198.18.100.1", "fallback_ip": "198.18.100.2" }))
+        .domain(
+            &acme,
+            json!({ "name": "Shop.Tether.Test", "static_ip": "198.18.100.1", "fallback_ip": "198.18.100.2" }),
+        )
         .await?;
     assert_eq!(created["name"], "shop.tether.test");
     assert_eq!(created["zone"], "tether.test");
     assert_eq!(created["ttl"], 1);
     stack
-        .address(&acme, "shop.tether.test", json!({ "ip": "198.18.1.1", "priority": 5, "weight": 2,
-            "check": { "kind": "http", "port": 80, "path": "/health" } }))
+        .address(
+            &acme,
+            "shop.tether.test",
+            json!({ "ip": "198.18.1.1", "priority": 5, "weight": 2,
+            "check": { "kind": "http", "port": 80, "path": "/health" } }),
+        )
         .await?;
     let (status, detail) = stack.api.call(Method::GET, "/v1/domains/shop.tether.test.", Some(&acme), None).await?;
     assert_eq!(status, StatusCode::OK, "{detail}");
@@ -219,10 +258,8 @@ async fn domain_detail_shows_addresses_services_and_enrollment_tokens_are_stored
     assert_eq!(address["check"]["kind"], "http");
     assert_eq!(detail["services"], json!([]));
 
-    let (status, enrollment) = stack
-        .api
-        .call(Method::POST, "/v1/domains/shop.tether.test/enrollments", Some(&acme), None)
-        .await?;
+    let (status, enrollment) =
+        stack.api.call(Method::POST, "/v1/domains/shop.tether.test/enrollments", Some(&acme), None).await?;
     assert_eq!(status, StatusCode::CREATED, "{enrollment}");
     let token = enrollment["token"].as_str().unwrap_or_default().to_owned();
     assert!(token.starts_with("tenr_") && token.len() > 40, "{token}");

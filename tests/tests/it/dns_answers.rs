@@ -137,9 +137,7 @@ async fn an_overloaded_address_is_held_back() -> Result<()> {
     }
     answers_become(&stack, "l.tether.test.", RecordType::A, &["198.18.6.1", "198.18.6.2", "198.18.6.3"]).await?;
     let db = stack.pg.pool().await?;
-    sqlx::query("UPDATE addresses SET load = CASE WHEN ip = '198.18.6.3' THEN 95 ELSE 10 END")
-        .execute(&db)
-        .await?;
+    sqlx::query("UPDATE addresses SET load = CASE WHEN ip = '198.18.6.3' THEN 95 ELSE 10 END").execute(&db).await?;
     answers_become(&stack, "l.tether.test.", RecordType::A, &["198.18.6.1", "198.18.6.2"]).await?;
     Ok(())
 }
@@ -147,9 +145,7 @@ async fn an_overloaded_address_is_held_back() -> Result<()> {
 #[tokio::test]
 async fn fallback_answers_when_nothing_is_live() -> Result<()> {
     let (stack, token) = Stack::with_acme().await?;
-    stack
-        .domain(&token, json!({ "name": "f.tether.test", "fallback_ip": "198.18.7.99" }))
-        .await?;
+    stack.domain(&token, json!({ "name": "f.tether.test", "fallback_ip": "198.18.7.99" })).await?;
     stack.domain(&token, json!({ "name": "k.tether.test", "when_empty": "last_known" })).await?;
     stack.domain(&token, json!({ "name": "n.tether.test" })).await?;
     for name in ["f", "k", "n"] {
@@ -175,10 +171,8 @@ async fn srv_records_come_from_service_tuples() -> Result<()> {
         { "service": "http", "transport": "tcp", "target": "backup.example.net", "port": 80, "priority": 20 },
         { "service": "sip", "transport": "udp", "ip": "fd00::8:1", "port": 5060 },
     ]);
-    let (status, body) = stack
-        .api
-        .call(Method::PUT, "/v1/domains/svc.tether.test/services", Some(&token), Some(tuples))
-        .await?;
+    let (status, body) =
+        stack.api.call(Method::PUT, "/v1/domains/svc.tether.test/services", Some(&token), Some(tuples)).await?;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body.as_array().map(Vec::len), Some(3), "{body}");
 
@@ -199,10 +193,7 @@ async fn srv_records_come_from_service_tuples() -> Result<()> {
     srvs.sort();
     assert_eq!(
         srvs,
-        [
-            (10, 5, 8080, "ip-198-18-8-1.svc.tether.test.".to_owned()),
-            (20, 0, 80, "backup.example.net.".to_owned()),
-        ]
+        [(10, 5, 8080, "ip-198-18-8-1.svc.tether.test.".to_owned()), (20, 0, 80, "backup.example.net.".to_owned()),]
     );
     let glue = addresses_in(&r.additionals);
     assert_eq!(glue, ["198.18.8.1"], "the generated target's address is in the additional section");
@@ -278,10 +269,7 @@ async fn nxdomain_and_nodata_carry_the_soa() -> Result<()> {
         assert_eq!(r.metadata.response_code, ResponseCode::NoError, "{name} {rtype}");
         assert!(r.metadata.authoritative, "{name} {rtype}");
         assert!(r.answers.is_empty(), "{name} {rtype}");
-        assert!(
-            matches!(r.authorities.first().map(|r| &r.data), Some(RData::SOA(_))),
-            "{name} {rtype}: {r:?}"
-        );
+        assert!(matches!(r.authorities.first().map(|r| &r.data), Some(RData::SOA(_))), "{name} {rtype}: {r:?}");
     }
     Ok(())
 }

@@ -28,10 +28,8 @@ async fn api_changes_are_answered_without_restart() -> Result<()> {
     })
     .await?;
 
-    let (status, body) = stack
-        .api
-        .call(Method::DELETE, "/v1/domains/www.tether.test/addresses/198.18.1.1", Some(&token), None)
-        .await?;
+    let (status, body) =
+        stack.api.call(Method::DELETE, "/v1/domains/www.tether.test/addresses/198.18.1.1", Some(&token), None).await?;
     assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
     eventually(Duration::from_secs(2), "the deleted address to vanish", || async {
         (answers(&stack, "www.tether.test.").await? == ["198.18.1.2"]).then_some(())
