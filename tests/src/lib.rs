@@ -16,6 +16,7 @@ use nix::{
 };
 
 pub mod dns_client;
+pub mod hds_stack;
 pub mod stack;
 
 /// A Postgres cluster in a temporary directory, reachable over a Unix socket only; removed on drop.

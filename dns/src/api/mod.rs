@@ -58,6 +58,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/domains/{name}/addresses/{ip}", delete(routes::delete_address))
         .route("/v1/domains/{name}/services", axum::routing::put(routes::put_services))
         .route("/v1/domains/{name}/enrollments", post(routes::create_enrollment))
+        .route("/v1/heartbeat-servers", get(routes::list_heartbeat_servers))
+        .route("/v1/heartbeat-servers/{name}/drain", post(routes::drain_heartbeat_server))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), count_responses))

@@ -35,6 +35,8 @@ struct DomainOut {
     addresses: Option<Vec<admin::AddressRow>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     services: Option<Vec<admin::Service>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ncus: Option<Vec<admin::NcuRow>>,
 }
 
 pub(super) async fn healthz(State(state): State<AppState>) -> Response {
@@ -213,7 +215,10 @@ pub(super) async fn get_domain(
     let domain = owned_domain(&state, caller, &name).await?;
     let addresses = admin::addresses(&state.pool, domain.id).await?;
     let services = admin::services(&state.pool, domain.id).await?;
-    Ok(Json(domain_out(domain, Some(addresses), Some(services))).into_response())
+    let ncus = admin::ncus(&state.pool, domain.id).await?;
+    let mut out = domain_out(domain, Some(addresses), Some(services));
+    out.ncus = Some(ncus);
+    Ok(Json(out).into_response())
 }
 
 pub(super) async fn delete_domain(
@@ -328,6 +333,29 @@ pub(super) async fn create_enrollment(
     Ok(created(json!({ "token": token, "expires_at": expires_at })))
 }
 
+pub(super) async fn list_heartbeat_servers(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    caller.require_operator()?;
+    Ok(Json(admin::heartbeat_servers(&state.pool).await?).into_response())
+}
+
+pub(super) async fn drain_heartbeat_server(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    caller.require_operator()?;
+    match admin::drain_heartbeat_server(&state.pool, &name).await? {
+        Some(server) => {
+            tracing::info!(server = %server.name, "heartbeat server draining");
+            Ok(Json(server).into_response())
+        }
+        None => Err(ApiError::not_found(format!("no heartbeat server {name:?}"))),
+    }
+}
+
 /// The named domain, if it exists and the caller may touch it.
 async fn owned_domain(state: &AppState, caller: Caller, name: &str) -> Result<admin::Domain, ApiError> {
     let fqdn = input::hostname("name", name).map_err(|e| {
@@ -386,6 +414,7 @@ fn domain_out(
         load_threshold_pct: d.load_threshold_pct,
         created_at: d.created_at,
         addresses,
+        ncus: None,
         services: services.map(|list| {
             list.into_iter().map(|s| admin::Service { target: s.target.map(|t| display(&t).to_owned()), ..s }).collect()
         }),

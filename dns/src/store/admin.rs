@@ -374,3 +374,72 @@ pub async fn create_enrollment(
         .await?;
     Ok(())
 }
+
+/// An enrolled NCU, for display.
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct NcuRow {
+    /// Primary key.
+    pub id: i64,
+    /// SHA-256 of its client certificate, hex.
+    pub fingerprint: String,
+    /// Hardware serial number it reported.
+    pub serial_number: Option<String>,
+    /// MAC address it reported.
+    pub mac: Option<String>,
+    /// When it enrolled.
+    pub enrolled_at: DateTime<Utc>,
+    /// When it last talked to hds or hbs.
+    pub last_seen: Option<DateTime<Utc>>,
+}
+
+/// A domain's enrolled NCUs.
+pub async fn ncus(pool: &PgPool, domain_id: i64) -> Result<Vec<NcuRow>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT id, encode(cert_fingerprint, 'hex') AS fingerprint, serial_number, mac, enrolled_at, last_seen \
+         FROM ncus WHERE domain_id = $1 ORDER BY id",
+    )
+    .bind(domain_id)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// A row of the fleet table.
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct HeartbeatServer {
+    /// Unique name.
+    pub name: String,
+    /// QUIC control address.
+    pub control_address: String,
+    /// Most addresses it takes.
+    pub capacity: i32,
+    /// Addresses it carries.
+    pub current_load: i32,
+    /// `active`, `full` or `draining`.
+    pub state: String,
+    /// Last refresh of the row.
+    pub last_seen: DateTime<Utc>,
+    /// Seconds since the last refresh.
+    pub age_seconds: f64,
+}
+
+/// The fleet table.
+pub async fn heartbeat_servers(pool: &PgPool) -> Result<Vec<HeartbeatServer>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT name, control_address, capacity, current_load, state::text AS state, last_seen, \
+         GREATEST(EXTRACT(EPOCH FROM now() - last_seen), 0)::float8 AS age_seconds FROM heartbeat_servers ORDER BY name",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Marks a heartbeat server draining; None when there is no such server.
+pub async fn drain_heartbeat_server(pool: &PgPool, name: &str) -> Result<Option<HeartbeatServer>, StoreError> {
+    Ok(sqlx::query_as(
+        "UPDATE heartbeat_servers SET state = 'draining' WHERE name = $1 RETURNING name, control_address, capacity, \
+         current_load, state::text AS state, last_seen, \
+         GREATEST(EXTRACT(EPOCH FROM now() - last_seen), 0)::float8 AS age_seconds",
+    )
+    .bind(name)
+    .fetch_optional(pool)
+    .await?)
+}

@@ -2,4 +2,5 @@
 
 mod admin_api;
 mod dns_answers;
+mod hds;
 mod sync;

@@ -1,0 +1,168 @@
+//! The `hds` configuration file: strict TOML, named defaults, validated once.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+/// Everything `hds` reads from its `--config` file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// UDP address of the QUIC endpoint.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Postgres URL; the environment variable `DATABASE_URL` takes precedence.
+    #[serde(default)]
+    pub database_url: Option<String>,
+    /// The operator CA certificate (PEM); its key (`ca.key` beside it) signs NCU certificates.
+    pub ca: PathBuf,
+    /// This server's certificate (PEM), issued by `hds pki`.
+    pub cert: PathBuf,
+    /// This server's private key (PEM).
+    pub key: PathBuf,
+    /// A heartbeat server whose row is older than this is treated as gone.
+    #[serde(default = "default_stale_after", with = "humantime_serde")]
+    pub stale_after: Duration,
+    /// Lifetime of the client certificates given to NCUs.
+    #[serde(default = "default_ncu_cert_validity", with = "humantime_serde")]
+    pub ncu_cert_validity: Duration,
+    /// Publish this instance as `_tether-hds._udp.<zone>` SRV through tether's own dns.
+    #[serde(default)]
+    pub publish: Option<Publish>,
+    /// Log format: `text` or `json`.
+    #[serde(default = "default_log_format")]
+    pub log_format: String,
+}
+
+/// Where and how this instance is published in DNS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Publish {
+    /// The operator's zone, e.g. `tether.example.net`; it must exist (`POST /v1/zones`).
+    pub zone: String,
+    /// The address NCUs reach this instance at.
+    pub address: SocketAddr,
+}
+
+/// A configuration that cannot be used, naming the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The path given.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or a key is unknown or mistyped.
+    #[error("{0}")]
+    Parse(#[from] toml::de::Error),
+    /// A key has a value that parses but cannot work.
+    #[error("`{key}`: {problem}")]
+    Invalid {
+        /// The key at fault.
+        key: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+impl Config {
+    /// Reads, parses, applies `DATABASE_URL` and validates.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let mut config = Self::parse(&text)?;
+        if let Ok(url) = std::env::var("DATABASE_URL")
+            && !url.is_empty()
+        {
+            config.database_url = Some(url);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text without looking at the environment.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        Ok(toml::from_str(text)?)
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, problem: &str| ConfigError::Invalid { key, problem: problem.to_owned() };
+        match &self.database_url {
+            None => return Err(invalid("database_url", "missing (set it here or in DATABASE_URL)")),
+            Some(url) if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) => {
+                return Err(invalid("database_url", "must start with postgres:// or postgresql://"));
+            }
+            Some(_) => {}
+        }
+        for (key, path) in [("ca", &self.ca), ("cert", &self.cert), ("key", &self.key)] {
+            if !path.is_file() {
+                return Err(invalid(key, &format!("{} is not a readable file", path.display())));
+            }
+        }
+        if self.stale_after < Duration::from_secs(1) {
+            return Err(invalid("stale_after", "must be at least 1s"));
+        }
+        if self.ncu_cert_validity < Duration::from_secs(3600) {
+            return Err(invalid("ncu_cert_validity", "must be at least 1h"));
+        }
+        if !["text", "json"].contains(&self.log_format.as_str()) {
+            return Err(invalid("log_format", "must be text or json"));
+        }
+        Ok(())
+    }
+
+    /// The database URL; present once `validate` has passed.
+    pub fn database_url(&self) -> &str {
+        self.database_url.as_deref().unwrap_or("")
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 4433))
+}
+
+fn default_stale_after() -> Duration {
+    Duration::from_secs(15)
+}
+
+fn default_ncu_cert_validity() -> Duration {
+    Duration::from_secs(365 * 24 * 3600)
+}
+
+fn default_log_format() -> String {
+    "text".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses() {
+        let config = Config::parse(include_str!("../../deploy/hds.toml")).expect("example parses");
+        assert_eq!(config.listen.port(), 4433);
+        assert_eq!(config.stale_after, Duration::from_secs(15));
+        assert!(config.publish.is_some());
+    }
+
+    #[test]
+    fn unknown_and_missing_keys_are_named() {
+        let err = Config::parse("ca = 'a'\ncert = 'b'\nkey = 'c'\nlisten_on = '1.2.3.4:1'").expect_err("unknown");
+        assert!(err.to_string().contains("listen_on"), "{err}");
+        let err = Config::parse("cert = 'b'\nkey = 'c'").expect_err("missing");
+        assert!(err.to_string().contains("ca"), "{err}");
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let config =
+            Config::parse("database_url = 'postgres://x/y'\nca = '/nonexistent/ca.pem'\ncert = '/x'\nkey = '/y'")
+                .expect("parses");
+        let err = config.validate().expect_err("missing file");
+        assert!(err.to_string().contains("`ca`"), "{err}");
+    }
+}

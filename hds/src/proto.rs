@@ -1,0 +1,233 @@
+//! The NCU/HBS ↔ HDS protocol (QUIC, ALPN `tether-hds/1`): one request and one response per bidirectional stream,
+//! each a length-prefixed JSON frame carrying a protocol version.
+
+use serde::{Deserialize, Serialize};
+
+/// ALPN of the protocol.
+pub const ALPN: &[u8] = b"tether-hds/1";
+/// The protocol version this build speaks.
+pub const VERSION: u16 = 1;
+/// Largest frame either side accepts.
+pub const MAX_FRAME: usize = 64 * 1024;
+
+/// What a client asks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Exchange a one-time token and a CSR for a client certificate. Needs no client certificate.
+    Enroll {
+        /// The token from `POST /v1/domains/{name}/enrollments`.
+        token: String,
+        /// PKCS#10 request, PEM.
+        csr: String,
+        /// Hardware serial number, for display.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        serial: Option<String>,
+        /// MAC address, for display.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mac: Option<String>,
+    },
+    /// Ask for a primary and a backup heartbeat server. Needs the NCU's client certificate.
+    Assign {
+        /// Servers the NCU found unreachable; never assigned back.
+        #[serde(default)]
+        failed: Vec<String>,
+    },
+}
+
+/// What the server answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Response {
+    /// The NCU's certificate.
+    Enrolled {
+        /// Client certificate, PEM.
+        certificate: String,
+        /// The domain it is bound to.
+        domain: String,
+    },
+    /// The heartbeat servers to use.
+    Assignment {
+        /// Register here.
+        primary: HeartbeatServer,
+        /// Move here when the primary stops; absent when only one server is active.
+        backup: Option<HeartbeatServer>,
+    },
+    /// The request was refused.
+    Error {
+        /// Stable, machine-readable reason.
+        code: ErrorCode,
+        /// For a person.
+        message: String,
+    },
+}
+
+/// A heartbeat server as handed to an NCU.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatServer {
+    /// Its name (the `heartbeat_servers` key, also in its certificate).
+    pub name: String,
+    /// QUIC control address, `host:port`.
+    pub address: String,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame could not be parsed.
+    Malformed,
+    /// The frame exceeded [`MAX_FRAME`].
+    TooLarge,
+    /// The client speaks another protocol version.
+    UnsupportedVersion,
+    /// The token is unknown.
+    UnknownToken,
+    /// The token was used already.
+    TokenUsed,
+    /// The token has expired.
+    TokenExpired,
+    /// The CSR could not be used.
+    BadCsr,
+    /// The request needs a client certificate.
+    CertificateRequired,
+    /// The certificate is not (or no longer) enrolled, e.g. its domain was deleted.
+    UnknownCertificate,
+    /// No heartbeat server can take the NCU now; retry later.
+    NoServer,
+    /// The server could not complete the request; retry later.
+    Unavailable,
+}
+
+/// The envelope of every frame.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Envelope<T> {
+    version: u16,
+    body: T,
+}
+
+/// A frame that could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    /// Shorter than its length prefix says, or no prefix.
+    #[error("truncated frame")]
+    Truncated,
+    /// Longer than [`MAX_FRAME`].
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME}")]
+    TooLarge(usize),
+    /// Another version.
+    #[error("unsupported protocol version {0} (this side speaks {VERSION})")]
+    Version(u16),
+    /// Not the JSON we expect.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+impl FrameError {
+    /// The response code that reports this error to the peer.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::TooLarge(_) => ErrorCode::TooLarge,
+            Self::Version(_) => ErrorCode::UnsupportedVersion,
+            Self::Truncated | Self::Malformed(_) => ErrorCode::Malformed,
+        }
+    }
+}
+
+impl Response {
+    /// An error response.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::Error { code, message: message.into() }
+    }
+}
+
+/// Encodes a message as one frame: 4-byte big-endian length, then `{"version": 1, "body": ...}`.
+pub fn encode<T: Serialize>(body: &T) -> Vec<u8> {
+    let json = serde_json::to_vec(&Envelope { version: VERSION, body }).unwrap_or_default();
+    let mut frame = Vec::with_capacity(4 + json.len());
+    frame.extend_from_slice(&u32::try_from(json.len()).unwrap_or(u32::MAX).to_be_bytes());
+    frame.extend_from_slice(&json);
+    frame
+}
+
+/// Decodes one whole frame.
+pub fn decode<T: for<'de> Deserialize<'de>>(frame: &[u8]) -> Result<T, FrameError> {
+    let Some((prefix, json)) = frame.split_first_chunk::<4>() else {
+        return Err(FrameError::Truncated);
+    };
+    let len = usize::try_from(u32::from_be_bytes(*prefix)).unwrap_or(usize::MAX);
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    if json.len() != len {
+        return Err(if json.len() < len {
+            FrameError::Truncated
+        } else {
+            FrameError::Malformed("trailing bytes".into())
+        });
+    }
+    // Read the version first, so a newer peer gets "unsupported version" rather than "malformed".
+    #[derive(Deserialize)]
+    struct VersionOnly {
+        version: u16,
+    }
+    let version =
+        serde_json::from_slice::<VersionOnly>(json).map_err(|e| FrameError::Malformed(e.to_string()))?.version;
+    if version != VERSION {
+        return Err(FrameError::Version(version));
+    }
+    let envelope: Envelope<T> = serde_json::from_slice(json).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    Ok(envelope.body)
+}
+
+/// Reads one frame from a QUIC stream, enforcing the size limit.
+pub async fn read_frame<T: for<'de> Deserialize<'de>>(recv: &mut quinn::RecvStream) -> Result<T, FrameError> {
+    match recv.read_to_end(MAX_FRAME + 4).await {
+        Ok(bytes) => decode(&bytes),
+        Err(quinn::ReadToEndError::TooLong) => Err(FrameError::TooLarge(MAX_FRAME + 1)),
+        Err(quinn::ReadToEndError::Read(e)) => Err(FrameError::Malformed(format!("stream: {e}"))),
+    }
+}
+
+/// Writes one frame and finishes the stream.
+pub async fn write_frame<T: Serialize>(send: &mut quinn::SendStream, body: &T) -> std::io::Result<()> {
+    send.write_all(&encode(body)).await.map_err(std::io::Error::other)?;
+    send.finish().map_err(std::io::Error::other)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let request = Request::Assign { failed: vec!["hbs-a".into()] };
+        assert_eq!(decode::<Request>(&encode(&request)), Ok(request));
+        let response = Response::Assignment {
+            primary: HeartbeatServer { name: "a".into(), address: "127.0.0.1:1".into() },
+            backup: None,
+        };
+        assert_eq!(decode::<Response>(&encode(&response)), Ok(response));
+    }
+
+    #[test]
+    fn refusals_are_specific() {
+        assert_eq!(decode::<Request>(b"\x00\x00"), Err(FrameError::Truncated));
+        assert_eq!(decode::<Request>(b"\x00\x00\x00\x09{}"), Err(FrameError::Truncated));
+        assert!(matches!(decode::<Request>(b"\x00\x01\x00\x01"), Err(FrameError::TooLarge(_))));
+        let v2 = br#"{"version":2,"body":{"type":"teleport"}}"#;
+        let mut frame = (v2.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(v2);
+        assert_eq!(decode::<Request>(&frame), Err(FrameError::Version(2)));
+        let unknown = br#"{"version":1,"body":{"type":"teleport"}}"#;
+        let mut frame = (unknown.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(unknown);
+        assert!(matches!(decode::<Request>(&frame), Err(FrameError::Malformed(_))));
+        let extra = br#"{"version":1,"body":{"type":"assign","failed":[],"x":1}}"#;
+        let mut frame = (extra.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(extra);
+        assert!(matches!(decode::<Request>(&frame), Err(FrameError::Malformed(_))), "unknown fields refused");
+    }
+}

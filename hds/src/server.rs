@@ -1,0 +1,188 @@
+//! The hds QUIC server: enrollment for NCUs without a certificate, assignment for enrolled ones.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use quinn::{Connection, Endpoint};
+use rustls::pki_types::CertificateDer;
+use sqlx::PgPool;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::{
+    assign, pki,
+    proto::{self, ErrorCode, HeartbeatServer, Request, Response},
+    store::{self, StoreError},
+};
+
+/// Streams one connection may have open at once.
+const MAX_STREAMS: u32 = 4;
+
+/// What every connection handler needs.
+pub struct Context {
+    /// Postgres.
+    pub pool: PgPool,
+    /// Signs NCU certificates.
+    pub ca: pki::Ca,
+    /// Lifetime of NCU certificates.
+    pub ncu_cert_validity: Duration,
+    /// Age after which a fleet row is ignored.
+    pub stale_after: Duration,
+}
+
+/// Builds the QUIC endpoint on an already bound UDP socket.
+pub fn endpoint(socket: std::net::UdpSocket, tls: rustls::ServerConfig) -> anyhow::Result<Endpoint> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_concurrent_bidi_streams(MAX_STREAMS.into());
+    transport.max_concurrent_uni_streams(0_u32.into());
+    transport.max_idle_timeout(Some(Duration::from_secs(30).try_into()?));
+    server.transport_config(Arc::new(transport));
+    let runtime = quinn::default_runtime().ok_or_else(|| anyhow::anyhow!("no async runtime for QUIC"))?;
+    Ok(Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)?)
+}
+
+/// Accepts connections until `shutdown`, then closes the endpoint and waits for handlers.
+pub async fn serve(endpoint: Endpoint, context: Arc<Context>, shutdown: CancellationToken) {
+    let mut handlers = JoinSet::new();
+    loop {
+        let incoming = tokio::select! {
+            () = shutdown.cancelled() => break,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+        };
+        let context = context.clone();
+        let remote = incoming.remote_address();
+        handlers.spawn(
+            async move {
+                match incoming.await {
+                    Ok(connection) => handle_connection(connection, context).await,
+                    // Wrong ALPN, a certificate not from our CA, an expired one: refused at the handshake.
+                    Err(error) => info!(%error, "handshake refused"),
+                }
+            }
+            .instrument(info_span!("connection", %remote)),
+        );
+        while handlers.try_join_next().is_some() {}
+    }
+    endpoint.close(0_u32.into(), b"shutting down");
+    while handlers.join_next().await.is_some() {}
+    endpoint.wait_idle().await;
+}
+
+async fn handle_connection(connection: Connection, context: Arc<Context>) {
+    let fingerprint = client_fingerprint(&connection);
+    loop {
+        let (mut send, mut recv) = match connection.accept_bi().await {
+            Ok(streams) => streams,
+            Err(error) => {
+                debug!(%error, "connection ended");
+                return;
+            }
+        };
+        let response = match proto::read_frame::<Request>(&mut recv).await {
+            Ok(request) => handle_request(request, fingerprint.as_ref(), connection.remote_address(), &context).await,
+            Err(error) => {
+                warn!(%error, "bad frame");
+                Response::error(error.code(), error.to_string())
+            }
+        };
+        if let Err(error) = proto::write_frame(&mut send, &response).await {
+            debug!(%error, "cannot send the response");
+        }
+    }
+}
+
+async fn handle_request(
+    request: Request,
+    fingerprint: Option<&[u8; 32]>,
+    remote: SocketAddr,
+    context: &Context,
+) -> Response {
+    match request {
+        Request::Enroll { token, csr, serial, mac } => enroll(context, &token, &csr, serial, mac).await,
+        Request::Assign { failed } => {
+            let Some(fingerprint) = fingerprint else {
+                return Response::error(
+                    ErrorCode::CertificateRequired,
+                    "assignment needs the NCU's client certificate",
+                );
+            };
+            assign(context, fingerprint, &failed, remote).await
+        }
+    }
+}
+
+async fn enroll(context: &Context, token: &str, csr: &str, serial: Option<String>, mac: Option<String>) -> Response {
+    let limit = |s: &Option<String>| s.as_deref().map(|v| v.chars().take(64).collect::<String>());
+    let (serial, mac) = (limit(&serial), limit(&mac));
+    let sign = |domain: &str| {
+        let pem = context.ca.sign_ncu(csr, domain, context.ncu_cert_validity).map_err(|e| e.to_string())?;
+        let der = pki::cert_from_pem(&pem).map_err(|e| e.to_string())?;
+        Ok((pem, pki::fingerprint(&der)))
+    };
+    match store::enroll(&context.pool, token, serial.as_deref(), mac.as_deref(), sign).await {
+        Ok((enrolled, certificate)) => {
+            info!(ncu = enrolled.ncu_id, domain = %enrolled.domain, "NCU enrolled");
+            Response::Enrolled { certificate, domain: enrolled.domain }
+        }
+        Err(error) => {
+            warn!(%error, "enrollment refused");
+            refusal(error)
+        }
+    }
+}
+
+async fn assign(context: &Context, fingerprint: &[u8; 32], failed: &[String], remote: SocketAddr) -> Response {
+    let ncu = match store::ncu_by_fingerprint(&context.pool, fingerprint).await {
+        Ok(Some(ncu)) => ncu,
+        Ok(None) => {
+            warn!(fingerprint = %hex::encode(fingerprint), "certificate of no enrolled NCU (domain deleted?)");
+            return Response::error(
+                ErrorCode::UnknownCertificate,
+                "this certificate belongs to no enrolled NCU (was its domain deleted?); enroll again",
+            );
+        }
+        Err(error) => return refusal(error),
+    };
+    let fleet = match store::fleet(&context.pool).await {
+        Ok(fleet) => fleet,
+        Err(error) => return refusal(error),
+    };
+    match assign::choose(&fleet, failed, context.stale_after, fingerprint) {
+        Ok(pair) => {
+            debug!(ncu = ncu.id, %remote, primary = %pair.primary.name, "assigned");
+            Response::Assignment {
+                primary: HeartbeatServer { name: pair.primary.name, address: pair.primary.address },
+                backup: pair.backup.map(|b| HeartbeatServer { name: b.name, address: b.address }),
+            }
+        }
+        Err(error) => {
+            warn!(ncu = ncu.id, %error, "no heartbeat server to assign");
+            Response::error(ErrorCode::NoServer, error.to_string())
+        }
+    }
+}
+
+fn refusal(error: StoreError) -> Response {
+    let code = match &error {
+        StoreError::UnknownToken => ErrorCode::UnknownToken,
+        StoreError::TokenUsed => ErrorCode::TokenUsed,
+        StoreError::TokenExpired(_) => ErrorCode::TokenExpired,
+        StoreError::BadCsr(_) => ErrorCode::BadCsr,
+        StoreError::Database(e) => {
+            warn!(error = %e, "database unavailable");
+            return Response::error(ErrorCode::Unavailable, "hds cannot reach its database; retry later");
+        }
+    };
+    Response::error(code, error.to_string())
+}
+
+fn client_fingerprint(connection: &Connection) -> Option<[u8; 32]> {
+    let identity = connection.peer_identity()?;
+    let chain = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    chain.first().map(pki::fingerprint)
+}

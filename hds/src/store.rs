@@ -1,0 +1,215 @@
+//! Postgres behind hds: enrollment tokens, enrolled NCUs, the fleet table, and the SRV tuple that publishes hds.
+
+use std::{net::SocketAddr, time::Duration};
+
+use sha2::{Digest, Sha256};
+use sqlx::{PgPool, Row};
+
+use crate::assign::{FleetState, Server};
+
+/// A database failure or a refused enrollment.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The token matches no enrollment.
+    #[error("unknown enrollment token")]
+    UnknownToken,
+    /// The token was used before.
+    #[error("this enrollment token was already used")]
+    TokenUsed,
+    /// The token has expired.
+    #[error("this enrollment token expired at {0}")]
+    TokenExpired(chrono::DateTime<chrono::Utc>),
+    /// The CSR could not be signed.
+    #[error("unusable certificate request: {0}")]
+    BadCsr(String),
+    /// Postgres failed or is unreachable.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// What an enrollment created.
+#[derive(Debug, Clone)]
+pub struct Enrolled {
+    /// The new `ncus` row.
+    pub ncu_id: i64,
+    /// The domain the NCU serves.
+    pub domain: String,
+}
+
+/// An enrolled NCU, found by its certificate.
+#[derive(Debug, Clone)]
+pub struct Ncu {
+    /// Its `ncus` row.
+    pub id: i64,
+    /// The domain it serves.
+    pub domain: String,
+}
+
+/// Consumes a one-time token and records the NCU, in one transaction; `sign` makes the certificate (PEM and
+/// fingerprint) for the token's domain and runs only once the token is known to be good.
+pub async fn enroll<F>(
+    pool: &PgPool,
+    token: &str,
+    serial: Option<&str>,
+    mac: Option<&str>,
+    sign: F,
+) -> Result<(Enrolled, String), StoreError>
+where
+    F: FnOnce(&str) -> Result<(String, [u8; 32]), String>,
+{
+    let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    let mut tx = pool.begin().await?;
+    let row = sqlx::query(
+        "SELECT e.id, e.domain_id, e.expires_at, e.used_at, d.fqdn FROM enrollments e \
+         JOIN domains d ON d.id = e.domain_id WHERE e.token_hash = $1 FOR UPDATE OF e",
+    )
+    .bind(&hash[..])
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else {
+        return Err(StoreError::UnknownToken);
+    };
+    if row.try_get::<Option<chrono::DateTime<chrono::Utc>>, _>("used_at")?.is_some() {
+        return Err(StoreError::TokenUsed);
+    }
+    let expires_at: chrono::DateTime<chrono::Utc> = row.try_get("expires_at")?;
+    if expires_at <= chrono::Utc::now() {
+        return Err(StoreError::TokenExpired(expires_at));
+    }
+    let fqdn: String = row.try_get("fqdn")?;
+    let domain = fqdn.trim_end_matches('.').to_owned();
+    let (certificate, fingerprint) = match sign(&domain) {
+        Ok(signed) => signed,
+        // The transaction rolls back: the token stays unused, so the NCU may try again with a good CSR.
+        Err(reason) => return Err(StoreError::BadCsr(reason)),
+    };
+    sqlx::query("UPDATE enrollments SET used_at = now() WHERE id = $1")
+        .bind(row.try_get::<i64, _>("id")?)
+        .execute(&mut *tx)
+        .await?;
+    let ncu_id: i64 = sqlx::query_scalar(
+        "INSERT INTO ncus (domain_id, cert_fingerprint, serial_number, mac) VALUES ($1, $2, $3, $4) RETURNING id",
+    )
+    .bind(row.try_get::<i64, _>("domain_id")?)
+    .bind(&fingerprint[..])
+    .bind(serial)
+    .bind(mac)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok((Enrolled { ncu_id, domain }, certificate))
+}
+
+/// The enrolled NCU holding the certificate with this fingerprint; marks it seen.
+pub async fn ncu_by_fingerprint(pool: &PgPool, fingerprint: &[u8; 32]) -> Result<Option<Ncu>, StoreError> {
+    let row = sqlx::query(
+        "UPDATE ncus n SET last_seen = now() FROM domains d WHERE d.id = n.domain_id AND n.cert_fingerprint = $1 \
+         RETURNING n.id, d.fqdn",
+    )
+    .bind(&fingerprint[..])
+    .fetch_optional(pool)
+    .await?;
+    row.map(|row| {
+        Ok(Ncu { id: row.try_get("id")?, domain: row.try_get::<String, _>("fqdn")?.trim_end_matches('.').to_owned() })
+    })
+    .transpose()
+}
+
+/// Every row of `heartbeat_servers`, with its age by the database's clock.
+pub async fn fleet(pool: &PgPool) -> Result<Vec<Server>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT name, control_address, capacity, current_load, state::text AS state, \
+         GREATEST(EXTRACT(EPOCH FROM now() - last_seen), 0)::float8 AS age FROM heartbeat_servers",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut servers = Vec::with_capacity(rows.len());
+    for row in rows {
+        let state = match row.try_get::<&str, _>("state")? {
+            "active" => FleetState::Active,
+            "full" => FleetState::Full,
+            _ => FleetState::Draining,
+        };
+        servers.push(Server {
+            name: row.try_get("name")?,
+            address: row.try_get("control_address")?,
+            capacity: u32::try_from(row.try_get::<i32, _>("capacity")?).unwrap_or(0),
+            load: u32::try_from(row.try_get::<i32, _>("current_load")?).unwrap_or(u32::MAX),
+            state,
+            age: Duration::from_secs_f64(row.try_get::<f64, _>("age")?.max(0.0)),
+        });
+    }
+    Ok(servers)
+}
+
+/// Name of the subscriber that owns the operator's own records.
+const OPERATOR_SUBSCRIBER: &str = "(operator)";
+
+/// Makes sure `_tether-hds._udp.<zone>` carries this instance. False when the zone does not exist.
+pub async fn publish(pool: &PgPool, zone: &str, address: SocketAddr) -> Result<bool, StoreError> {
+    let fqdn = format!("{}.", zone.trim_end_matches('.').to_ascii_lowercase());
+    let mut tx = pool.begin().await?;
+    let Some(zone_id) = sqlx::query_scalar::<_, i64>("SELECT id FROM zones WHERE origin = $1")
+        .bind(&fqdn)
+        .fetch_optional(&mut *tx)
+        .await?
+    else {
+        return Ok(false);
+    };
+    // An unguessable token hash: nobody can log in as this subscriber.
+    let unusable: [u8; 32] = Sha256::digest(rand::random::<[u8; 32]>()).into();
+    let subscriber: i64 = sqlx::query_scalar(
+        "INSERT INTO subscribers (name, token_hash) VALUES ($1, $2) \
+         ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING id",
+    )
+    .bind(OPERATOR_SUBSCRIBER)
+    .bind(&unusable[..])
+    .fetch_one(&mut *tx)
+    .await?;
+    let domain: i64 = sqlx::query_scalar(
+        "INSERT INTO domains (fqdn, zone_id, subscriber_id) VALUES ($1, $2, $3) \
+         ON CONFLICT (fqdn) DO UPDATE SET fqdn = EXCLUDED.fqdn RETURNING id",
+    )
+    .bind(&fqdn)
+    .bind(zone_id)
+    .bind(subscriber)
+    .fetch_one(&mut *tx)
+    .await?;
+    let present: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM services WHERE domain_id = $1 AND service = 'tether-hds' \
+         AND transport = 'udp' AND ip = $2 AND port = $3)",
+    )
+    .bind(domain)
+    .bind(address.ip())
+    .bind(i32::from(address.port()))
+    .fetch_one(&mut *tx)
+    .await?;
+    if !present {
+        sqlx::query(
+            "INSERT INTO services (domain_id, service, transport, ip, port, priority, weight) \
+             VALUES ($1, 'tether-hds', 'udp', $2, $3, 0, 1)",
+        )
+        .bind(domain)
+        .bind(address.ip())
+        .bind(i32::from(address.port()))
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Removes this instance's SRV tuple, at shutdown.
+pub async fn unpublish(pool: &PgPool, zone: &str, address: SocketAddr) -> Result<(), StoreError> {
+    let fqdn = format!("{}.", zone.trim_end_matches('.').to_ascii_lowercase());
+    sqlx::query(
+        "DELETE FROM services s USING domains d WHERE d.id = s.domain_id AND d.fqdn = $1 \
+         AND s.service = 'tether-hds' AND s.transport = 'udp' AND s.ip = $2 AND s.port = $3",
+    )
+    .bind(&fqdn)
+    .bind(address.ip())
+    .bind(i32::from(address.port()))
+    .execute(pool)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,100 @@
+//! `ncu`: tether's agent on the site's router.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use ncu::{hds_client, identity::Identity};
+use tracing_subscriber::EnvFilter;
+
+/// tether's network connection unit.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Enrolls this NCU: makes a key and CSR here and exchanges them and a one-time token for a certificate.
+    Enroll {
+        /// hds address(es), host:port; tried in turn.
+        #[arg(long, required = true, value_delimiter = ',')]
+        hds: Vec<String>,
+        /// One-time token from the admin API (POST /v1/domains/{name}/enrollments).
+        #[arg(long, env = "TETHER_ENROLLMENT_TOKEN")]
+        token: String,
+        /// The operator CA certificate (PEM).
+        #[arg(long)]
+        ca: PathBuf,
+        /// Where to store the identity.
+        #[arg(long, default_value = "/var/lib/tether-ncu")]
+        dir: PathBuf,
+        /// Hardware serial number, shown to the operator.
+        #[arg(long)]
+        serial: Option<String>,
+        /// MAC address, shown to the operator.
+        #[arg(long)]
+        mac: Option<String>,
+    },
+    /// Asks hds for a primary and a backup heartbeat server and prints them.
+    Assign {
+        /// hds address(es), host:port; tried in turn.
+        #[arg(long, required = true, value_delimiter = ',')]
+        hds: Vec<String>,
+        /// Where the identity is stored.
+        #[arg(long, default_value = "/var/lib/tether-ncu")]
+        dir: PathBuf,
+        /// Heartbeat servers found unreachable, never to be assigned.
+        #[arg(long)]
+        failed: Vec<String>,
+        /// How long to keep retrying while no server is available.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        wait: Duration,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("ncu: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(args.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("ncu: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn execute(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Enroll { hds, token, ca, dir, serial, mac } => {
+            let ca_pem = hds::pki::read(&ca)?;
+            let domain =
+                hds_client::enroll(&hds, &ca_pem, &token, &dir, serial, mac).await.context("enrollment failed")?;
+            eprintln!("ncu: enrolled for {domain}; identity stored in {} (0600)", dir.display());
+            Ok(())
+        }
+        Command::Assign { hds, dir, failed, wait } => {
+            let identity =
+                Identity::load(&dir).with_context(|| format!("no NCU identity in {} (enroll first)", dir.display()))?;
+            let pair = hds_client::assign(&hds, &identity, &failed, wait).await.context("assignment failed")?;
+            let backup = pair.backup.map_or_else(|| "none".to_owned(), |b| format!("{} {}", b.name, b.address));
+            #[allow(clippy::print_stdout)]
+            {
+                println!("primary {} {}", pair.primary.name, pair.primary.address);
+                println!("backup {backup}");
+            }
+            Ok(())
+        }
+    }
+}
