@@ -8,7 +8,7 @@ use crate::{
 };
 
 /// How long one hds gets to answer, handshake included.
-pub const TIMEOUT: Duration = Duration::from_secs(10);
+pub const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a request got no answer.
 #[derive(Debug, thiserror::Error)]
@@ -22,7 +22,9 @@ pub enum ClientError {
         reason: String,
     },
     /// The TLS handshake failed: a certificate was refused on one side.
-    #[error("hds at {address} refused the connection: {reason}")]
+    #[error(
+        "TLS with hds at {address} failed: {reason} (is the CA the operator's, and this NCU's certificate valid?)"
+    )]
     Handshake {
         /// The address tried.
         address: String,
@@ -38,7 +40,7 @@ pub enum ClientError {
         source: FrameError,
     },
     /// hds refused the request.
-    #[error("hds refused: {message} ({code:?})")]
+    #[error("hds refused: {message}")]
     Refused {
         /// Machine-readable reason.
         code: ErrorCode,
@@ -46,7 +48,7 @@ pub enum ClientError {
         message: String,
     },
     /// The TLS configuration could not be built.
-    #[error("{0}")]
+    #[error(transparent)]
     Pki(#[from] pki::PkiError),
     /// No hds address was given.
     #[error("no hds address configured")]

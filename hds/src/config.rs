@@ -56,7 +56,7 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The TOML is malformed or a key is unknown or mistyped.
-    #[error("{0}")]
+    #[error(transparent)]
     Parse(#[from] toml::de::Error),
     /// A key has a value that parses but cannot work.
     #[error("`{key}`: {problem}")]

@@ -15,10 +15,10 @@ use crate::identity::Identity;
 #[derive(Debug, thiserror::Error)]
 pub enum NcuError {
     /// hds could not be asked or refused.
-    #[error("{0}")]
+    #[error(transparent)]
     Hds(#[from] ClientError),
     /// Keys, certificates or files.
-    #[error("{0}")]
+    #[error(transparent)]
     Pki(#[from] pki::PkiError),
     /// An identity exists already where enrollment would write.
     #[error("{0} already holds an NCU identity; remove it to enroll again")]
