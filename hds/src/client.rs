@@ -22,9 +22,7 @@ pub enum ClientError {
         reason: String,
     },
     /// The TLS handshake failed: a certificate was refused on one side.
-    #[error(
-        "TLS with hds at {address} failed: {reason} (is the CA the operator's, and this NCU's certificate valid?)"
-    )]
+    #[error("TLS with hds at {address} failed: {reason} (is the CA the operator's, and this NCU's certificate valid?)")]
     Handshake {
         /// The address tried.
         address: String,
