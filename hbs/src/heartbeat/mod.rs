@@ -1,0 +1,1 @@
+//! Heartbeats: the packet format and the sans-IO state machines of both sides.

@@ -1,0 +1,3 @@
+//! hbs: tether's heartbeat server, and the NCU ↔ HBS protocol it owns.
+
+pub mod heartbeat;
