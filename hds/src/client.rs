@@ -122,7 +122,9 @@ async fn exchange(address: &str, tls: Arc<rustls::ClientConfig>, request: &Reque
         let protocol = |source| ClientError::Protocol { address: address.to_owned(), source };
         match recv.read_to_end(proto::MAX_FRAME + 4).await {
             Ok(bytes) => proto::decode::<Response>(&bytes).map_err(protocol),
-            Err(quinn::ReadToEndError::TooLong) => Err(protocol(FrameError::TooLarge(proto::MAX_FRAME + 1))),
+            Err(quinn::ReadToEndError::TooLong) => {
+                Err(protocol(FrameError::TooLarge { size: proto::MAX_FRAME + 1, limit: proto::MAX_FRAME }))
+            }
             // With TLS 1.3 the server judges the client certificate after the client thinks the handshake is done:
             // a refusal shows up here, as the connection closing with a TLS alert.
             Err(quinn::ReadToEndError::Read(quinn::ReadError::ConnectionLost(error))) => Err(classify(address, error)),

@@ -7,6 +7,7 @@ pub mod assign;
 pub mod client;
 #[cfg(feature = "server")]
 pub mod config;
+pub mod frame;
 pub mod pki;
 pub mod proto;
 #[cfg(feature = "server")]
@@ -27,9 +28,6 @@ mod run {
 
     use crate::{config::Config, pki, proto, server, store};
 
-    /// The migrations in `migrations/`, embedded at build time.
-    static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
-
     /// How often this instance re-asserts its SRV tuple.
     const PUBLISH_EVERY: Duration = Duration::from_secs(60);
 
@@ -40,12 +38,8 @@ mod run {
             .context("loading the operator CA (ca.pem and ca.key)")?;
         let tls = pki::server_tls(&ca_pem, &pki::read(&config.cert)?, &pki::read(&config.key)?, proto::ALPN, true)
             .context("building the TLS configuration from cert and key")?;
-        let options: sqlx::postgres::PgConnectOptions = config.database_url().parse().context("database_url")?;
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(8)
-            .acquire_timeout(Duration::from_secs(3))
-            .connect_lazy_with(options);
-        if !migrate(&pool, &shutdown).await? {
+        let pool = store::pool(config.database_url()).context("database_url")?;
+        if !store::migrate(&pool, &shutdown).await.context("applying migrations")? {
             return Ok(());
         }
         let local = socket.local_addr()?;
@@ -83,28 +77,5 @@ mod run {
         }
         pool.close().await;
         Ok(())
-    }
-
-    /// Applies migrations, waiting for Postgres with backoff. False when shut down while waiting.
-    async fn migrate(pool: &sqlx::PgPool, shutdown: &CancellationToken) -> anyhow::Result<bool> {
-        let mut delay = Duration::from_millis(100);
-        loop {
-            match MIGRATOR.run(pool).await {
-                Ok(()) => return Ok(true),
-                Err(sqlx::migrate::MigrateError::Execute(error)) if is_unavailable(&error) => {
-                    warn!(%error, retry_in = ?delay, "waiting for Postgres");
-                }
-                Err(error) => return Err(error).context("applying migrations"),
-            }
-            tokio::select! {
-                () = shutdown.cancelled() => return Ok(false),
-                () = tokio::time::sleep(delay) => {}
-            }
-            delay = (delay * 2).min(Duration::from_secs(5));
-        }
-    }
-
-    fn is_unavailable(error: &sqlx::Error) -> bool {
-        matches!(error, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_))
     }
 }

@@ -3,6 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::frame;
+pub use crate::frame::FrameError;
+
 /// ALPN of the protocol.
 pub const ALPN: &[u8] = b"tether-hds/1";
 /// The protocol version this build speaks.
@@ -100,42 +103,6 @@ pub enum ErrorCode {
     Unavailable,
 }
 
-/// The envelope of every frame.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Envelope<T> {
-    version: u16,
-    body: T,
-}
-
-/// A frame that could not be decoded.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum FrameError {
-    /// Shorter than its length prefix says, or no prefix.
-    #[error("truncated frame")]
-    Truncated,
-    /// Longer than [`MAX_FRAME`].
-    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME}")]
-    TooLarge(usize),
-    /// Another version.
-    #[error("unsupported protocol version {0} (this side speaks {VERSION})")]
-    Version(u16),
-    /// Not the JSON we expect.
-    #[error("malformed frame: {0}")]
-    Malformed(String),
-}
-
-impl FrameError {
-    /// The response code that reports this error to the peer.
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            Self::TooLarge(_) => ErrorCode::TooLarge,
-            Self::Version(_) => ErrorCode::UnsupportedVersion,
-            Self::Truncated | Self::Malformed(_) => ErrorCode::Malformed,
-        }
-    }
-}
-
 impl Response {
     /// An error response.
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
@@ -143,51 +110,31 @@ impl Response {
     }
 }
 
-/// Encodes a message as one frame: 4-byte big-endian length, then `{"version": 1, "body": ...}`.
-pub fn encode<T: Serialize>(body: &T) -> Vec<u8> {
-    let json = serde_json::to_vec(&Envelope { version: VERSION, body }).unwrap_or_default();
-    let mut frame = Vec::with_capacity(4 + json.len());
-    frame.extend_from_slice(&u32::try_from(json.len()).unwrap_or(u32::MAX).to_be_bytes());
-    frame.extend_from_slice(&json);
-    frame
+/// The response code that reports a frame error to the peer.
+pub fn error_code(error: &FrameError) -> ErrorCode {
+    match error {
+        FrameError::TooLarge { .. } => ErrorCode::TooLarge,
+        FrameError::Version { .. } => ErrorCode::UnsupportedVersion,
+        FrameError::Truncated | FrameError::Malformed(_) | FrameError::Stream(_) => ErrorCode::Malformed,
+    }
 }
 
-/// Decodes one whole frame.
-pub fn decode<T: for<'de> Deserialize<'de>>(frame: &[u8]) -> Result<T, FrameError> {
-    let Some((prefix, json)) = frame.split_first_chunk::<4>() else {
-        return Err(FrameError::Truncated);
-    };
-    let len = usize::try_from(u32::from_be_bytes(*prefix)).unwrap_or(usize::MAX);
-    if len > MAX_FRAME {
-        return Err(FrameError::TooLarge(len));
-    }
-    if json.len() != len {
-        return Err(if json.len() < len {
-            FrameError::Truncated
-        } else {
-            FrameError::Malformed("trailing bytes".into())
-        });
-    }
-    // Read the version first, so a newer peer gets "unsupported version" rather than "malformed".
-    #[derive(Deserialize)]
-    struct VersionOnly {
-        version: u16,
-    }
-    let version =
-        serde_json::from_slice::<VersionOnly>(json).map_err(|e| FrameError::Malformed(e.to_string()))?.version;
-    if version != VERSION {
-        return Err(FrameError::Version(version));
-    }
-    let envelope: Envelope<T> = serde_json::from_slice(json).map_err(|e| FrameError::Malformed(e.to_string()))?;
-    Ok(envelope.body)
+/// Encodes a message as one frame of this protocol.
+pub fn encode<T: Serialize>(body: &T) -> Vec<u8> {
+    frame::encode(VERSION, body)
+}
+
+/// Decodes one whole frame of this protocol.
+pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, FrameError> {
+    frame::decode(VERSION, MAX_FRAME, bytes)
 }
 
 /// Reads one frame from a QUIC stream, enforcing the size limit.
 pub async fn read_frame<T: for<'de> Deserialize<'de>>(recv: &mut quinn::RecvStream) -> Result<T, FrameError> {
     match recv.read_to_end(MAX_FRAME + 4).await {
         Ok(bytes) => decode(&bytes),
-        Err(quinn::ReadToEndError::TooLong) => Err(FrameError::TooLarge(MAX_FRAME + 1)),
-        Err(quinn::ReadToEndError::Read(e)) => Err(FrameError::Malformed(format!("stream: {e}"))),
+        Err(quinn::ReadToEndError::TooLong) => Err(FrameError::TooLarge { size: MAX_FRAME + 1, limit: MAX_FRAME }),
+        Err(quinn::ReadToEndError::Read(e)) => Err(FrameError::Stream(e.to_string())),
     }
 }
 
@@ -216,11 +163,11 @@ mod tests {
     fn refusals_are_specific() {
         assert_eq!(decode::<Request>(b"\x00\x00"), Err(FrameError::Truncated));
         assert_eq!(decode::<Request>(b"\x00\x00\x00\x09{}"), Err(FrameError::Truncated));
-        assert!(matches!(decode::<Request>(b"\x00\x01\x00\x01"), Err(FrameError::TooLarge(_))));
+        assert!(matches!(decode::<Request>(b"\x00\x01\x00\x01"), Err(FrameError::TooLarge { .. })));
         let v2 = br#"{"version":2,"body":{"type":"teleport"}}"#;
         let mut frame = (v2.len() as u32).to_be_bytes().to_vec();
         frame.extend_from_slice(v2);
-        assert_eq!(decode::<Request>(&frame), Err(FrameError::Version(2)));
+        assert_eq!(decode::<Request>(&frame), Err(FrameError::Version { got: 2, expected: 1 }));
         let unknown = br#"{"version":1,"body":{"type":"teleport"}}"#;
         let mut frame = (unknown.len() as u32).to_be_bytes().to_vec();
         frame.extend_from_slice(unknown);

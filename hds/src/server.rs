@@ -87,7 +87,7 @@ async fn handle_connection(connection: Connection, context: Arc<Context>) {
             Ok(request) => handle_request(request, fingerprint.as_ref(), connection.remote_address(), &context).await,
             Err(error) => {
                 warn!(%error, "bad frame");
-                Response::error(error.code(), error.to_string())
+                Response::error(proto::error_code(&error), error.to_string())
             }
         };
         if let Err(error) = proto::write_frame(&mut send, &response).await {

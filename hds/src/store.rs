@@ -41,6 +41,8 @@ pub struct Enrolled {
 pub struct Ncu {
     /// Its `ncus` row.
     pub id: i64,
+    /// The domain's row.
+    pub domain_id: i64,
     /// The domain it serves.
     pub domain: String,
 }
@@ -104,13 +106,17 @@ where
 pub async fn ncu_by_fingerprint(pool: &PgPool, fingerprint: &[u8; 32]) -> Result<Option<Ncu>, StoreError> {
     let row = sqlx::query(
         "UPDATE ncus n SET last_seen = now() FROM domains d WHERE d.id = n.domain_id AND n.cert_fingerprint = $1 \
-         RETURNING n.id, d.fqdn",
+         RETURNING n.id, n.domain_id, d.fqdn",
     )
     .bind(&fingerprint[..])
     .fetch_optional(pool)
     .await?;
     row.map(|row| {
-        Ok(Ncu { id: row.try_get("id")?, domain: row.try_get::<String, _>("fqdn")?.trim_end_matches('.').to_owned() })
+        Ok(Ncu {
+            id: row.try_get("id")?,
+            domain_id: row.try_get("domain_id")?,
+            domain: row.try_get::<String, _>("fqdn")?.trim_end_matches('.').to_owned(),
+        })
     })
     .transpose()
 }
@@ -212,4 +218,45 @@ pub async fn unpublish(pool: &PgPool, zone: &str, address: SocketAddr) -> Result
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// The migrations in `migrations/`, embedded at build time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// Applies migrations, waiting for Postgres with backoff. False when shut down while waiting.
+pub async fn migrate(pool: &PgPool, shutdown: &tokio_util::sync::CancellationToken) -> Result<bool, StoreError> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match MIGRATOR.run(pool).await {
+            Ok(()) => return Ok(true),
+            Err(sqlx::migrate::MigrateError::Execute(error)) if is_unavailable(&error) => {
+                tracing::warn!(%error, retry_in = ?delay, "waiting for Postgres");
+            }
+            Err(sqlx::migrate::MigrateError::Execute(error)) => return Err(error.into()),
+            Err(other) => return Err(sqlx::Error::Migrate(Box::new(other)).into()),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(false),
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// True when Postgres is merely out of reach.
+pub fn is_unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => matches!(db.code().as_deref(), Some("57P01" | "57P02" | "57P03")),
+        _ => false,
+    }
+}
+
+/// A lazily connecting pool.
+pub fn pool(url: &str) -> Result<PgPool, StoreError> {
+    let options: sqlx::postgres::PgConnectOptions = url.parse()?;
+    Ok(sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect_lazy_with(options))
 }

@@ -1,6 +1,10 @@
 //! ncu: tether's network connection unit, running on the site's router.
 //!
-//! Today: enrollment with hds (key and CSR made here, certificate stored 0600) and asking hds for heartbeat servers.
+//! Enrollment with hds ([`hds_client`], identity on disk in [`identity`]), and `ncu run` ([`agent`]): registering the
+//! uplinks with the assigned heartbeat server, answering heartbeats on every uplink, failing over to the backup.
 
+pub mod agent;
+pub mod config;
 pub mod hds_client;
 pub mod identity;
+pub mod load;

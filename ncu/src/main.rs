@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use ncu::{hds_client, identity::Identity};
+use ncu::{agent, hds_client, identity::Identity};
 use tracing_subscriber::EnvFilter;
 
 /// tether's network connection unit.
@@ -53,11 +53,18 @@ enum Command {
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         wait: Duration,
     },
+    /// Runs the agent: registers the uplinks, answers heartbeats, fails over.
+    Run {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let default_level = if matches!(args.command, Command::Run { .. }) { "info" } else { "warn" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -96,6 +103,46 @@ async fn execute(command: Command) -> anyhow::Result<()> {
                 println!("backup {backup}");
             }
             Ok(())
+        }
+        Command::Run { config } => {
+            let config = ncu::config::Config::load(&config)
+                .with_context(|| format!("bad configuration in {}", config.display()))?;
+            let identity = Identity::load(&config.identity)
+                .with_context(|| format!("no NCU identity in {} (enroll first)", config.identity.display()))?;
+            let uplinks = config
+                .uplinks
+                .iter()
+                .map(|u| agent::UplinkSpec {
+                    name: u.name.clone(),
+                    address: u.address,
+                    priority: u.priority,
+                    weight: u.weight,
+                })
+                .collect();
+            let (_uplinks_tx, uplinks_rx) = tokio::sync::watch::channel(uplinks);
+            let (status, _) = tokio::sync::watch::channel(agent::Status::default());
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let signal = shutdown.clone();
+            tokio::spawn(async move {
+                let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                signal.cancel();
+            });
+            agent::run(
+                config.hds,
+                identity,
+                config.failover_after,
+                uplinks_rx,
+                agent::Drill::default(),
+                status,
+                shutdown,
+            )
+            .await
         }
     }
 }

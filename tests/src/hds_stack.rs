@@ -52,7 +52,7 @@ impl HdsServer {
         let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
         let addr = socket.local_addr()?;
         let text = format!(
-            "listen = '{addr}'\ndatabase_url = '{database_url}'\nca = '{}'\ncert = '{}'\nkey = '{}'\nstale_after = '15s'\n{extra}",
+            "listen = '{addr}'\ndatabase_url = '{database_url}'\nca = '{}'\ncert = '{}'\nkey = '{}'\n{extra}",
             pki.path("ca.pem").display(),
             pki.path("hds.pem").display(),
             pki.path("hds.key").display(),

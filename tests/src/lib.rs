@@ -16,6 +16,7 @@ use nix::{
 };
 
 pub mod dns_client;
+pub mod fleet;
 pub mod hds_stack;
 pub mod stack;
 

@@ -60,6 +60,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/domains/{name}/enrollments", post(routes::create_enrollment))
         .route("/v1/heartbeat-servers", get(routes::list_heartbeat_servers))
         .route("/v1/heartbeat-servers/{name}/drain", post(routes::drain_heartbeat_server))
+        .route("/v1/heartbeat-servers/{name}/activate", post(routes::activate_heartbeat_server))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), count_responses))

@@ -346,10 +346,27 @@ pub(super) async fn drain_heartbeat_server(
     caller: Caller,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
+    set_heartbeat_server_state(state, caller, name, "draining").await
+}
+
+pub(super) async fn activate_heartbeat_server(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    set_heartbeat_server_state(state, caller, name, "active").await
+}
+
+async fn set_heartbeat_server_state(
+    state: AppState,
+    caller: Caller,
+    name: String,
+    to: &str,
+) -> Result<Response, ApiError> {
     caller.require_operator()?;
-    match admin::drain_heartbeat_server(&state.pool, &name).await? {
+    match admin::set_heartbeat_server_state(&state.pool, &name, to).await? {
         Some(server) => {
-            tracing::info!(server = %server.name, "heartbeat server draining");
+            tracing::info!(server = %server.name, state = to, "heartbeat server state set");
             Ok(Json(server).into_response())
         }
         None => Err(ApiError::not_found(format!("no heartbeat server {name:?}"))),

@@ -289,7 +289,7 @@ pub async fn addresses(pool: &PgPool, domain_id: i64) -> Result<Vec<AddressRow>,
     .await?)
 }
 
-/// Adds a static address. Until heartbeat servers check static addresses it is live at once.
+/// Adds a static address: live at once without a check; with one, pending until a heartbeat server's check passes.
 pub async fn add_static_address(
     pool: &PgPool,
     domain_id: i64,
@@ -300,7 +300,8 @@ pub async fn add_static_address(
 ) -> Result<AddressRow, StoreError> {
     Ok(sqlx::query_as(
         "INSERT INTO addresses (domain_id, ip, source, priority, weight, state, \"check\") \
-         VALUES ($1, $2, 'static', $3, $4, 'live', $5) RETURNING ip, interface_ip, source::text AS source, \
+         VALUES ($1, $2, 'static', $3, $4, CASE WHEN $5::jsonb IS NULL THEN 'live' ELSE 'pending' END::address_state, $5) \
+         RETURNING ip, interface_ip, source::text AS source, \
          uplink, priority, weight, load, state::text AS state, hbs, \"check\" AS check, changed_at",
     )
     .bind(domain_id)
@@ -432,14 +433,19 @@ pub async fn heartbeat_servers(pool: &PgPool) -> Result<Vec<HeartbeatServer>, St
     .await?)
 }
 
-/// Marks a heartbeat server draining; None when there is no such server.
-pub async fn drain_heartbeat_server(pool: &PgPool, name: &str) -> Result<Option<HeartbeatServer>, StoreError> {
+/// Sets a heartbeat server's state (`draining`, or `active` to undo a drain); None when there is no such server.
+pub async fn set_heartbeat_server_state(
+    pool: &PgPool,
+    name: &str,
+    state: &str,
+) -> Result<Option<HeartbeatServer>, StoreError> {
     Ok(sqlx::query_as(
-        "UPDATE heartbeat_servers SET state = 'draining' WHERE name = $1 RETURNING name, control_address, capacity, \
+        "UPDATE heartbeat_servers SET state = $2::hbs_state WHERE name = $1 RETURNING name, control_address, capacity, \
          current_load, state::text AS state, last_seen, \
          GREATEST(EXTRACT(EPOCH FROM now() - last_seen), 0)::float8 AS age_seconds",
     )
     .bind(name)
+    .bind(state)
     .fetch_optional(pool)
     .await?)
 }

@@ -1,1 +1,9 @@
 //! Heartbeats: the packet format and the sans-IO state machines of both sides.
+
+pub mod monitor;
+pub mod packet;
+pub mod responder;
+
+pub use monitor::{Event, Liveness, Monitor, Policy, Stats, TargetId, Transmit};
+pub use packet::{Key, Kind, PACKET_LEN, Packet, PacketError};
+pub use responder::{Outgoing, Responder, ResponderEvent, ResponderPolicy, ResponderStats};

@@ -252,7 +252,7 @@ async fn domain_detail_shows_addresses_services_and_enrollment_tokens_are_stored
     assert_eq!(detail["static_ip"], "198.18.100.1");
     let address = &detail["addresses"][0];
     assert_eq!(address["ip"], "198.18.1.1");
-    assert_eq!(address["state"], "live");
+    assert_eq!(address["state"], "pending", "an address with a check waits for its first passing check");
     assert_eq!(address["source"], "static");
     assert_eq!(address["priority"], 5);
     assert_eq!(address["check"]["kind"], "http");
@@ -313,6 +313,9 @@ async fn health_metrics_and_openapi() -> Result<()> {
         ("/v1/domains/{name}/enrollments", "post"),
         ("/healthz", "get"),
         ("/metrics", "get"),
+        ("/v1/heartbeat-servers", "get"),
+        ("/v1/heartbeat-servers/{name}/drain", "post"),
+        ("/v1/heartbeat-servers/{name}/activate", "post"),
     ] {
         assert!(spec["paths"][path][method].is_object(), "openapi lacks {method} {path}");
     }

@@ -128,6 +128,14 @@ async fn enrollment_stores_a_private_identity_and_assignment_follows_the_fleet()
     assert_eq!(status, StatusCode::OK);
     let after_drain = hds_client::assign(&[world.hds.address()], &identity, &[], PATIENCE).await?;
     assert_eq!(after_drain.primary.name, "medium");
+    let (status, body) =
+        world.stack.api.call(Method::POST, "/v1/heartbeat-servers/light/activate", Some(OPERATOR_TOKEN), None).await?;
+    assert_eq!((status, body["state"].as_str()), (StatusCode::OK, Some("active")));
+    let reactivated = hds_client::assign(&[world.hds.address()], &identity, &[], PATIENCE).await?;
+    assert_eq!(reactivated.primary.name, "light");
+    let (status, _) =
+        world.stack.api.call(Method::POST, "/v1/heartbeat-servers/light/drain", Some(OPERATOR_TOKEN), None).await?;
+    assert_eq!(status, StatusCode::OK);
     let (_, fleet) = world.stack.api.call(Method::GET, "/v1/heartbeat-servers", Some(OPERATOR_TOKEN), None).await?;
     assert_eq!(fleet.as_array().map(Vec::len), Some(5));
     let (status, _) = world.stack.api.call(Method::GET, "/v1/heartbeat-servers", Some(&world.acme), None).await?;

@@ -3,4 +3,5 @@
 mod admin_api;
 mod dns_answers;
 mod hds;
+mod heartbeat;
 mod sync;

@@ -1,0 +1,1216 @@
+//! The HBS side: pings every registered address, re-probes on silence, and declares addresses alive or dead.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rand::RngCore;
+
+use super::packet::{self, Key, Keyed, Kind, PACKET_LEN, Packet, PacketError};
+
+/// Timing of probes and of what the monitor reports.
+///
+/// [`Monitor::new`] raises an `interval` or `reply_timeout` below 1 ms to 1 ms, so that time always moves on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Time between the pings that start each cycle.
+    pub interval: Duration,
+    /// How long the cycle's ping may go unanswered before the first re-probe.
+    pub reply_timeout: Duration,
+    /// Time between re-probes, and the window of the last one.
+    pub reprobe_interval: Duration,
+    /// Re-probes sent in a cycle before the target is declared dead.
+    pub reprobes: u8,
+    /// A deadline handled later than this is a stalled process or a clock jump, not a loss.
+    pub clock_jump: Duration,
+    /// The smallest load change (in percentage points) worth an [`Event::Load`].
+    pub load_step: u16,
+    /// The shortest time between two load reports of one target.
+    pub load_every: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(1),
+            reply_timeout: Duration::from_millis(100),
+            reprobe_interval: Duration::from_millis(80),
+            reprobes: 4,
+            clock_jump: Duration::from_secs(2),
+            load_step: 10,
+            load_every: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A monitored address: its row id in Postgres.
+pub type TargetId = i64;
+
+/// What the monitor currently believes about an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// Not yet answered.
+    Pending,
+    /// Answering.
+    Live,
+    /// A ping and all its re-probes went unanswered.
+    Dead,
+}
+
+/// A ping to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Where to send it.
+    pub dest: SocketAddr,
+    /// The datagram.
+    pub payload: [u8; PACKET_LEN],
+}
+
+/// A change the shell should record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Became live (from pending or dead), or its observed source address changed while live.
+    Alive {
+        /// The target.
+        id: TargetId,
+        /// The source address of the pong.
+        observed: SocketAddr,
+        /// The NCU's load in percent.
+        load: u16,
+    },
+    /// A ping and all its re-probes went unanswered.
+    Dead {
+        /// The target.
+        id: TargetId,
+    },
+    /// Reported load moved by at least `load_step` since last reported (rate limited to one per `load_every`).
+    Load {
+        /// The target.
+        id: TargetId,
+        /// The NCU's load in percent.
+        load: u16,
+    },
+}
+
+/// Counters of what the monitor sent and received.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Datagrams for a known target whose MAC did not verify.
+    pub forged: u64,
+    /// Authentic pongs matching no outstanding probe, and hellos not newer than the last one.
+    pub stale: u64,
+    /// Unparseable datagrams, and pings (which the HBS never expects).
+    pub malformed: u64,
+    /// Datagrams for a session and uplink the monitor does not watch.
+    pub unknown: u64,
+    /// Probes sent: pings and re-probes.
+    pub pings: u64,
+    /// Re-probes sent (included in `pings`).
+    pub reprobes: u64,
+    /// Pongs accepted as proof of life.
+    pub pongs: u64,
+    /// Hellos accepted.
+    pub hellos: u64,
+}
+
+/// The sans-IO heartbeat monitor of one HBS.
+pub struct Monitor {
+    policy: Policy,
+    targets: HashMap<TargetId, Target>,
+    by_uplink: HashMap<(u64, u8), TargetId>,
+    out: Output,
+}
+
+impl Monitor {
+    /// Creates a monitor with no targets.
+    pub fn new(policy: Policy) -> Self {
+        let floor = Duration::from_millis(1);
+        let policy =
+            Policy { interval: policy.interval.max(floor), reply_timeout: policy.reply_timeout.max(floor), ..policy };
+        Self {
+            policy,
+            targets: HashMap::new(),
+            by_uplink: HashMap::new(),
+            out: Output {
+                timers: BinaryHeap::new(),
+                next_generation: 0,
+                transmits: VecDeque::new(),
+                events: VecDeque::new(),
+                stats: Stats::default(),
+            },
+        }
+    }
+
+    /// Adds (or replaces) a target; its first ping is due at `now`.
+    ///
+    /// `initial` = Live is used when taking over an address another server proved (handover): no Alive event on the
+    /// first pong, but the normal miss policy applies, so a silent one becomes Dead. A target already watching the
+    /// same session and uplink is replaced too; the replacement keeps its sequence numbers so the NCU sees no replay.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add(
+        &mut self,
+        id: TargetId,
+        session: u64,
+        uplink: u8,
+        key: Key,
+        dest: SocketAddr,
+        initial: Liveness,
+        now: Instant,
+    ) {
+        let mut next_seq = 1;
+        let mut last_hello = None;
+        let same_uplink = self.by_uplink.get(&(session, uplink)).copied();
+        for old_id in [Some(id), same_uplink].into_iter().flatten() {
+            let Some(old) = self.remove_target(old_id) else { continue };
+            if (old.session, old.uplink) == (session, uplink) {
+                next_seq = next_seq.max(old.next_seq);
+                last_hello = last_hello.max(old.last_hello);
+            }
+        }
+        let mut target = Target {
+            session,
+            uplink,
+            keyed: packet::keyed(&key),
+            dest,
+            liveness: initial,
+            observed: (initial == Liveness::Live).then_some(dest),
+            reported_load: None,
+            load_reported_at: None,
+            next_seq,
+            last_hello,
+            probes: Vec::with_capacity(usize::from(self.policy.reprobes) + 1),
+            phase: Phase::Waiting,
+            reprobes_sent: 0,
+            next_ping: now,
+            generation: 0,
+        };
+        self.out.schedule(&mut target, id, now);
+        self.targets.insert(id, target);
+        self.by_uplink.insert((session, uplink), id);
+        self.out.prune(&self.targets);
+    }
+
+    /// Stops watching a target.
+    pub fn remove(&mut self, id: TargetId) {
+        self.remove_target(id);
+        self.out.prune(&self.targets);
+    }
+
+    /// Removes every target of a session.
+    pub fn remove_session(&mut self, session: u64) {
+        for uplink in 0..=u8::MAX {
+            if let Some(id) = self.by_uplink.get(&(session, uplink)).copied() {
+                self.remove_target(id);
+            }
+        }
+        self.out.prune(&self.targets);
+    }
+
+    /// What the monitor believes about a target, if it watches it.
+    pub fn liveness(&self, id: TargetId) -> Option<Liveness> {
+        self.targets.get(&id).map(|target| target.liveness)
+    }
+
+    /// The number of targets.
+    pub fn len(&self) -> usize {
+        self.targets.len()
+    }
+
+    /// Whether there are no targets.
+    pub fn is_empty(&self) -> bool {
+        self.targets.is_empty()
+    }
+
+    /// A datagram from the heartbeat socket: a pong or a hello. Anything else is counted and ignored.
+    pub fn handle_datagram(&mut self, bytes: &[u8], from: SocketAddr, now: Instant) {
+        let stats = &mut self.out.stats;
+        let Ok((kind, session, uplink)) = packet::peek_header(bytes) else {
+            stats.malformed += 1;
+            return;
+        };
+        if kind == Kind::Ping {
+            stats.malformed += 1;
+            return;
+        }
+        let Some(&id) = self.by_uplink.get(&(session, uplink)) else {
+            stats.unknown += 1;
+            tracing::trace!(session, uplink, "heartbeat for an unknown target");
+            return;
+        };
+        let Some(target) = self.targets.get_mut(&id) else {
+            stats.unknown += 1;
+            return;
+        };
+        let packet = match packet::decode_with(bytes, &target.keyed) {
+            Ok(packet) => packet,
+            Err(PacketError::BadMac) => {
+                stats.forged += 1;
+                tracing::debug!(id, %from, "heartbeat failed authentication");
+                return;
+            }
+            Err(PacketError::Malformed) => {
+                stats.malformed += 1;
+                return;
+            }
+        };
+        match kind {
+            Kind::Pong => target.on_pong(id, &packet, from, now, &self.policy, &mut self.out),
+            Kind::Hello => target.on_hello(id, &packet, from, &mut self.out.stats),
+            Kind::Ping => {}
+        }
+        self.out.prune(&self.targets);
+    }
+
+    /// Sends due pings/re-probes (nonces from `rng`), declares deaths.
+    pub fn handle_timeout(&mut self, now: Instant, rng: &mut impl RngCore) {
+        while let Some(&Reverse((deadline, id, generation))) = self.out.timers.peek() {
+            if deadline > now {
+                break;
+            }
+            self.out.timers.pop();
+            let Some(target) = self.targets.get_mut(&id) else { continue };
+            if target.generation != generation {
+                continue;
+            }
+            target.on_deadline(id, deadline, now, &self.policy, rng, &mut self.out);
+        }
+        self.out.prune(&self.targets);
+    }
+
+    /// The next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.out.transmits.pop_front()
+    }
+
+    /// The next change to record.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.out.events.pop_front()
+    }
+
+    /// When [`Monitor::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.out.timers.peek().map(|Reverse((deadline, _, _))| *deadline)
+    }
+
+    /// Counters since creation.
+    pub fn stats(&self) -> Stats {
+        self.out.stats
+    }
+
+    fn remove_target(&mut self, id: TargetId) -> Option<Target> {
+        let target = self.targets.remove(&id)?;
+        let key = (target.session, target.uplink);
+        if self.by_uplink.get(&key) == Some(&id) {
+            self.by_uplink.remove(&key);
+        }
+        Some(target)
+    }
+}
+
+/// Everything a target's handlers write to, apart from the target itself.
+struct Output {
+    /// Deadlines as (deadline, target, generation); an entry whose generation is not the target's is stale.
+    timers: BinaryHeap<Reverse<(Instant, TargetId, u64)>>,
+    next_generation: u64,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+    stats: Stats,
+}
+
+impl Output {
+    /// Makes `at` the target's only live deadline.
+    fn schedule(&mut self, target: &mut Target, id: TargetId, at: Instant) {
+        self.next_generation += 1;
+        target.generation = self.next_generation;
+        self.timers.push(Reverse((at, id, self.next_generation)));
+    }
+
+    /// Drops stale entries from the top of the heap, so that its top is the true next deadline.
+    fn prune(&mut self, targets: &HashMap<TargetId, Target>) {
+        while let Some(&Reverse((_, id, generation))) = self.timers.peek() {
+            if targets.get(&id).is_some_and(|target| target.generation == generation) {
+                break;
+            }
+            self.timers.pop();
+        }
+    }
+}
+
+/// Where a target is in its cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// The cycle is settled (answered, or dead declared); the deadline is the next ping.
+    Waiting,
+    /// A probe is unanswered; the deadline ends its window.
+    Probing,
+}
+
+/// One watched address and where it is in its probe cycle.
+struct Target {
+    session: u64,
+    uplink: u8,
+    keyed: Keyed,
+    dest: SocketAddr,
+    liveness: Liveness,
+    /// The source address last reported in an [`Event::Alive`] (or the destination, for a handover).
+    observed: Option<SocketAddr>,
+    reported_load: Option<u16>,
+    load_reported_at: Option<Instant>,
+    next_seq: u64,
+    last_hello: Option<u64>,
+    /// (seq, nonce) of the probes of the current cycle not yet answered.
+    probes: Vec<(u64, [u8; 16])>,
+    phase: Phase,
+    reprobes_sent: u8,
+    next_ping: Instant,
+    generation: u64,
+}
+
+impl Target {
+    fn on_deadline(
+        &mut self,
+        id: TargetId,
+        deadline: Instant,
+        now: Instant,
+        policy: &Policy,
+        rng: &mut impl RngCore,
+        out: &mut Output,
+    ) {
+        let late = now.saturating_duration_since(deadline);
+        if late > policy.clock_jump {
+            // The process stalled or the clock jumped: the missed windows say nothing about the target.
+            tracing::debug!(id, ?late, "deadline handled late; restarting the probe cycle");
+            self.start_cycle(id, now, now, policy, rng, out);
+            return;
+        }
+        match self.phase {
+            Phase::Waiting => {
+                let anchor = if late < policy.interval { deadline } else { now };
+                self.start_cycle(id, anchor, now, policy, rng, out);
+            }
+            Phase::Probing => {
+                let allowed = if self.liveness == Liveness::Dead { 0 } else { policy.reprobes };
+                if self.reprobes_sent < allowed {
+                    self.reprobes_sent += 1;
+                    out.stats.reprobes += 1;
+                    self.send_probe(rng, out);
+                    out.schedule(self, id, now + policy.reprobe_interval);
+                    return;
+                }
+                if self.liveness != Liveness::Dead {
+                    self.liveness = Liveness::Dead;
+                    tracing::debug!(id, "target dead");
+                    out.events.push_back(Event::Dead { id });
+                }
+                self.phase = Phase::Waiting;
+                let next_ping = self.next_ping.max(now);
+                out.schedule(self, id, next_ping);
+            }
+        }
+    }
+
+    /// Starts a cycle whose ping was due at `anchor`, sending it at `now`.
+    fn start_cycle(
+        &mut self,
+        id: TargetId,
+        anchor: Instant,
+        now: Instant,
+        policy: &Policy,
+        rng: &mut impl RngCore,
+        out: &mut Output,
+    ) {
+        self.probes.clear();
+        self.reprobes_sent = 0;
+        self.phase = Phase::Probing;
+        self.next_ping = anchor + policy.interval;
+        self.send_probe(rng, out);
+        out.schedule(self, id, now + policy.reply_timeout);
+    }
+
+    fn send_probe(&mut self, rng: &mut impl RngCore, out: &mut Output) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let mut nonce = [0u8; 16];
+        rng.fill_bytes(&mut nonce);
+        self.probes.push((seq, nonce));
+        let ping = Packet { kind: Kind::Ping, session: self.session, uplink: self.uplink, seq, nonce, load: 0 };
+        out.transmits.push_back(Transmit { dest: self.dest, payload: packet::encode_with(&ping, &self.keyed) });
+        out.stats.pings += 1;
+    }
+
+    fn on_pong(
+        &mut self,
+        id: TargetId,
+        pong: &Packet,
+        from: SocketAddr,
+        now: Instant,
+        policy: &Policy,
+        out: &mut Output,
+    ) {
+        let Some(index) = self.probes.iter().position(|&(seq, nonce)| seq == pong.seq && nonce == pong.nonce) else {
+            out.stats.stale += 1;
+            tracing::trace!(id, seq = pong.seq, "stale pong");
+            return;
+        };
+        self.probes.swap_remove(index);
+        out.stats.pongs += 1;
+        if self.phase == Phase::Probing {
+            self.phase = Phase::Waiting;
+            let next_ping = self.next_ping.max(now);
+            out.schedule(self, id, next_ping);
+        }
+        let load = pong.load.min(100);
+        if self.liveness != Liveness::Live || self.observed != Some(from) {
+            tracing::debug!(id, observed = %from, load, "target alive");
+            self.liveness = Liveness::Live;
+            self.observed = Some(from);
+            self.report_load(load, now);
+            out.events.push_back(Event::Alive { id, observed: from, load });
+            return;
+        }
+        let moved = self.reported_load.is_none_or(|reported| reported.abs_diff(load) >= policy.load_step);
+        let allowed = self.load_reported_at.is_none_or(|at| now.saturating_duration_since(at) >= policy.load_every);
+        if moved && allowed {
+            self.report_load(load, now);
+            out.events.push_back(Event::Load { id, load });
+        }
+    }
+
+    fn report_load(&mut self, load: u16, now: Instant) {
+        self.reported_load = Some(load);
+        self.load_reported_at = Some(now);
+    }
+
+    fn on_hello(&mut self, id: TargetId, hello: &Packet, from: SocketAddr, stats: &mut Stats) {
+        if self.last_hello.is_some_and(|last| hello.seq <= last) {
+            stats.stale += 1;
+            tracing::trace!(id, seq = hello.seq, "stale hello");
+            return;
+        }
+        self.last_hello = Some(hello.seq);
+        if self.dest != from {
+            tracing::debug!(id, dest = %from, "hello moved the ping destination");
+        }
+        self.dest = from;
+        stats.hellos += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::heartbeat::packet::{decode, encode};
+    use crate::heartbeat::responder::{Responder, ResponderEvent, ResponderPolicy};
+
+    const KEY: Key = [3; 32];
+    const WRONG_KEY: Key = [4; 32];
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().expect("address")
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// The heartbeat address of the simulated HBS.
+    const HBS: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(192, 0, 2, 1), 4500));
+
+    #[derive(Debug, Clone)]
+    struct Datagram {
+        from: SocketAddr,
+        to: SocketAddr,
+        payload: [u8; PACKET_LEN],
+    }
+
+    /// A datagram on the simulated wire, delivered at `at` (ties in sending order).
+    struct Queued {
+        at: Instant,
+        order: u64,
+        datagram: Datagram,
+    }
+
+    impl PartialEq for Queued {
+        fn eq(&self, other: &Self) -> bool {
+            (self.at, self.order) == (other.at, other.order)
+        }
+    }
+
+    impl Eq for Queued {}
+
+    impl PartialOrd for Queued {
+        fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+            Some(self.cmp(other))
+        }
+    }
+
+    impl Ord for Queued {
+        fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+            (self.at, self.order).cmp(&(other.at, other.order))
+        }
+    }
+
+    /// An NCU uplink: its datagrams leave from `source` (its NAT mapping); datagrams to `listen` or `source` reach it.
+    struct Link {
+        listen: SocketAddr,
+        source: SocketAddr,
+    }
+
+    struct Ncu {
+        session: u64,
+        key: Key,
+        responder: Responder,
+        links: BTreeMap<u8, Link>,
+        /// Drops everything sent to it.
+        silent: bool,
+        load: u16,
+    }
+
+    /// One monitor and some NCUs on a simulated network with loss and per-datagram delay, in virtual time.
+    struct Sim {
+        base: Instant,
+        now: Instant,
+        rng: StdRng,
+        monitor: Monitor,
+        ncus: Vec<Ncu>,
+        routes: HashMap<SocketAddr, (usize, u8)>,
+        wire: BinaryHeap<Reverse<Queued>>,
+        sent: u64,
+        ncu_timers: BinaryHeap<Reverse<(Instant, usize)>>,
+        /// Independent loss probability of each datagram, in each direction.
+        loss: f64,
+        to_ncu_delay: (Duration, Duration),
+        to_hbs_delay: (Duration, Duration),
+        dropped: u64,
+        /// An on-path attacker answering the pings a silent NCU misses, without the key.
+        forger: bool,
+        /// Keep `pings` and `delivered` (off for long runs).
+        record: bool,
+        pings: Vec<(Instant, Transmit)>,
+        delivered: Vec<Datagram>,
+        events: Vec<(Instant, Event)>,
+        ncu_events: Vec<(Instant, ResponderEvent)>,
+    }
+
+    impl Sim {
+        fn new(seed: u64) -> Self {
+            let base = Instant::now();
+            Self {
+                base,
+                now: base,
+                rng: StdRng::seed_from_u64(seed),
+                monitor: Monitor::new(Policy::default()),
+                ncus: Vec::new(),
+                routes: HashMap::new(),
+                wire: BinaryHeap::new(),
+                sent: 0,
+                ncu_timers: BinaryHeap::new(),
+                loss: 0.0,
+                to_ncu_delay: (ms(0), ms(20)),
+                to_hbs_delay: (ms(0), ms(20)),
+                dropped: 0,
+                forger: false,
+                record: true,
+                pings: Vec::new(),
+                delivered: Vec::new(),
+                events: Vec::new(),
+                ncu_events: Vec::new(),
+            }
+        }
+
+        fn at(&self, offset: Duration) -> Instant {
+            self.base + offset
+        }
+
+        /// Adds an NCU with uplinks (index, listen, source), answering session `session`.
+        fn add_ncu(&mut self, session: u64, links: &[(u8, &str, &str)]) -> usize {
+            let index = self.ncus.len();
+            let mut responder = Responder::new(ResponderPolicy::default());
+            let uplinks: Vec<u8> = links.iter().map(|link| link.0).collect();
+            responder.set_session(session, KEY, HBS, &uplinks, self.now);
+            let links = links
+                .iter()
+                .map(|&(uplink, listen, source)| (uplink, Link { listen: addr(listen), source: addr(source) }))
+                .collect::<BTreeMap<_, _>>();
+            for (&uplink, link) in &links {
+                self.routes.insert(link.listen, (index, uplink));
+                self.routes.insert(link.source, (index, uplink));
+            }
+            self.ncus.push(Ncu { session, key: KEY, responder, links, silent: false, load: 0 });
+            self.pump_ncu(index);
+            index
+        }
+
+        /// Has the monitor watch an NCU uplink as target `id`, pinging `dest` (by default the uplink's listen address).
+        fn watch(&mut self, id: TargetId, ncu: usize, uplink: u8, dest: Option<SocketAddr>, initial: Liveness) {
+            let ncu = &self.ncus[ncu];
+            let dest = dest.unwrap_or(ncu.links[&uplink].listen);
+            self.monitor.add(id, ncu.session, uplink, ncu.key, dest, initial, self.now);
+        }
+
+        fn run_until(&mut self, offset: Duration) {
+            let end = self.at(offset);
+            loop {
+                let wire = self.wire.peek().map(|Reverse(queued)| queued.at);
+                let ncus = self.ncu_timers.peek().map(|Reverse((at, _))| *at);
+                let Some(next) = [wire, self.monitor.poll_timeout(), ncus].into_iter().flatten().min() else { break };
+                if next > end {
+                    break;
+                }
+                self.now = self.now.max(next);
+                self.step();
+            }
+            self.now = self.now.max(end);
+        }
+
+        /// Moves an uplink's NAT mapping.
+        fn set_source(&mut self, ncu: usize, uplink: u8, source: SocketAddr) {
+            let link = self.ncus[ncu].links.get_mut(&uplink).expect("known uplink");
+            if link.source != link.listen {
+                self.routes.remove(&link.source);
+            }
+            link.source = source;
+            self.routes.insert(source, (ncu, uplink));
+        }
+
+        /// Lets virtual time pass with nothing handled, as when the process is stalled or suspended.
+        fn jump(&mut self, by: Duration) {
+            self.now += by;
+        }
+
+        fn step(&mut self) {
+            let now = self.now;
+            while let Some(Reverse(queued)) = self.wire.peek() {
+                if queued.at > now {
+                    break;
+                }
+                let Some(Reverse(queued)) = self.wire.pop() else { break };
+                self.deliver(queued.datagram);
+            }
+            if self.monitor.poll_timeout().is_some_and(|at| at <= now) {
+                self.monitor.handle_timeout(now, &mut self.rng);
+                self.pump_monitor();
+            }
+            while let Some(&Reverse((at, index))) = self.ncu_timers.peek() {
+                if at > now {
+                    break;
+                }
+                self.ncu_timers.pop();
+                // Stale entries are dropped: every change of a responder pushes its current deadline.
+                if self.ncus[index].responder.poll_timeout().is_some_and(|at| at <= now) {
+                    self.ncus[index].responder.handle_timeout(now);
+                    self.pump_ncu(index);
+                }
+            }
+        }
+
+        fn deliver(&mut self, datagram: Datagram) {
+            if datagram.to == HBS {
+                if self.record {
+                    self.delivered.push(datagram.clone());
+                }
+                self.monitor.handle_datagram(&datagram.payload, datagram.from, self.now);
+                self.pump_monitor();
+                return;
+            }
+            let Some(&(index, uplink)) = self.routes.get(&datagram.to) else { return };
+            let ncu = &mut self.ncus[index];
+            if ncu.silent {
+                if self.forger {
+                    let ping = plaintext(&datagram.payload);
+                    let forged = encode(&Packet { kind: Kind::Pong, load: 50, ..ping }, &WRONG_KEY);
+                    self.send(datagram.to, datagram.from, forged);
+                }
+                return;
+            }
+            let pong = ncu.responder.handle_datagram(uplink, &datagram.payload, datagram.from, ncu.load, self.now);
+            if let Some(pong) = pong {
+                let source = ncu.links[&uplink].source;
+                self.send(source, datagram.from, pong);
+            }
+            self.pump_ncu(index);
+        }
+
+        fn pump_monitor(&mut self) {
+            while let Some(transmit) = self.monitor.poll_transmit() {
+                if self.record {
+                    self.pings.push((self.now, transmit.clone()));
+                }
+                self.send(HBS, transmit.dest, transmit.payload);
+            }
+            while let Some(event) = self.monitor.poll_event() {
+                self.events.push((self.now, event));
+            }
+        }
+
+        fn pump_ncu(&mut self, index: usize) {
+            while let Some(hello) = self.ncus[index].responder.poll_transmit() {
+                let source = self.ncus[index].links[&hello.uplink].source;
+                self.send(source, hello.dest, hello.payload);
+            }
+            while let Some(event) = self.ncus[index].responder.poll_event() {
+                self.ncu_events.push((self.now, event));
+            }
+            if let Some(at) = self.ncus[index].responder.poll_timeout() {
+                self.ncu_timers.push(Reverse((at, index)));
+            }
+        }
+
+        fn send(&mut self, from: SocketAddr, to: SocketAddr, payload: [u8; PACKET_LEN]) {
+            if self.loss > 0.0 && self.rng.random_bool(self.loss) {
+                self.dropped += 1;
+                return;
+            }
+            let (low, high) = if to == HBS { self.to_hbs_delay } else { self.to_ncu_delay };
+            let micros = |d: Duration| u64::try_from(d.as_micros()).expect("short delay");
+            let delay = Duration::from_micros(self.rng.random_range(micros(low)..=micros(high)));
+            self.sent += 1;
+            self.wire.push(Reverse(Queued {
+                at: self.now + delay,
+                order: self.sent,
+                datagram: Datagram { from, to, payload },
+            }));
+        }
+
+        /// Events since `offset`, with times as offsets from the start.
+        fn events_since(&self, offset: Duration) -> Vec<(Duration, Event)> {
+            let since = self.at(offset);
+            self.events
+                .iter()
+                .filter(|(at, _)| *at >= since)
+                .map(|(at, event)| (*at - self.base, event.clone()))
+                .collect()
+        }
+
+        /// The times (offsets) of pings to `dest` in `[from, to)`.
+        fn ping_times(&self, dest: SocketAddr, from: Duration, to: Duration) -> Vec<Duration> {
+            self.pings
+                .iter()
+                .map(|(at, transmit)| (*at - self.base, transmit.dest))
+                .filter(|&(at, to_dest)| to_dest == dest && at >= from && at < to)
+                .map(|(at, _)| at)
+                .collect()
+        }
+    }
+
+    /// The fields of a datagram as anyone on path can read them.
+    fn plaintext(bytes: &[u8; PACKET_LEN]) -> Packet {
+        let (kind, session, uplink) = packet::peek_header(bytes).expect("well formed");
+        let mut seq = [0; 8];
+        seq.copy_from_slice(&bytes[13..21]);
+        let mut nonce = [0; 16];
+        nonce.copy_from_slice(&bytes[21..37]);
+        Packet { kind, session, uplink, seq: u64::from_be_bytes(seq), nonce, load: 0 }
+    }
+
+    /// One NCU (session 7) with uplink 0 listening on and sending from `192.0.2.10:5000`, watched as target 1.
+    fn one_target(seed: u64, initial: Liveness) -> Sim {
+        let mut sim = Sim::new(seed);
+        let ncu = sim.add_ncu(7, &[(0, "192.0.2.10:5000", "192.0.2.10:5000")]);
+        sim.watch(1, ncu, 0, None, initial);
+        sim
+    }
+
+    fn alive(observed: &str, load: u16) -> Event {
+        Event::Alive { id: 1, observed: addr(observed), load }
+    }
+
+    #[test]
+    fn first_pong_makes_a_pending_target_alive_with_the_observed_source() {
+        let mut sim = Sim::new(1);
+        let ncu = sim.add_ncu(7, &[(0, "192.0.2.10:5000", "203.0.113.9:61000")]);
+        sim.ncus[ncu].load = 35;
+        sim.watch(1, ncu, 0, None, Liveness::Pending);
+        assert_eq!(sim.monitor.liveness(1), Some(Liveness::Pending));
+        sim.run_until(ms(9_500));
+        let events = sim.events_since(ms(0));
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert!(events[0].0 <= ms(40));
+        assert_eq!(events[0].1, alive("203.0.113.9:61000", 35));
+        assert_eq!(sim.monitor.liveness(1), Some(Liveness::Live));
+        let stats = sim.monitor.stats();
+        assert_eq!((stats.pings, stats.reprobes, stats.pongs, stats.stale), (10, 0, 10, 0));
+    }
+
+    #[test]
+    fn silent_target_dies_exactly_interval_plus_reprobes_after_its_last_answered_ping_and_comes_back() {
+        let mut sim = one_target(2, Liveness::Pending);
+        sim.run_until(ms(3_500));
+        sim.ncus[0].silent = true;
+        sim.run_until(ms(5_500));
+        // Last answered ping at 3 s: ping at 4 s, re-probes at 4.1, 4.18, 4.26, 4.34, dead at 4.42.
+        assert_eq!(sim.events_since(ms(3_500)), [(ms(4_420), Event::Dead { id: 1 })]);
+        let dest = addr("192.0.2.10:5000");
+        assert_eq!(sim.ping_times(dest, ms(3_500), ms(5_500)), [4_000, 4_100, 4_180, 4_260, 4_340, 5_000].map(ms));
+        assert_eq!(sim.monitor.liveness(1), Some(Liveness::Dead));
+
+        sim.ncus[0].silent = false;
+        sim.run_until(ms(8_000));
+        let events = sim.events_since(ms(5_500));
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert!(events[0].0 >= ms(6_000) && events[0].0 <= ms(6_040));
+        assert_eq!(events[0].1, alive("192.0.2.10:5000", 0));
+    }
+
+    #[test]
+    fn pending_target_that_never_answers_dies_after_one_cycle() {
+        let mut sim = one_target(3, Liveness::Pending);
+        sim.ncus[0].silent = true;
+        sim.run_until(ms(10_000));
+        assert_eq!(sim.events_since(ms(0)), [(ms(420), Event::Dead { id: 1 })]);
+        assert_eq!(sim.monitor.stats().reprobes, 4, "a dead target gets one ping per interval, no re-probes");
+        assert_eq!(sim.monitor.stats().pings, 11 + 4);
+    }
+
+    #[test]
+    fn forged_pongs_never_keep_a_silent_target_alive() {
+        let mut sim = one_target(4, Liveness::Pending);
+        sim.forger = true;
+        sim.run_until(ms(3_500));
+        sim.ncus[0].silent = true;
+        sim.run_until(ms(20_000));
+        assert_eq!(sim.events_since(ms(3_500)), [(ms(4_420), Event::Dead { id: 1 })]);
+        let stats = sim.monitor.stats();
+        assert_eq!(stats.forged, 5 + 15, "every probe was answered by the forger");
+        assert_eq!(stats.pongs, 4);
+    }
+
+    #[test]
+    fn replayed_pongs_are_stale_and_never_revive_a_dead_target() {
+        let mut sim = one_target(5, Liveness::Pending);
+        sim.run_until(ms(3_500));
+        let recorded: Vec<Datagram> = sim.delivered.clone();
+        assert!(recorded.len() >= 4, "four pongs and the first hello");
+        let pongs = recorded.iter().filter(|d| plaintext(&d.payload).kind == Kind::Pong).count() as u64;
+        let hellos = recorded.len() as u64 - pongs;
+
+        // A duplicate while live changes nothing.
+        sim.monitor.handle_datagram(&recorded[0].payload, recorded[0].from, sim.now);
+        sim.ncus[0].silent = true;
+        sim.run_until(ms(4_500));
+        for datagram in &recorded {
+            sim.monitor.handle_datagram(&datagram.payload, datagram.from, sim.now);
+        }
+        // And during a cycle with a ping outstanding.
+        sim.run_until(ms(5_005));
+        for datagram in &recorded {
+            sim.monitor.handle_datagram(&datagram.payload, datagram.from, sim.now);
+        }
+        sim.run_until(ms(8_000));
+        assert_eq!(sim.events_since(ms(3_500)), [(ms(4_420), Event::Dead { id: 1 })]);
+        assert_eq!(sim.monitor.liveness(1), Some(Liveness::Dead));
+        assert_eq!(sim.monitor.stats().stale, 1 + 2 * (pongs + hellos));
+    }
+
+    #[test]
+    fn delayed_pongs_count_while_a_probe_is_outstanding() {
+        let mut sim = one_target(6, Liveness::Pending);
+        sim.to_ncu_delay = (ms(0), ms(0));
+        sim.to_hbs_delay = (ms(150), ms(150));
+        sim.run_until(ms(30_000));
+        // The ping's pong lands at 150 ms, after the first re-probe (100 ms), whose pong lands at 250 ms.
+        assert_eq!(sim.events_since(ms(0)), [(ms(150), alive("192.0.2.10:5000", 0))]);
+        let stats = sim.monitor.stats();
+        assert_eq!((stats.pings, stats.reprobes, stats.pongs, stats.stale), (61, 30, 60, 0));
+    }
+
+    #[test]
+    fn reordered_pongs_up_to_390_ms_late_keep_a_target_alive() {
+        let mut sim = one_target(7, Liveness::Pending);
+        sim.to_ncu_delay = (ms(0), ms(0));
+        sim.to_hbs_delay = (ms(0), ms(390));
+        sim.run_until(ms(120_900));
+        let events = sim.events_since(ms(0));
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert!(matches!(events[0].1, Event::Alive { .. }));
+        let stats = sim.monitor.stats();
+        assert!(stats.reprobes > 100, "{stats:?}");
+        assert_eq!((stats.pongs, stats.stale), (stats.pings, 0));
+    }
+
+    #[test]
+    fn hello_moves_the_ping_destination() {
+        let mut sim = Sim::new(8);
+        let ncu = sim.add_ncu(7, &[(0, "198.51.100.7:40000", "198.51.100.7:40000")]);
+        let registered = addr("198.51.100.7:1111");
+        sim.watch(1, ncu, 0, Some(registered), Liveness::Pending);
+        sim.run_until(ms(3_000));
+        // The first ping went to the registered address; the hello (sent at 0) redirected the first re-probe.
+        assert_eq!(sim.ping_times(registered, ms(0), ms(3_000)), [ms(0)]);
+        let events = sim.events_since(ms(0));
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert!(events[0].0 >= ms(100) && events[0].0 <= ms(140));
+        assert_eq!(events[0].1, alive("198.51.100.7:40000", 0));
+        assert_eq!(sim.monitor.stats().hellos, 1, "then keepalives, every 20 s");
+    }
+
+    #[test]
+    fn old_hello_is_stale_and_moves_nothing() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let base = Instant::now();
+        let mut monitor = Monitor::new(Policy::default());
+        let first = addr("192.0.2.10:5000");
+        monitor.add(1, 7, 2, KEY, first, Liveness::Pending, base);
+        let hello =
+            |seq| encode(&Packet { kind: Kind::Hello, session: 7, uplink: 2, seq, nonce: [0; 16], load: 0 }, &KEY);
+        monitor.handle_datagram(&hello(5), addr("192.0.2.20:6000"), base);
+        monitor.handle_datagram(&hello(5), addr("192.0.2.30:6000"), base);
+        monitor.handle_datagram(&hello(4), addr("192.0.2.30:6000"), base);
+        let forged =
+            encode(&Packet { kind: Kind::Hello, session: 7, uplink: 2, seq: 9, nonce: [0; 16], load: 0 }, &WRONG_KEY);
+        monitor.handle_datagram(&forged, addr("192.0.2.30:6000"), base);
+        monitor.handle_timeout(base, &mut rng);
+        assert_eq!(monitor.poll_transmit().map(|transmit| transmit.dest), Some(addr("192.0.2.20:6000")));
+        let stats = monitor.stats();
+        assert_eq!((stats.hellos, stats.stale, stats.forged), (1, 2, 1));
+    }
+
+    #[test]
+    fn clock_jump_of_ten_seconds_is_no_death() {
+        let mut sim = one_target(10, Liveness::Pending);
+        sim.run_until(ms(3_500));
+        sim.jump(ms(10_000));
+        sim.run_until(ms(30_000));
+        let events = sim.events_since(ms(0));
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert!(matches!(events[0].1, Event::Alive { .. }));
+        let dest = addr("192.0.2.10:5000");
+        // A fresh ping at once after the jump, then the cycle from there.
+        assert_eq!(sim.ping_times(dest, ms(3_500), ms(16_000)), [13_500, 14_500, 15_500].map(ms));
+        assert_eq!(sim.monitor.liveness(1), Some(Liveness::Live));
+    }
+
+    #[test]
+    fn handover_target_emits_no_alive_on_its_first_pong_but_dies_when_silent() {
+        let mut sim = one_target(11, Liveness::Live);
+        sim.run_until(ms(3_500));
+        // No Alive; the first pong only reports the load, which the new server has not seen yet.
+        let events = sim.events_since(ms(0));
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert!(events[0].0 <= ms(40));
+        assert_eq!(events[0].1, Event::Load { id: 1, load: 0 });
+        assert_eq!(sim.monitor.liveness(1), Some(Liveness::Live));
+        sim.ncus[0].silent = true;
+        sim.run_until(ms(6_000));
+        assert_eq!(sim.events_since(ms(3_500)), [(ms(4_420), Event::Dead { id: 1 })]);
+    }
+
+    #[test]
+    fn handover_target_seen_from_another_address_is_reported() {
+        let mut sim = Sim::new(12);
+        let ncu = sim.add_ncu(7, &[(0, "192.0.2.10:5000", "203.0.113.9:61000")]);
+        sim.watch(1, ncu, 0, None, Liveness::Live);
+        sim.run_until(ms(3_000));
+        let events: Vec<Event> = sim.events_since(ms(0)).into_iter().map(|(_, event)| event).collect();
+        assert_eq!(events, [alive("203.0.113.9:61000", 0)]);
+    }
+
+    #[test]
+    fn observed_address_change_while_live_emits_alive_again() {
+        let mut sim = one_target(13, Liveness::Pending);
+        sim.run_until(ms(2_500));
+        sim.set_source(0, 0, addr("203.0.113.50:7000"));
+        sim.run_until(ms(6_000));
+        let events: Vec<Event> = sim.events_since(ms(0)).into_iter().map(|(_, event)| event).collect();
+        assert_eq!(events, [alive("192.0.2.10:5000", 0), alive("203.0.113.50:7000", 0)]);
+    }
+
+    #[test]
+    fn load_events_respect_step_and_rate_limit() {
+        let mut sim = one_target(14, Liveness::Pending);
+        sim.to_ncu_delay = (ms(0), ms(0));
+        sim.to_hbs_delay = (ms(0), ms(0));
+        sim.ncus[0].load = 10;
+        for (at, load) in [(500, 15), (2_500, 25), (5_500, 31), (10_500, 40), (11_500, 0), (16_500, 130)] {
+            sim.run_until(ms(at));
+            sim.ncus[0].load = load;
+        }
+        sim.run_until(ms(30_000));
+        let expected = [
+            (ms(0), alive("192.0.2.10:5000", 10)),
+            (ms(5_000), Event::Load { id: 1, load: 25 }),
+            (ms(11_000), Event::Load { id: 1, load: 40 }),
+            (ms(16_000), Event::Load { id: 1, load: 0 }),
+            (ms(21_000), Event::Load { id: 1, load: 100 }),
+        ];
+        assert_eq!(sim.events_since(ms(0)), expected);
+    }
+
+    #[test]
+    fn poll_timeout_is_the_earliest_deadline() {
+        let mut rng = StdRng::seed_from_u64(15);
+        let base = Instant::now();
+        let mut monitor = Monitor::new(Policy::default());
+        assert_eq!(monitor.poll_timeout(), None);
+        monitor.add(1, 1, 0, KEY, addr("192.0.2.1:1"), Liveness::Pending, base + ms(300));
+        monitor.add(2, 2, 0, KEY, addr("192.0.2.2:1"), Liveness::Pending, base + ms(100));
+        monitor.add(3, 3, 0, KEY, addr("192.0.2.3:1"), Liveness::Pending, base + ms(150));
+        assert_eq!(monitor.poll_timeout(), Some(base + ms(100)));
+
+        monitor.handle_timeout(base + ms(99), &mut rng);
+        assert_eq!(monitor.poll_transmit(), None);
+        monitor.handle_timeout(base + ms(100), &mut rng);
+        assert_eq!(monitor.poll_transmit().map(|transmit| transmit.dest), Some(addr("192.0.2.2:1")));
+        assert_eq!(monitor.poll_transmit(), None);
+        assert_eq!(monitor.poll_timeout(), Some(base + ms(150)));
+        monitor.remove(3);
+        assert_eq!(monitor.poll_timeout(), Some(base + ms(200)), "target 2's reply window");
+        monitor.remove(2);
+        assert_eq!(monitor.poll_timeout(), Some(base + ms(300)));
+
+        monitor.handle_timeout(base + ms(300), &mut rng);
+        let ping = monitor.poll_transmit().expect("ping of target 1");
+        assert_eq!(monitor.poll_timeout(), Some(base + ms(400)));
+        let ping = decode(&ping.payload, &KEY).expect("authentic");
+        let pong = encode(&Packet { kind: Kind::Pong, load: 5, ..ping }, &KEY);
+        monitor.handle_datagram(&pong, addr("192.0.2.1:1"), base + ms(350));
+        assert_eq!(monitor.poll_timeout(), Some(base + ms(1_300)), "answered: next ping");
+        monitor.remove(1);
+        assert_eq!(monitor.poll_timeout(), None);
+        assert!(monitor.is_empty());
+    }
+
+    #[test]
+    fn seqs_strictly_increase_and_nonces_are_fresh() {
+        let mut sim = one_target(16, Liveness::Pending);
+        sim.run_until(ms(2_500));
+        sim.ncus[0].silent = true;
+        sim.run_until(ms(10_000));
+        // Replace the target with the same session and uplink: numbering continues, so the NCU sees no replay.
+        sim.watch(1, 0, 0, None, Liveness::Live);
+        sim.run_until(ms(12_000));
+        let pings: Vec<Packet> =
+            sim.pings.iter().map(|(_, transmit)| decode(&transmit.payload, &KEY).expect("authentic")).collect();
+        assert!(pings.len() > 20);
+        assert!(pings.windows(2).all(|pair| pair[0].seq < pair[1].seq));
+        let nonces: std::collections::HashSet<[u8; 16]> = pings.iter().map(|ping| ping.nonce).collect();
+        assert_eq!(nonces.len(), pings.len());
+        assert!(pings.iter().all(|ping| ping.kind == Kind::Ping && ping.session == 7 && ping.uplink == 0));
+    }
+
+    #[test]
+    fn counts_malformed_unknown_and_unexpected_datagrams() {
+        let base = Instant::now();
+        let mut monitor = Monitor::new(Policy::default());
+        monitor.add(1, 7, 0, KEY, addr("192.0.2.10:5000"), Liveness::Pending, base);
+        let from = addr("192.0.2.10:5000");
+        let packet = Packet { kind: Kind::Pong, session: 7, uplink: 0, seq: 1, nonce: [0; 16], load: 0 };
+        monitor.handle_datagram(b"hello?", from, base);
+        monitor.handle_datagram(&encode(&Packet { kind: Kind::Ping, ..packet }, &KEY), from, base);
+        monitor.handle_datagram(&encode(&Packet { session: 8, ..packet }, &KEY), from, base);
+        monitor.handle_datagram(&encode(&Packet { uplink: 1, ..packet }, &KEY), from, base);
+        monitor.handle_datagram(&encode(&packet, &WRONG_KEY), from, base);
+        monitor.handle_datagram(&encode(&packet, &KEY), from, base);
+        let expected = Stats { malformed: 2, unknown: 2, forged: 1, stale: 1, ..Stats::default() };
+        assert_eq!(monitor.stats(), expected);
+        assert_eq!(monitor.poll_event(), None);
+        assert_eq!(monitor.liveness(1), Some(Liveness::Pending));
+    }
+
+    #[test]
+    fn remove_session_removes_every_uplink_of_it() {
+        let base = Instant::now();
+        let mut monitor = Monitor::new(Policy::default());
+        monitor.add(1, 7, 0, KEY, addr("192.0.2.10:5000"), Liveness::Pending, base);
+        monitor.add(2, 7, 1, KEY, addr("192.0.2.11:5000"), Liveness::Pending, base);
+        monitor.add(3, 8, 0, KEY, addr("192.0.2.12:5000"), Liveness::Live, base + ms(500));
+        assert_eq!(monitor.len(), 3);
+        monitor.remove_session(7);
+        assert_eq!(monitor.len(), 1);
+        assert_eq!((monitor.liveness(1), monitor.liveness(2), monitor.liveness(3)), (None, None, Some(Liveness::Live)));
+        assert_eq!(monitor.poll_timeout(), Some(base + ms(500)));
+        let pong = Packet { kind: Kind::Pong, session: 7, uplink: 1, seq: 1, nonce: [0; 16], load: 0 };
+        monitor.handle_datagram(&encode(&pong, &KEY), addr("192.0.2.11:5000"), base);
+        assert_eq!(monitor.stats().unknown, 1);
+    }
+
+    #[test]
+    fn zero_durations_do_not_spin() {
+        let mut rng = StdRng::seed_from_u64(18);
+        let base = Instant::now();
+        let zero = Duration::ZERO;
+        let policy = Policy { interval: zero, reply_timeout: zero, reprobe_interval: zero, ..Policy::default() };
+        let mut monitor = Monitor::new(policy);
+        monitor.add(1, 7, 0, KEY, addr("192.0.2.10:5000"), Liveness::Pending, base);
+        let mut now = base;
+        for _ in 0..100 {
+            monitor.handle_timeout(now, &mut rng);
+            let next = monitor.poll_timeout().expect("a target");
+            assert!(next > now, "time moves on");
+            now = next;
+        }
+        assert_eq!(monitor.poll_event(), Some(Event::Dead { id: 1 }));
+        assert_eq!(monitor.poll_event(), None);
+    }
+
+    /// NCUs per shard of the loss simulation, each with two uplinks (so twice as many targets).
+    const LOSS_SIM_NCUS: usize = 30;
+    /// Shards of the loss simulation, run on their own threads.
+    const LOSS_SIM_SHARDS: u64 = 2;
+    /// Simulated time of the loss simulation.
+    const LOSS_SIM_SECS: u64 = 3_600;
+
+    /// What one shard of the loss simulation saw.
+    #[derive(Debug, Default)]
+    struct LossOutcome {
+        deaths: usize,
+        alive: usize,
+        primary_lost: usize,
+        dropped: u64,
+        stats: Stats,
+    }
+
+    fn loss_shard(seed: u64) -> LossOutcome {
+        let mut sim = Sim::new(seed);
+        sim.record = false;
+        sim.loss = 0.01;
+        for index in 0..LOSS_SIM_NCUS {
+            let (high, low) = (index / 250, index % 250 + 1);
+            let listens: Vec<String> = (0..2).map(|uplink| format!("10.{uplink}.{high}.{low}:5000")).collect();
+            let links: Vec<(u8, &str, &str)> =
+                (0..2u8).zip(&listens).map(|(uplink, listen)| (uplink, &**listen, &**listen)).collect();
+            let ncu = sim.add_ncu(1_000 + index as u64, &links);
+            for uplink in 0..2u8 {
+                let id = TargetId::try_from(index * 2).expect("small") + i64::from(uplink);
+                sim.watch(id, ncu, uplink, None, Liveness::Pending);
+            }
+            // Spread the targets over the interval, as registrations would be.
+            let next = sim.now - sim.base + ms(13);
+            sim.run_until(next);
+        }
+        sim.run_until(Duration::from_secs(LOSS_SIM_SECS));
+        LossOutcome {
+            deaths: sim.events.iter().filter(|(_, event)| matches!(event, Event::Dead { .. })).count(),
+            alive: sim.events.iter().filter(|(_, event)| matches!(event, Event::Alive { .. })).count(),
+            primary_lost: sim.ncu_events.len(),
+            dropped: sim.dropped,
+            stats: sim.monitor.stats(),
+        }
+    }
+
+    #[test]
+    fn one_percent_loss_each_way_causes_no_false_deaths() {
+        let outcomes: Vec<LossOutcome> = std::thread::scope(|scope| {
+            let shards: Vec<_> =
+                (0..LOSS_SIM_SHARDS).map(|shard| scope.spawn(move || loss_shard(17 + shard))).collect();
+            shards.into_iter().map(|shard| shard.join().expect("shard finished")).collect()
+        });
+        let targets = LOSS_SIM_NCUS * 2;
+        for outcome in &outcomes {
+            let stats = outcome.stats;
+            assert_eq!(outcome.deaths, 0, "false deaths over {targets} targets x {LOSS_SIM_SECS} s: {outcome:?}");
+            assert_eq!(outcome.alive, targets, "each target came alive once: {outcome:?}");
+            assert_eq!(outcome.primary_lost, 0, "no NCU lost its primary: {outcome:?}");
+            assert!(outcome.dropped > 0 && stats.reprobes > 0, "loss was exercised: {outcome:?}");
+            assert_eq!(stats.stale, 0);
+            let cycles = stats.pings - stats.reprobes;
+            assert!(cycles >= targets as u64 * (LOSS_SIM_SECS - 1), "{outcome:?}");
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! The control endpoint: QUIC with mutual TLS; the client certificate decides which domain an NCU may register
+//! addresses for. One task per connection reads the NCU's frames, records uplinks in Postgres, tells the heartbeat
+//! driver what to ping, and forwards a drain request when the operator drains this server.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use hds::{
+    frame::{self, FrameError},
+    pki,
+};
+use quinn::{Connection, Endpoint, SendStream};
+use rustls::pki_types::CertificateDer;
+use sqlx::PgPool;
+use tokio::{
+    sync::{Mutex, mpsc, watch},
+    task::JoinSet,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::{
+    control::{self, ControlError, ToHbs, ToNcu, Uplink},
+    driver::Command,
+    heartbeat::monitor::Liveness,
+    store,
+};
+
+/// What every connection needs.
+pub struct Context {
+    /// Postgres.
+    pub pool: PgPool,
+    /// This server's name.
+    pub me: String,
+    /// The heartbeat socket's port, told to NCUs.
+    pub heartbeat_port: u16,
+    /// Ping interval, told to NCUs.
+    pub interval: Duration,
+    /// Commands to the heartbeat driver.
+    pub driver: mpsc::UnboundedSender<Command>,
+    /// True while the operator drains this server.
+    pub draining: watch::Receiver<bool>,
+    /// Held by the session being asked to move, so NCUs move one by one.
+    pub drain_turn: Mutex<()>,
+    /// How long a closed session keeps being pinged.
+    pub session_grace: Duration,
+    /// Control connections refused or failed, for the logs and tests.
+    pub refused: AtomicU64,
+}
+
+/// Builds the QUIC endpoint on an already bound UDP socket.
+pub fn endpoint(socket: std::net::UdpSocket, tls: rustls::ServerConfig) -> anyhow::Result<Endpoint> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_concurrent_bidi_streams(1_u32.into());
+    transport.max_concurrent_uni_streams(0_u32.into());
+    transport.max_idle_timeout(Some(Duration::from_secs(15).try_into()?));
+    transport.keep_alive_interval(Some(Duration::from_secs(5)));
+    server.transport_config(Arc::new(transport));
+    let runtime = quinn::default_runtime().ok_or_else(|| anyhow::anyhow!("no async runtime for QUIC"))?;
+    Ok(Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)?)
+}
+
+/// Accepts connections until `shutdown`.
+pub async fn serve(endpoint: Endpoint, context: Arc<Context>, shutdown: CancellationToken) {
+    let mut sessions = JoinSet::new();
+    loop {
+        let incoming = tokio::select! {
+            () = shutdown.cancelled() => break,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+        };
+        let context = context.clone();
+        let shutdown = shutdown.clone();
+        let remote = incoming.remote_address();
+        sessions.spawn(
+            async move {
+                match incoming.await {
+                    Ok(connection) => session(connection, context, shutdown).await,
+                    Err(error) => {
+                        context.refused.fetch_add(1, Ordering::Relaxed);
+                        info!(%error, "handshake refused");
+                    }
+                }
+            }
+            .instrument(info_span!("ncu", %remote)),
+        );
+        while sessions.try_join_next().is_some() {}
+    }
+    endpoint.close(0_u32.into(), b"shutting down");
+    sessions.abort_all();
+    while sessions.join_next().await.is_some() {}
+}
+
+/// One NCU's session: the lifetime of its control connection.
+struct Session {
+    id: u64,
+    key: [u8; 32],
+    ncu_id: i64,
+    domain_id: i64,
+    remote: SocketAddr,
+    /// Uplink name → (address row, uplink).
+    targets: BTreeMap<String, (i64, Uplink)>,
+}
+
+async fn session(connection: Connection, context: Arc<Context>, shutdown: CancellationToken) {
+    let Some(fingerprint) = fingerprint(&connection) else {
+        // The TLS configuration requires a certificate; this is belt and braces.
+        connection.close(1_u32.into(), b"client certificate required");
+        return;
+    };
+    let (mut send, mut recv) = match connection.accept_bi().await {
+        Ok(streams) => streams,
+        Err(error) => {
+            debug!(%error, "connection ended before a stream");
+            return;
+        }
+    };
+    let ncu = match hds::store::ncu_by_fingerprint(&context.pool, &fingerprint).await {
+        Ok(Some(ncu)) => ncu,
+        Ok(None) => {
+            context.refused.fetch_add(1, Ordering::Relaxed);
+            warn!(fingerprint = %hex::encode(fingerprint), "certificate of no enrolled NCU");
+            let _ = reply(
+                &mut send,
+                error(ControlError::UnknownCertificate, "this certificate belongs to no enrolled NCU"),
+            )
+            .await;
+            let _ = send.finish();
+            connection.closed().await;
+            return;
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot look the NCU up");
+            let _ = reply(&mut send, error(ControlError::Unavailable, "database unavailable; retry")).await;
+            connection.close(2_u32.into(), b"unavailable");
+            return;
+        }
+    };
+    let mut session = Session {
+        id: rand::random(),
+        key: rand::random(),
+        ncu_id: ncu.id,
+        domain_id: ncu.domain_id,
+        remote: connection.remote_address(),
+        targets: BTreeMap::new(),
+    };
+    info!(ncu = ncu.id, domain = %ncu.domain, session = session.id, "NCU connected");
+    let mut draining = context.draining.clone();
+    let mut asked_to_drain = false;
+    loop {
+        let wants_drain = *draining.borrow() && !asked_to_drain && !session.targets.is_empty();
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            frame = frame::read::<ToHbs>(&mut recv, control::VERSION, control::MAX_FRAME) => match frame {
+                Ok(Some(message)) => {
+                    let answer = handle(&mut session, message, &context).await;
+                    if reply(&mut send, answer).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e @ (FrameError::Malformed(_) | FrameError::Version { .. })) => {
+                    warn!(error = %e, "bad control frame");
+                    if reply(&mut send, error(ControlError::Malformed, &e.to_string())).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "control stream unusable; closing");
+                    let _ = reply(&mut send, error(ControlError::Malformed, &e.to_string())).await;
+                    connection.close(3_u32.into(), b"bad frame");
+                    break;
+                }
+            },
+            changed = draining.changed(), if !asked_to_drain => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+            _guard = context.drain_turn.lock(), if wants_drain => {
+                asked_to_drain = true;
+                info!(session = session.id, "asking the NCU to move (draining)");
+                if reply(&mut send, ToNcu::Drain { reason: "this heartbeat server is draining".into() }).await.is_err() {
+                    break;
+                }
+                // Hold the turn until this NCU has gone (or a while), so they move one by one.
+                let _ = tokio::time::timeout(Duration::from_secs(3), connection.closed()).await;
+            }
+        }
+    }
+    info!(session = session.id, "NCU disconnected");
+    end_session(&session, &context);
+}
+
+async fn handle(session: &mut Session, message: ToHbs, context: &Context) -> ToNcu {
+    let (uplinks, replace_all) = match message {
+        ToHbs::Register { uplinks } => {
+            if let Err(reason) = control::validate(&uplinks) {
+                warn!(session = session.id, %reason, "registration refused");
+                return error(ControlError::Invalid, &reason);
+            }
+            (uplinks, true)
+        }
+        ToHbs::UplinkUp { uplink } => {
+            let mut all: Vec<Uplink> =
+                session.targets.values().map(|(_, u)| u.clone()).filter(|u| u.name != uplink.name).collect();
+            all.push(uplink.clone());
+            if let Err(reason) = control::validate(&all) {
+                return error(ControlError::Invalid, &reason);
+            }
+            (vec![uplink], false)
+        }
+        ToHbs::UplinkDown { name } => {
+            match store::withdraw(&context.pool, session.ncu_id, &name).await {
+                Ok(_) => {
+                    if let Some((id, _)) = session.targets.remove(&name) {
+                        let _ = context.driver.send(Command::Remove(id));
+                    }
+                    info!(session = session.id, uplink = %name, "uplink withdrawn");
+                }
+                Err(e) => return unavailable(&e),
+            }
+            return registered(session, context, Vec::new());
+        }
+    };
+    if *context.draining.borrow() && session.targets.is_empty() {
+        return error(ControlError::Unavailable, "this heartbeat server is draining; ask hds for another");
+    }
+    let (accepted, refused) =
+        match store::register(&context.pool, &context.me, session.ncu_id, session.domain_id, &uplinks, replace_all)
+            .await
+        {
+            Ok(result) => result,
+            Err(e) => return unavailable(&e),
+        };
+    if replace_all {
+        let keep: Vec<&str> = accepted.iter().map(|r| r.uplink.name.as_str()).collect();
+        let gone: Vec<String> = session.targets.keys().filter(|n| !keep.contains(&n.as_str())).cloned().collect();
+        for name in gone {
+            if let Some((id, _)) = session.targets.remove(&name) {
+                let _ = context.driver.send(Command::Remove(id));
+            }
+        }
+    }
+    for entry in &accepted {
+        let uplink = &entry.uplink;
+        let unchanged = session.targets.get(&uplink.name).is_some_and(|(id, u)| *id == entry.id && u == uplink);
+        if unchanged {
+            continue;
+        }
+        if let Some((old, _)) = session.targets.insert(uplink.name.clone(), (entry.id, uplink.clone()))
+            && old != entry.id
+        {
+            let _ = context.driver.send(Command::Remove(old));
+        }
+        let _ = context.driver.send(Command::Add {
+            id: entry.id,
+            session: session.id,
+            uplink: uplink.index,
+            key: session.key,
+            dest: SocketAddr::new(uplink.address, uplink.port),
+            initial: if entry.live { Liveness::Live } else { Liveness::Pending },
+        });
+    }
+    info!(session = session.id, accepted = accepted.len(), refused = refused.len(), "uplinks registered");
+    registered(session, context, refused)
+}
+
+fn registered(session: &Session, context: &Context, refused: Vec<control::Refusal>) -> ToNcu {
+    ToNcu::Registered {
+        session: session.id,
+        key: hex::encode(session.key),
+        heartbeat_port: context.heartbeat_port,
+        interval_ms: u64::try_from(context.interval.as_millis()).unwrap_or(u64::MAX),
+        accepted: session.targets.keys().cloned().collect(),
+        refused,
+    }
+}
+
+/// Keeps pinging a closed session for a grace time (the NCU may be moving, or reconnecting), then stops.
+fn end_session(session: &Session, context: &Context) {
+    if session.targets.is_empty() {
+        return;
+    }
+    let driver = context.driver.clone();
+    let id = session.id;
+    let grace = context.session_grace;
+    debug!(session = id, remote = %session.remote, ?grace, "session closed; pinging on through the grace time");
+    tokio::spawn(async move {
+        tokio::time::sleep(grace).await;
+        let _ = driver.send(Command::RemoveSession(id));
+    });
+}
+
+async fn reply(send: &mut SendStream, message: ToNcu) -> Result<(), FrameError> {
+    frame::write(send, control::VERSION, &message).await
+}
+
+fn error(code: ControlError, message: &str) -> ToNcu {
+    ToNcu::Error { code, message: message.to_owned() }
+}
+
+fn unavailable(e: &hds::store::StoreError) -> ToNcu {
+    warn!(error = %e, "database error during registration");
+    error(ControlError::Unavailable, "database unavailable; retry")
+}
+
+fn fingerprint(connection: &Connection) -> Option<[u8; 32]> {
+    let identity = connection.peer_identity()?;
+    let chain = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    chain.first().map(pki::fingerprint)
+}

@@ -1,0 +1,118 @@
+//! Writes state transitions, not heartbeats: events are coalesced per address and written together, one statement
+//! per batch window. Nothing is lost while Postgres is away: pending changes wait and merge with newer ones.
+
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::{
+    heartbeat::monitor::Event,
+    store::{self, Change, State},
+};
+
+/// A change to write, from the heartbeat driver or the static checks.
+#[derive(Debug, Clone)]
+pub enum Update {
+    /// From the heartbeat monitor.
+    Heartbeat(Event),
+    /// A static address passed or failed its check.
+    Checked {
+        /// The `addresses` row.
+        id: i64,
+        /// Passed.
+        live: bool,
+    },
+}
+
+/// Runs until `shutdown` and both senders are done, writing every `window` at most.
+pub async fn run(
+    pool: PgPool,
+    me: String,
+    window: Duration,
+    mut heartbeat: mpsc::UnboundedReceiver<Event>,
+    mut checks: mpsc::UnboundedReceiver<Update>,
+    shutdown: CancellationToken,
+) {
+    let mut pending: BTreeMap<i64, Change> = BTreeMap::new();
+    let mut observed: BTreeMap<i64, IpAddr> = BTreeMap::new();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        if pending.is_empty() && observed.is_empty() {
+            let update = tokio::select! {
+                () = shutdown.cancelled() => return,
+                Some(event) = heartbeat.recv() => Update::Heartbeat(event),
+                Some(update) = checks.recv() => update,
+                else => return,
+            };
+            merge(&mut pending, &mut observed, update);
+            // Let the rest of the burst arrive.
+            tokio::time::sleep(window).await;
+        }
+        while let Ok(event) = heartbeat.try_recv() {
+            merge(&mut pending, &mut observed, Update::Heartbeat(event));
+        }
+        while let Ok(update) = checks.try_recv() {
+            merge(&mut pending, &mut observed, update);
+        }
+        match flush(&pool, &me, &pending, &observed).await {
+            Ok(written) => {
+                debug!(changes = pending.len(), written, "state changes written");
+                pending.clear();
+                observed.clear();
+                delay = Duration::from_millis(100);
+            }
+            Err(error) => {
+                warn!(%error, retry_in = ?delay, pending = pending.len(), "cannot write state changes; keeping them");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+fn merge(pending: &mut BTreeMap<i64, Change>, observed: &mut BTreeMap<i64, IpAddr>, update: Update) {
+    let (id, state, load) = match update {
+        Update::Heartbeat(Event::Alive { id, observed: from, load }) => {
+            observed.insert(id, from.ip());
+            (id, Some(State::Live), Some(f32::from(load)))
+        }
+        Update::Heartbeat(Event::Dead { id }) => (id, Some(State::Dead), None),
+        Update::Heartbeat(Event::Load { id, load }) => (id, None, Some(f32::from(load))),
+        Update::Checked { id, live } => (id, Some(if live { State::Live } else { State::Dead }), None),
+    };
+    let change = pending.entry(id).or_insert(Change { id, state: None, load: None });
+    if state.is_some() {
+        change.state = state;
+    }
+    if load.is_some() {
+        change.load = load;
+    }
+}
+
+async fn flush(
+    pool: &PgPool,
+    me: &str,
+    pending: &BTreeMap<i64, Change>,
+    observed: &BTreeMap<i64, IpAddr>,
+) -> Result<u64, hds::store::StoreError> {
+    for (id, ip) in observed {
+        // Rare (first proof, NAT): one statement each, so a collision refuses only its own row.
+        if let Err(error) = store::set_observed(pool, me, *id, *ip).await {
+            if matches!(&error, hds::store::StoreError::Database(e) if hds::store::is_unavailable(e)) {
+                return Err(error);
+            }
+            warn!(%error, id, "cannot record the observed address");
+        }
+    }
+    let changes: Vec<Change> = pending.values().copied().collect();
+    if changes.is_empty() {
+        return Ok(0);
+    }
+    store::write_batch(pool, me, &changes).await
+}

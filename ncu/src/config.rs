@@ -1,0 +1,144 @@
+//! The `ncu run` configuration file: strict TOML, named defaults, validated once.
+
+use std::{net::IpAddr, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+/// Everything `ncu run` reads from its `--config` file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// hds addresses (`host:port`), tried in turn.
+    pub hds: Vec<String>,
+    /// Directory holding the identity written by `ncu enroll`.
+    #[serde(default = "default_identity")]
+    pub identity: PathBuf,
+    /// Move to the backup heartbeat server when the primary's heartbeats stop for this long.
+    #[serde(default = "default_failover_after", with = "humantime_serde")]
+    pub failover_after: Duration,
+    /// Uplinks, until netlink discovery replaces this list.
+    #[serde(default, rename = "uplink")]
+    pub uplinks: Vec<UplinkConfig>,
+    /// Log format: `text` or `json`.
+    #[serde(default = "default_log_format")]
+    pub log_format: String,
+}
+
+/// One uplink from the configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkConfig {
+    /// Interface name.
+    pub name: String,
+    /// Its address.
+    pub address: IpAddr,
+    /// Lower is preferred.
+    #[serde(default)]
+    pub priority: u16,
+    /// Share among equals.
+    #[serde(default = "one")]
+    pub weight: u16,
+}
+
+/// A configuration that cannot be used, naming the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The path given.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or a key is unknown or mistyped.
+    #[error(transparent)]
+    Parse(#[from] toml::de::Error),
+    /// A key has a value that parses but cannot work.
+    #[error("`{key}`: {problem}")]
+    Invalid {
+        /// The key at fault.
+        key: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+impl Config {
+    /// Reads, parses and validates.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let config = Self::parse(&text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        Ok(toml::from_str(text)?)
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, problem: String| ConfigError::Invalid { key, problem };
+        if self.hds.is_empty() {
+            return Err(invalid("hds", "at least one hds address".into()));
+        }
+        if self.failover_after < Duration::from_millis(500) {
+            return Err(invalid("failover_after", "must be at least 500ms".into()));
+        }
+        if self.uplinks.len() > hbs::control::MAX_UPLINKS {
+            return Err(invalid("uplink", format!("at most {} uplinks", hbs::control::MAX_UPLINKS)));
+        }
+        for (i, uplink) in self.uplinks.iter().enumerate() {
+            if self.uplinks[..i].iter().any(|u| u.name == uplink.name) {
+                return Err(invalid("uplink", format!("duplicate uplink name {:?}", uplink.name)));
+            }
+            if uplink.weight == 0 {
+                return Err(invalid("uplink", format!("uplink {:?}: weight must be above zero", uplink.name)));
+            }
+        }
+        if !["text", "json"].contains(&self.log_format.as_str()) {
+            return Err(invalid("log_format", "must be text or json".into()));
+        }
+        Ok(())
+    }
+}
+
+fn default_identity() -> PathBuf {
+    PathBuf::from("/var/lib/tether-ncu")
+}
+
+fn default_failover_after() -> Duration {
+    Duration::from_secs(3)
+}
+
+fn default_log_format() -> String {
+    "text".into()
+}
+
+fn one() -> u16 {
+    1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses() {
+        let config = Config::parse(include_str!("../../deploy/ncu.toml")).expect("parses");
+        config.validate().expect("validates");
+        assert_eq!(config.failover_after, Duration::from_secs(3));
+        assert_eq!(config.uplinks.len(), 2);
+    }
+
+    #[test]
+    fn bad_keys_are_named() {
+        let err = Config::parse("hds = ['a:1']\n[[uplink]]\nname = 'x'\naddress = 'nope'").expect_err("bad ip");
+        assert!(err.to_string().contains("address"), "{err}");
+        let config = Config::parse("hds = []").expect("parses");
+        assert!(config.validate().expect_err("no hds").to_string().contains("hds"));
+    }
+}

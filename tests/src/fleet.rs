@@ -1,0 +1,131 @@
+//! Heartbeat servers and NCU agents in-process on loopback, for the heartbeat tests.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Result;
+use hbs::driver::Counters;
+use ncu::agent::{Drill, Status, UplinkSpec};
+use tokio::{sync::watch, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::hds_stack::Pki;
+
+/// An hbs running in this process.
+pub struct HbsServer {
+    /// Its name.
+    pub name: String,
+    /// QUIC control address.
+    pub control: SocketAddr,
+    /// Heartbeat socket.
+    pub heartbeat: SocketAddr,
+    /// Heartbeat figures.
+    pub counters: Arc<Counters>,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<Result<()>>>,
+}
+
+impl HbsServer {
+    /// Starts `name` with a certificate from `pki` and test-friendly timers.
+    pub async fn start(database_url: &str, pki: &Pki, name: &str) -> Result<Self> {
+        let issued = pki.ca.issue_server(name, &["127.0.0.1".into()], Duration::from_secs(3600))?;
+        let cert = pki.path(&format!("{name}.pem"));
+        let key = pki.path(&format!("{name}.key"));
+        if !cert.exists() {
+            hds::pki::write_new(&cert, &issued.cert_pem, 0o644)?;
+            hds::pki::write_new(&key, &issued.key_pem, 0o600)?;
+        }
+        let control_socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let heartbeat_socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let control = control_socket.local_addr()?;
+        let heartbeat = heartbeat_socket.local_addr()?;
+        let text = format!(
+            "name = '{name}'\ndatabase_url = '{database_url}'\nca = '{}'\ncert = '{}'\nkey = '{}'\n\
+             fleet_every = '300ms'\nrehome_grace = '3s'\nsession_grace = '2s'\n",
+            pki.path("ca.pem").display(),
+            cert.display(),
+            key.display(),
+        );
+        let config = hbs::config::Config::parse(&text)?;
+        config.validate()?;
+        let counters = Arc::new(Counters::default());
+        let shutdown = CancellationToken::new();
+        let sockets = hbs::Sockets { control: control_socket, heartbeat: heartbeat_socket };
+        let task = tokio::spawn(hbs::run(sockets, config, counters.clone(), shutdown.clone()));
+        Ok(Self { name: name.to_owned(), control, heartbeat, counters, shutdown, task: Some(task) })
+    }
+
+    /// Stops it gracefully.
+    pub async fn stop(mut self) -> Result<()> {
+        self.shutdown.cancel();
+        match self.task.take() {
+            Some(task) => task.await?,
+            None => Ok(()),
+        }
+    }
+
+    /// Kills it: every task and socket is dropped at once, nothing is cleaned up, as when the process dies.
+    pub async fn kill(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for HbsServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// An NCU agent running in this process.
+pub struct Agent {
+    /// Silence uplinks.
+    pub drill: Drill,
+    /// What it is doing.
+    pub status: watch::Receiver<Status>,
+    /// Change its uplinks.
+    pub uplinks: watch::Sender<Vec<UplinkSpec>>,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<Result<()>>>,
+}
+
+impl Agent {
+    /// Starts an agent with an enrolled identity and uplinks on loopback addresses.
+    pub fn start(hds: Vec<String>, identity: ncu::identity::Identity, uplinks: Vec<UplinkSpec>) -> Self {
+        let (uplinks_tx, uplinks_rx) = watch::channel(uplinks);
+        let (status_tx, status) = watch::channel(Status::default());
+        let drill = Drill::default();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(ncu::agent::run(
+            hds,
+            identity,
+            Duration::from_secs(3),
+            uplinks_rx,
+            drill.clone(),
+            status_tx,
+            shutdown.clone(),
+        ));
+        Self { drill, status, uplinks: uplinks_tx, shutdown, task: Some(task) }
+    }
+
+    /// Stops the agent.
+    pub async fn stop(mut self) -> Result<()> {
+        self.shutdown.cancel();
+        match self.task.take() {
+            Some(task) => task.await?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// An uplink on a loopback address.
+pub fn uplink(name: &str, address: &str) -> UplinkSpec {
+    UplinkSpec { name: name.into(), address: address.parse().unwrap_or([127, 0, 0, 1].into()), priority: 0, weight: 1 }
+}

@@ -1,0 +1,390 @@
+//! Heartbeat servers end to end: an NCU agent with loopback uplinks, two hbs, hds, dns and Postgres, in-process.
+
+use std::{
+    collections::BTreeSet,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Result;
+use hbs::{
+    control::{self, ControlError, ToHbs, ToNcu, Uplink},
+    heartbeat::packet::{self, Kind, Packet},
+};
+use hickory_proto::rr::RecordType;
+use ncu::identity::Identity;
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+use tether_tests::{
+    dns_client::{Transport, addresses, ask, sorted},
+    eventually,
+    fleet::{Agent, HbsServer, uplink},
+    hds_stack::{HdsServer, Pki},
+    stack::{OPERATOR_TOKEN, Stack},
+};
+
+const NAME: &str = "site.tether.test.";
+
+/// dns + hds + two hbs + an enrolled identity for site.tether.test.
+struct World {
+    stack: Stack,
+    acme: String,
+    pki: Pki,
+    hds: HdsServer,
+    hbs: Vec<HbsServer>,
+    identity: Identity,
+    _dir: tempfile::TempDir,
+}
+
+impl World {
+    async fn new(servers: usize) -> Result<Self> {
+        let (stack, acme) = Stack::with_acme().await?;
+        stack.domain(&acme, json!({ "name": "site.tether.test" })).await?;
+        let pki = Pki::new()?;
+        let hds = HdsServer::start(&stack.pg.url(), &pki, "stale_after = '3s'\n").await?;
+        let mut hbs = Vec::new();
+        for i in 0..servers {
+            hbs.push(HbsServer::start(&stack.pg.url(), &pki, &format!("hbs-{i}")).await?);
+        }
+        let (status, body) =
+            stack.api.call(Method::POST, "/v1/domains/site.tether.test/enrollments", Some(&acme), None).await?;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let token = body["token"].as_str().unwrap_or_default().to_owned();
+        let dir = tempfile::tempdir()?;
+        ncu::hds_client::enroll(&[hds.address()], &pki.ca_pem(), &token, dir.path(), None, None).await?;
+        let identity = Identity::load(dir.path())?;
+        // Both servers in the fleet table before the NCU asks.
+        let db = stack.pg.pool().await?;
+        eventually(Duration::from_secs(10), "every hbs in the fleet table", || async {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM heartbeat_servers").fetch_one(&db).await.ok()?;
+            (n == i64::try_from(servers).ok()?).then_some(())
+        })
+        .await?;
+        Ok(Self { stack, acme, pki, hds, hbs, identity, _dir: dir })
+    }
+
+    fn agent(&self, uplinks: &[(&str, &str)]) -> Agent {
+        let uplinks = uplinks.iter().map(|(n, a)| uplink(n, a)).collect();
+        Agent::start(vec![self.hds.address()], self.identity.clone(), uplinks)
+    }
+
+    async fn answers(&self) -> Option<Vec<String>> {
+        let r = ask(self.stack.dns.dns_addr, NAME, RecordType::A, Transport::Udp).await.ok()?;
+        Some(sorted(addresses(&r)))
+    }
+
+    async fn answers_become(&self, want: &[&str], limit: Duration) -> Result<()> {
+        let want: Vec<String> = want.iter().map(|s| (*s).to_owned()).collect();
+        eventually(limit, &format!("DNS to answer {want:?}"), || async {
+            (self.answers().await? == want).then_some(())
+        })
+        .await
+    }
+
+    async fn hbs_of_rows(&self) -> Result<BTreeSet<String>> {
+        let db = self.stack.pg.pool().await?;
+        let rows: Vec<Option<String>> =
+            sqlx::query_scalar("SELECT hbs FROM addresses WHERE source = 'ncu'").fetch_all(&db).await?;
+        Ok(rows.into_iter().flatten().collect())
+    }
+}
+
+/// Polls DNS every 50 ms in the background and counts empty answers, to prove an answer is never empty.
+fn watch_for_empty_answers(world: &World) -> (Arc<AtomicBool>, Arc<AtomicU64>, Arc<AtomicU64>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let empties = Arc::new(AtomicU64::new(0));
+    let asked = Arc::new(AtomicU64::new(0));
+    let (s, e, a) = (stop.clone(), empties.clone(), asked.clone());
+    let server = world.stack.dns.dns_addr;
+    tokio::spawn(async move {
+        while !s.load(Ordering::Relaxed) {
+            if let Ok(r) = ask(server, NAME, RecordType::A, Transport::Udp).await {
+                a.fetch_add(1, Ordering::Relaxed);
+                if r.answers.is_empty() {
+                    e.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    (stop, empties, asked)
+}
+
+#[tokio::test]
+async fn registered_uplinks_are_proven_then_answered_and_a_silent_one_leaves_dns() -> Result<()> {
+    let world = World::new(2).await?;
+    let agent = world.agent(&[("wan1", "127.0.0.2"), ("wan2", "127.0.0.3"), ("wan3", "127.0.0.4")]);
+    world.answers_become(&["127.0.0.2", "127.0.0.3", "127.0.0.4"], Duration::from_secs(10)).await?;
+    let (_, detail) =
+        world.stack.api.call(Method::GET, "/v1/domains/site.tether.test", Some(&world.acme), None).await?;
+    let rows = detail["addresses"].as_array().cloned().unwrap_or_default();
+    assert_eq!(rows.len(), 3, "{detail}");
+    for row in &rows {
+        assert_eq!(row["source"], "ncu");
+        assert_eq!(row["state"], "live");
+        assert!(row["uplink"].as_str().is_some_and(|u| u.starts_with("wan")), "{row}");
+        assert!(row["interface_ip"].is_null(), "no NAT on loopback: {row}");
+    }
+
+    agent.drill.silence("wan2", true);
+    let silenced = std::time::Instant::now();
+    world.answers_become(&["127.0.0.2", "127.0.0.4"], Duration::from_secs(5)).await?;
+    assert!(silenced.elapsed() < Duration::from_secs(4), "out of DNS in {:?}", silenced.elapsed());
+    agent.drill.silence("wan2", false);
+    world.answers_become(&["127.0.0.2", "127.0.0.3", "127.0.0.4"], Duration::from_secs(5)).await?;
+
+    // Steady heartbeats write nothing: the serial stands still.
+    let db = world.stack.pg.pool().await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before: i64 = sqlx::query_scalar("SELECT serial FROM zones").fetch_one(&db).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after: i64 = sqlx::query_scalar("SELECT serial FROM zones").fetch_one(&db).await?;
+    assert_eq!(before, after, "steady heartbeats must not write");
+    agent.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn forged_replies_never_keep_a_silent_address_alive() -> Result<()> {
+    let world = World::new(1).await?;
+    let mut agent = world.agent(&[("wan1", "127.0.0.2"), ("wan2", "127.0.0.3")]);
+    world.answers_become(&["127.0.0.2", "127.0.0.3"], Duration::from_secs(10)).await?;
+    let session = agent.status.wait_for(|s| s.session.is_some()).await?.session.unwrap_or_default();
+    agent.drill.silence("wan2", true);
+
+    // Someone on wan2's address answers every ping with a forged reply.
+    let forger = tokio::net::UdpSocket::bind("127.0.0.3:0").await?;
+    let target = world.hbs[0].heartbeat;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let forging = tokio::spawn(async move {
+        let mut seq = 0_u64;
+        while !flag.load(Ordering::Relaxed) {
+            seq += 1;
+            let pong = Packet { kind: Kind::Pong, session, uplink: 1, seq, nonce: rand::random(), load: 0 };
+            let _ = forger.send_to(&packet::encode(&pong, &rand::random()), target).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    world.answers_become(&["127.0.0.2"], Duration::from_secs(5)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(world.answers().await, Some(vec!["127.0.0.2".to_owned()]), "forgeries did not revive it");
+    stop.store(true, Ordering::Relaxed);
+    forging.await?;
+    assert!(world.hbs[0].counters.forged.load(Ordering::Relaxed) > 10, "forged replies are counted");
+    Ok(())
+}
+
+#[tokio::test]
+async fn killing_the_primary_moves_the_ncu_to_the_backup_and_the_answer_never_empties() -> Result<()> {
+    let mut world = World::new(2).await?;
+    let mut agent = world.agent(&[("wan1", "127.0.0.2"), ("wan2", "127.0.0.3")]);
+    world.answers_become(&["127.0.0.2", "127.0.0.3"], Duration::from_secs(10)).await?;
+    let primary =
+        agent.status.wait_for(|s| s.hbs.is_some() && s.backup.is_some()).await?.hbs.clone().unwrap_or_default();
+    let (stop, empties, asked) = watch_for_empty_answers(&world);
+
+    let index = world.hbs.iter().position(|h| h.name == primary).unwrap_or(0);
+    world.hbs.remove(index).kill().await;
+    let moved = agent.status.wait_for(|s| s.hbs.as_ref().is_some_and(|h| h != &primary)).await?.hbs.clone();
+    let backup = moved.unwrap_or_default();
+    eventually(Duration::from_secs(10), "rows owned by the backup", || async {
+        (world.hbs_of_rows().await.ok()? == BTreeSet::from([backup.clone()])).then_some(())
+    })
+    .await?;
+    // Past the re-home grace: nothing expired, both still answered.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    world.answers_become(&["127.0.0.2", "127.0.0.3"], Duration::from_secs(1)).await?;
+    stop.store(true, Ordering::Relaxed);
+    assert!(asked.load(Ordering::Relaxed) > 50, "the watcher really asked");
+    assert_eq!(empties.load(Ordering::Relaxed), 0, "the answer was never empty during the failover");
+    agent.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn draining_moves_the_ncu_with_no_dns_change() -> Result<()> {
+    let world = World::new(2).await?;
+    let mut agent = world.agent(&[("wan1", "127.0.0.2"), ("wan2", "127.0.0.3")]);
+    world.answers_become(&["127.0.0.2", "127.0.0.3"], Duration::from_secs(10)).await?;
+    let primary = agent.status.wait_for(|s| s.hbs.is_some()).await?.hbs.clone().unwrap_or_default();
+    let db = world.stack.pg.pool().await?;
+    let (stop, empties, _) = watch_for_empty_answers(&world);
+
+    let (status, body) = world
+        .stack
+        .api
+        .call(Method::POST, &format!("/v1/heartbeat-servers/{primary}/drain"), Some(OPERATOR_TOKEN), None)
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let moved = agent.status.wait_for(|s| s.hbs.as_ref().is_some_and(|h| h != &primary)).await?.hbs.clone();
+    let other = moved.unwrap_or_default();
+    eventually(Duration::from_secs(10), "rows owned by the other server", || async {
+        (world.hbs_of_rows().await.ok()? == BTreeSet::from([other.clone()])).then_some(())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(empties.load(Ordering::Relaxed), 0);
+    world.answers_become(&["127.0.0.2", "127.0.0.3"], Duration::from_secs(1)).await?;
+    let states: Vec<String> =
+        sqlx::query_scalar("SELECT state::text FROM addresses WHERE source = 'ncu'").fetch_all(&db).await?;
+    assert_eq!(states, ["live", "live"], "no address flapped");
+    agent.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn addresses_of_an_ncu_that_never_re_homes_become_dead() -> Result<()> {
+    let mut world = World::new(1).await?;
+    let agent = world.agent(&[("wan1", "127.0.0.2")]);
+    world.answers_become(&["127.0.0.2"], Duration::from_secs(10)).await?;
+    // The server dies first, so it cannot mark the address dead itself; then the NCU goes away for good.
+    world.hbs.remove(0).kill().await;
+    agent.stop().await?;
+    // Once the dead server's row is older than the re-home grace, another server's janitor marks it dead.
+    let fresh = HbsServer::start(&world.stack.pg.url(), &world.pki, "hbs-fresh").await?;
+    world.answers_become(&[], Duration::from_secs(10)).await?;
+    fresh.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_and_the_server_stays_up() -> Result<()> {
+    let world = World::new(1).await?;
+    let hbs = &world.hbs[0];
+
+    // Garbage on the heartbeat port.
+    let junk = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    for payload in [&b""[..], b"TH", &[0xff; 55], &[0; 1500]] {
+        for _ in 0..50 {
+            junk.send_to(payload, hbs.heartbeat).await?;
+        }
+    }
+    eventually(Duration::from_secs(5), "malformed datagrams counted", || async {
+        (hbs.counters.malformed.load(Ordering::Relaxed) >= 100).then_some(())
+    })
+    .await?;
+
+    // Control frames: a registration of 16 uplinks, a malformed frame, an unknown version.
+    let tls = hds::pki::client_tls(
+        &world.identity.ca_pem,
+        Some((&world.identity.cert_pem, &world.identity.key_pem)),
+        control::ALPN,
+    )?;
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    let connection =
+        endpoint.connect_with(quinn::ClientConfig::new(Arc::new(crypto)), hbs.control, "127.0.0.1")?.await?;
+    let (mut send, mut recv) = connection.open_bi().await?;
+    let sixteen: Vec<Uplink> = (0..16)
+        .map(|i| Uplink {
+            name: format!("u{i}"),
+            index: i,
+            address: [127, 0, 1, i].into(),
+            port: 9,
+            priority: 0,
+            weight: 1,
+        })
+        .collect();
+    hds::frame::write(&mut send, control::VERSION, &ToHbs::Register { uplinks: sixteen }).await?;
+    let answer = hds::frame::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME).await?;
+    assert!(
+        matches!(&answer, Some(ToNcu::Error { code: ControlError::Invalid, message }) if message.contains("at most 15")),
+        "{answer:?}"
+    );
+    send.write_all(b"\x00\x00\x00\x04{{{{").await?;
+    let answer = hds::frame::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME).await?;
+    assert!(matches!(answer, Some(ToNcu::Error { code: ControlError::Malformed, .. })), "{answer:?}");
+    send.write_all(&hds::frame::encode(7, &json!({"type": "register", "uplinks": []}))).await?;
+    let answer = hds::frame::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME).await?;
+    assert!(
+        matches!(&answer, Some(ToNcu::Error { code: ControlError::Malformed, message }) if message.contains("version 7")),
+        "{answer:?}"
+    );
+    connection.close(0_u32.into(), b"");
+
+    // A client certificate from another CA never gets a session.
+    let foreign = hds::pki::Ca::generate("other", Duration::from_secs(3600))?;
+    let stranger = foreign.issue_client_between(
+        "stranger",
+        time::OffsetDateTime::now_utc() - time::Duration::hours(1),
+        time::OffsetDateTime::now_utc() + time::Duration::hours(1),
+    )?;
+    let tls =
+        hds::pki::client_tls(&world.identity.ca_pem, Some((&stranger.cert_pem, &stranger.key_pem)), control::ALPN)?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    let refused = async {
+        let connection =
+            endpoint.connect_with(quinn::ClientConfig::new(Arc::new(crypto)), hbs.control, "127.0.0.1")?.await?;
+        let (mut send, mut recv) = connection.open_bi().await?;
+        hds::frame::write(&mut send, control::VERSION, &ToHbs::Register { uplinks: vec![] }).await?;
+        anyhow::Ok(hds::frame::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME).await?)
+    }
+    .await;
+    assert!(refused.is_err(), "{refused:?}");
+
+    // Still serving a real NCU.
+    let agent = world.agent(&[("wan1", "127.0.0.2")]);
+    world.answers_become(&["127.0.0.2"], Duration::from_secs(10)).await?;
+    agent.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn uplink_changes_are_registered_at_once() -> Result<()> {
+    let world = World::new(1).await?;
+    let agent = world.agent(&[("wan1", "127.0.0.2"), ("wan2", "127.0.0.3")]);
+    world.answers_become(&["127.0.0.2", "127.0.0.3"], Duration::from_secs(10)).await?;
+    agent.uplinks.send_replace(vec![uplink("wan1", "127.0.0.2"), uplink("wan3", "127.0.0.5")]);
+    world.answers_become(&["127.0.0.2", "127.0.0.5"], Duration::from_secs(5)).await?;
+    agent.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn static_addresses_are_checked_by_one_server_and_taken_over() -> Result<()> {
+    let mut world = World::new(2).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.9:0").await?;
+    let port = listener.local_addr()?.port();
+    let serving = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, b"HELLO tether\n").await;
+            });
+        }
+    });
+    world
+        .stack
+        .address(
+            &world.acme,
+            "site.tether.test",
+            json!({ "ip": "127.0.0.9", "check": { "kind": "tcp", "port": port, "expect": "HELLO" } }),
+        )
+        .await?;
+    world.answers_become(&["127.0.0.9"], Duration::from_secs(10)).await?;
+    let db = world.stack.pg.pool().await?;
+    let owner: String = sqlx::query_scalar("SELECT hbs FROM addresses WHERE ip = '127.0.0.9'").fetch_one(&db).await?;
+
+    // The owner dies: the other server takes the check over and keeps it live.
+    let index = world.hbs.iter().position(|h| h.name == owner).unwrap_or(0);
+    world.hbs.remove(index).kill().await;
+    let survivor = world.hbs[0].name.clone();
+    eventually(Duration::from_secs(15), "the check taken over", || async {
+        let now: Option<String> =
+            sqlx::query_scalar("SELECT hbs FROM addresses WHERE ip = '127.0.0.9'").fetch_one(&db).await.ok()?;
+        (now.as_deref() == Some(survivor.as_str())).then_some(())
+    })
+    .await?;
+    world.answers_become(&["127.0.0.9"], Duration::from_secs(1)).await?;
+
+    // The service goes away: dead after three failed checks, out of DNS.
+    serving.abort();
+    let _ = serving.await;
+    world.answers_become(&[], Duration::from_secs(10)).await?;
+    Ok(())
+}
