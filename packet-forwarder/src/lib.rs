@@ -1,0 +1,1 @@
+//! packet-forwarder: each static address relayed to the live dynamic addresses.
