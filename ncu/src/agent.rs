@@ -41,6 +41,8 @@ pub struct UplinkSpec {
     pub name: String,
     /// Its address.
     pub address: IpAddr,
+    /// The interface to bind heartbeat sockets to, so replies leave through this uplink.
+    pub interface: Option<String>,
     /// Lower is preferred.
     pub priority: u16,
     /// Share among equals.
@@ -243,7 +245,7 @@ impl Agent {
                 warn!(uplink = %spec.name, "no free uplink index (15 uplinks at most)");
                 continue;
             };
-            let socket = match UdpSocket::bind(SocketAddr::new(spec.address, 0)).await {
+            let socket = match bind_uplink(&spec) {
                 Ok(socket) => Arc::new(socket),
                 Err(error) => {
                     warn!(uplink = %spec.name, address = %spec.address, %error, "cannot bind the uplink's address");
@@ -483,6 +485,20 @@ async fn read_uplink(index: u8, socket: Arc<UdpSocket>, tx: mpsc::Sender<Datagra
             }
         }
     }
+}
+
+/// A UDP socket on the uplink's address, bound to its interface when known (SO_BINDTODEVICE).
+fn bind_uplink(spec: &UplinkSpec) -> std::io::Result<UdpSocket> {
+    let domain = if spec.address.is_ipv6() { socket2::Domain::IPV6 } else { socket2::Domain::IPV4 };
+    let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    socket.set_nonblocking(true)?;
+    if let Some(interface) = &spec.interface
+        && let Err(error) = socket.bind_device(Some(interface.as_bytes()))
+    {
+        debug!(%interface, %error, "cannot bind to the interface; using the address only");
+    }
+    socket.bind(&SocketAddr::new(spec.address, 0).into())?;
+    UdpSocket::from_std(socket.into())
 }
 
 fn decode_key(hex_key: &str) -> anyhow::Result<[u8; 32]> {

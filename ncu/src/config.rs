@@ -16,9 +16,30 @@ pub struct Config {
     /// Move to the backup heartbeat server when the primary's heartbeats stop for this long.
     #[serde(default = "default_failover_after", with = "humantime_serde")]
     pub failover_after: Duration,
-    /// Uplinks, until netlink discovery replaces this list.
+    /// Fixed uplinks. When none are listed, uplinks are discovered from the kernel (netlink).
     #[serde(default, rename = "uplink")]
     pub uplinks: Vec<UplinkConfig>,
+    /// Discovery: the interfaces that are uplinks; by default every interface with a default route.
+    #[serde(default)]
+    pub interfaces: Option<Vec<String>>,
+    /// Discovery: full re-read of addresses and routes, the safety net for missed events.
+    #[serde(default = "default_rescan_every", with = "humantime_serde")]
+    pub rescan_every: Duration,
+    /// Discovery: how an uplink is validated: `hds` (a QUIC handshake with hds through it) or `tcp:HOST:PORT`.
+    #[serde(default = "default_validate")]
+    pub validate: String,
+    /// Discovery: how long one validation may take.
+    #[serde(default = "default_validate_timeout", with = "humantime_serde")]
+    pub validate_timeout: Duration,
+    /// Discovery: longest wait between checks of a non-Internet uplink.
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// Discovery: priority per interface (lower is preferred; default 0).
+    #[serde(default)]
+    pub priorities: std::collections::BTreeMap<String, u16>,
+    /// Discovery: weight per interface (default 1).
+    #[serde(default)]
+    pub weights: std::collections::BTreeMap<String, u16>,
     /// Log format: `text` or `json`.
     #[serde(default = "default_log_format")]
     pub log_format: String,
@@ -99,11 +120,43 @@ impl Config {
                 return Err(invalid("uplink", format!("uplink {:?}: weight must be above zero", uplink.name)));
             }
         }
+        if self.validate != "hds" && self.tcp_target().is_none() {
+            return Err(invalid("validate", "`hds` or `tcp:HOST:PORT` with an IP address".into()));
+        }
+        if self.rescan_every < Duration::from_secs(1) {
+            return Err(invalid("rescan_every", "must be at least 1s".into()));
+        }
+        if self.weights.values().any(|w| *w == 0) {
+            return Err(invalid("weights", "weights must be above zero".into()));
+        }
         if !["text", "json"].contains(&self.log_format.as_str()) {
             return Err(invalid("log_format", "must be text or json".into()));
         }
         Ok(())
     }
+}
+
+impl Config {
+    /// The TCP validation target, when `validate` is `tcp:HOST:PORT`.
+    pub fn tcp_target(&self) -> Option<std::net::SocketAddr> {
+        self.validate.strip_prefix("tcp:")?.parse().ok()
+    }
+}
+
+fn default_rescan_every() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_validate() -> String {
+    "hds".into()
+}
+
+fn default_validate_timeout() -> Duration {
+    Duration::from_secs(3)
+}
+
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_identity() -> PathBuf {
@@ -132,6 +185,20 @@ mod tests {
         config.validate().expect("validates");
         assert_eq!(config.failover_after, Duration::from_secs(3));
         assert_eq!(config.uplinks.len(), 2);
+    }
+
+    #[test]
+    fn discovery_settings_parse_and_validate() {
+        let config = Config::parse(
+            "hds = ['127.0.0.1:4433']\ninterfaces = ['wan1', 'wan2']\nvalidate = 'tcp:198.18.0.1:7'\n\
+             [priorities]\nwan2 = 10\n",
+        )
+        .expect("parses");
+        config.validate().expect("validates");
+        assert_eq!(config.tcp_target(), Some("198.18.0.1:7".parse().expect("addr")));
+        assert_eq!(config.rescan_every, Duration::from_secs(30));
+        let bad = Config::parse("hds = ['a:1']\nvalidate = 'ping'").expect("parses");
+        assert!(bad.validate().expect_err("bad validate").to_string().contains("validate"));
     }
 
     #[test]

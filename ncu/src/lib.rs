@@ -8,3 +8,4 @@ pub mod config;
 pub mod hds_client;
 pub mod identity;
 pub mod load;
+pub mod uplinks;

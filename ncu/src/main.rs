@@ -109,19 +109,9 @@ async fn execute(command: Command) -> anyhow::Result<()> {
                 .with_context(|| format!("bad configuration in {}", config.display()))?;
             let identity = Identity::load(&config.identity)
                 .with_context(|| format!("no NCU identity in {} (enroll first)", config.identity.display()))?;
-            let uplinks = config
-                .uplinks
-                .iter()
-                .map(|u| agent::UplinkSpec {
-                    name: u.name.clone(),
-                    address: u.address,
-                    priority: u.priority,
-                    weight: u.weight,
-                })
-                .collect();
-            let (_uplinks_tx, uplinks_rx) = tokio::sync::watch::channel(uplinks);
-            let (status, _) = tokio::sync::watch::channel(agent::Status::default());
             let shutdown = tokio_util::sync::CancellationToken::new();
+            let uplinks_rx = uplink_source(&config, &identity, &shutdown)?;
+            let (status, _) = tokio::sync::watch::channel(agent::Status::default());
             let signal = shutdown.clone();
             tokio::spawn(async move {
                 let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
@@ -145,4 +135,57 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             .await
         }
     }
+}
+
+/// The uplinks: fixed from the configuration, or discovered from the kernel by a background task.
+fn uplink_source(
+    config: &ncu::config::Config,
+    identity: &Identity,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<tokio::sync::watch::Receiver<Vec<agent::UplinkSpec>>> {
+    if !config.uplinks.is_empty() {
+        let fixed = config
+            .uplinks
+            .iter()
+            .map(|u| agent::UplinkSpec {
+                name: u.name.clone(),
+                address: u.address,
+                interface: None,
+                priority: u.priority,
+                weight: u.weight,
+            })
+            .collect();
+        return Ok(tokio::sync::watch::channel(fixed).1);
+    }
+    let target = match config.tcp_target() {
+        Some(server) => ncu::uplinks::validate::Target::Tcp(server),
+        None => ncu::uplinks::validate::Target::Hds {
+            addresses: config.hds.clone(),
+            tls: std::sync::Arc::new(hds::pki::client_tls(
+                &identity.ca_pem,
+                Some((&identity.cert_pem, &identity.key_pem)),
+                hds::proto::ALPN,
+            )?),
+        },
+    };
+    let settings = ncu::uplinks::discovery::Settings {
+        selection: match &config.interfaces {
+            Some(names) => ncu::uplinks::state::Selection::Names(names.clone()),
+            None => ncu::uplinks::state::Selection::Auto,
+        },
+        rescan_every: config.rescan_every,
+        target,
+        validate_timeout: config.validate_timeout,
+        max_backoff: config.max_backoff,
+        priorities: config.priorities.clone(),
+        weights: config.weights.clone(),
+    };
+    let (tx, rx) = tokio::sync::watch::channel(Vec::new());
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        if let Err(error) = ncu::uplinks::discovery::run(settings, tx, shutdown).await {
+            tracing::error!("uplink discovery stopped: {error:#}");
+        }
+    });
+    Ok(rx)
 }

@@ -27,15 +27,27 @@ pub struct HbsServer {
 impl HbsServer {
     /// Starts `name` with a certificate from `pki` and test-friendly timers.
     pub async fn start(database_url: &str, pki: &Pki, name: &str) -> Result<Self> {
-        let issued = pki.ca.issue_server(name, &["127.0.0.1".into()], Duration::from_secs(3600))?;
+        let control = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let heartbeat = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        Self::start_on(control, heartbeat, database_url, pki, name).await
+    }
+
+    /// Starts `name` on already bound sockets; its certificate names the control socket's address.
+    pub async fn start_on(
+        control_socket: std::net::UdpSocket,
+        heartbeat_socket: std::net::UdpSocket,
+        database_url: &str,
+        pki: &Pki,
+        name: &str,
+    ) -> Result<Self> {
+        let san = control_socket.local_addr()?.ip().to_string();
+        let issued = pki.ca.issue_server(name, &[san], Duration::from_secs(3600))?;
         let cert = pki.path(&format!("{name}.pem"));
         let key = pki.path(&format!("{name}.key"));
         if !cert.exists() {
             hds::pki::write_new(&cert, &issued.cert_pem, 0o644)?;
             hds::pki::write_new(&key, &issued.key_pem, 0o600)?;
         }
-        let control_socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
-        let heartbeat_socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
         let control = control_socket.local_addr()?;
         let heartbeat = heartbeat_socket.local_addr()?;
         let text = format!(
@@ -127,5 +139,11 @@ impl Drop for Agent {
 
 /// An uplink on a loopback address.
 pub fn uplink(name: &str, address: &str) -> UplinkSpec {
-    UplinkSpec { name: name.into(), address: address.parse().unwrap_or([127, 0, 0, 1].into()), priority: 0, weight: 1 }
+    UplinkSpec {
+        name: name.into(),
+        address: address.parse().unwrap_or([127, 0, 0, 1].into()),
+        interface: None,
+        priority: 0,
+        weight: 1,
+    }
 }

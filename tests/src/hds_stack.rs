@@ -18,10 +18,16 @@ pub struct Pki {
 impl Pki {
     /// Creates the CA and the hds certificate.
     pub fn new() -> Result<Self> {
+        Self::with_sans(&["127.0.0.1", "localhost"])
+    }
+
+    /// Creates the CA and an hds certificate for these names and addresses.
+    pub fn with_sans(sans: &[&str]) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("tether-pki-").tempdir()?;
         let ca = pki::Ca::generate("test operator CA", Duration::from_secs(3600 * 24))?;
         ca.save(dir.path())?;
-        let issued = ca.issue_server("hds", &["127.0.0.1".into(), "localhost".into()], Duration::from_secs(3600))?;
+        let sans: Vec<String> = sans.iter().map(|s| (*s).to_owned()).collect();
+        let issued = ca.issue_server("hds", &sans, Duration::from_secs(3600))?;
         pki::write_new(&dir.path().join("hds.pem"), &issued.cert_pem, 0o644)?;
         pki::write_new(&dir.path().join("hds.key"), &issued.key_pem, 0o600)?;
         Ok(Self { dir, ca })
@@ -49,7 +55,11 @@ pub struct HdsServer {
 impl HdsServer {
     /// Starts hds against `database_url`; `extra` is appended to the TOML (e.g. a `[publish]` table).
     pub async fn start(database_url: &str, pki: &Pki, extra: &str) -> Result<Self> {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        Self::start_on(std::net::UdpSocket::bind("127.0.0.1:0")?, database_url, pki, extra).await
+    }
+
+    /// Starts hds on an already bound socket (e.g. one made inside a network namespace).
+    pub async fn start_on(socket: std::net::UdpSocket, database_url: &str, pki: &Pki, extra: &str) -> Result<Self> {
         let addr = socket.local_addr()?;
         let text = format!(
             "listen = '{addr}'\ndatabase_url = '{database_url}'\nca = '{}'\ncert = '{}'\nkey = '{}'\n{extra}",

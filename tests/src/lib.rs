@@ -18,6 +18,7 @@ use nix::{
 pub mod dns_client;
 pub mod fleet;
 pub mod hds_stack;
+pub mod netns;
 pub mod stack;
 
 /// A Postgres cluster in a temporary directory, reachable over a Unix socket only; removed on drop.

@@ -5,3 +5,4 @@ mod dns_answers;
 mod hds;
 mod heartbeat;
 mod sync;
+mod uplinks;
