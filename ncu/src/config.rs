@@ -40,6 +40,12 @@ pub struct Config {
     /// Discovery: weight per interface (default 1).
     #[serde(default)]
     pub weights: std::collections::BTreeMap<String, u16>,
+    /// Spread outgoing traffic: a multipath default route over the valid uplinks, restored on exit.
+    #[serde(default)]
+    pub manage_routes: bool,
+    /// Metric of that route; lower than the system's default routes so it takes precedence.
+    #[serde(default)]
+    pub route_metric: u32,
     /// Log format: `text` or `json`.
     #[serde(default = "default_log_format")]
     pub log_format: String,
@@ -184,7 +190,8 @@ mod tests {
         let config = Config::parse(include_str!("../../deploy/ncu.toml")).expect("parses");
         config.validate().expect("validates");
         assert_eq!(config.failover_after, Duration::from_secs(3));
-        assert_eq!(config.uplinks.len(), 2);
+        assert!(config.uplinks.is_empty(), "the example discovers its uplinks");
+        assert_eq!(config.priorities.get("wan2"), Some(&10));
     }
 
     #[test]

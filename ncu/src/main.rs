@@ -179,6 +179,7 @@ fn uplink_source(
         max_backoff: config.max_backoff,
         priorities: config.priorities.clone(),
         weights: config.weights.clone(),
+        manage_routes: config.manage_routes.then_some(config.route_metric),
     };
     let (tx, rx) = tokio::sync::watch::channel(Vec::new());
     let shutdown = shutdown.clone();

@@ -13,6 +13,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     netlink,
+    routes::RouteManager,
     state::{self, Candidate, Retry, Selection},
     validate::{self, Target},
 };
@@ -35,6 +36,8 @@ pub struct Settings {
     pub priorities: BTreeMap<String, u16>,
     /// Weight per interface name (default 1).
     pub weights: BTreeMap<String, u16>,
+    /// Install a multipath default route over the valid uplinks with this metric (outbound spreading).
+    pub manage_routes: Option<u32>,
 }
 
 /// Wait after a netlink event before re-reading, so a burst (address + route) is read once.
@@ -48,6 +51,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let (connection, handle, mut events) = rtnetlink::new_multicast_connection(&netlink::GROUPS)?;
     tokio::spawn(connection);
+    let mut routes = settings.manage_routes.map(|metric| RouteManager::new(handle.clone(), metric));
+    let weight = |c: &Candidate| settings.weights.get(&c.interface).copied().unwrap_or(1);
     let mut published: BTreeMap<String, Candidate> = BTreeMap::new();
     let mut retries: BTreeMap<String, Retry> = BTreeMap::new();
     let mut checks: JoinSet<(Candidate, Result<(), String>)> = JoinSet::new();
@@ -87,11 +92,19 @@ pub async fn run(
             }
             if changed {
                 publish.send_replace(specs(&published, &settings));
+                if let Some(routes) = routes.as_mut() {
+                    routes.apply(&published.values().cloned().collect::<Vec<_>>(), weight).await;
+                }
             }
         }
         let next_retry = retries.values().map(|r| r.due).min();
         tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
+            () = shutdown.cancelled() => {
+                if let Some(routes) = routes.as_mut() {
+                    routes.restore().await;
+                }
+                return Ok(());
+            }
             event = events.next() => {
                 if event.is_none() {
                     anyhow::bail!("the netlink event stream ended");
@@ -111,6 +124,9 @@ pub async fn run(
                         retries.remove(&candidate.name);
                         published.insert(candidate.name.clone(), candidate);
                         publish.send_replace(specs(&published, &settings));
+                        if let Some(routes) = routes.as_mut() {
+                            routes.apply(&published.values().cloned().collect::<Vec<_>>(), weight).await;
+                        }
                     }
                     Ok(()) => debug!(uplink = %candidate.name, "validated, but it changed meanwhile"),
                     Err(reason) => {

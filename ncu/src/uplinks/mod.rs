@@ -4,5 +4,6 @@
 
 pub mod discovery;
 pub mod netlink;
+pub mod routes;
 pub mod state;
 pub mod validate;

@@ -6,7 +6,7 @@ use futures_util::stream::TryStreamExt;
 use netlink_packet_route::{
     address::{AddressAttribute, AddressFlags, AddressScope},
     link::{LinkAttribute, LinkFlags},
-    route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
+    route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType},
 };
 use rtnetlink::{Handle, MulticastGroup, RouteMessageBuilder};
 
@@ -84,7 +84,8 @@ fn default_routes(route: &RouteMessage, v6: bool, out: &mut Vec<DefaultRoute>) {
         _ => None,
     });
     let in_main = table.map_or(header.table == MAIN_TABLE, |t| t == u32::from(MAIN_TABLE));
-    if header.destination_prefix_length != 0 || header.kind != RouteType::Unicast || !in_main {
+    let ours = header.protocol == RouteProtocol::Other(super::routes::PROTOCOL);
+    if header.destination_prefix_length != 0 || header.kind != RouteType::Unicast || !in_main || ours {
         return;
     }
     let gateway = route.attributes.iter().find_map(|a| match a {

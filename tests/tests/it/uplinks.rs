@@ -42,6 +42,13 @@ fn default_route(ns: &Namespaces, i: u8) -> Result<()> {
     )
 }
 
+/// `ip route show default` in the site namespace.
+fn default_routes(ns: &Namespaces) -> Result<String> {
+    let output =
+        std::process::Command::new("ip").args(["-n", &ns.name("site"), "route", "show", "default"]).output()?;
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 /// The NCU's registered uplinks as recorded by the heartbeat server: name → address.
 async fn registered(db: &sqlx::PgPool) -> Option<BTreeMap<String, String>> {
     let rows: Vec<(String, String)> = sqlx::query_as(
@@ -88,6 +95,7 @@ impl SiteNcu {
                         max_backoff: Duration::from_secs(2),
                         priorities: BTreeMap::new(),
                         weights: BTreeMap::new(),
+                        manage_routes: Some(10),
                     };
                     let (uplinks_tx, uplinks_rx) = watch::channel(Vec::new());
                     let discovery = ncu::uplinks::discovery::run(settings, uplinks_tx, stop.clone());
@@ -229,6 +237,27 @@ async fn the_registered_set_follows_addresses_links_reachability_and_new_uplinks
         "a fourth uplink",
     )
     .await?;
+
+    // Outbound spreading: one multipath default route over the four valid uplinks, ahead of the system's own.
+    let routes = default_routes(&ns)?;
+    assert!(routes.contains("proto 222 metric 10"), "{routes}");
+    for i in 1..=4 {
+        assert!(routes.contains(&format!("nexthop via 198.18.{i}.1 dev wan{i}")), "{routes}");
+    }
+    // A withdrawn uplink leaves the route at once.
+    ns.ip("site", &["link", "set", "wan4", "down"])?;
+    eventually(Duration::from_secs(5), "wan4 out of the multipath route", || async {
+        let routes = default_routes(&ns).ok()?;
+        (!routes.contains("dev wan4") && routes.contains("dev wan1")).then_some(())
+    })
+    .await?;
+    // On exit the system's routes are in force again, and tether's is gone.
+    drop(ncu);
+    let routes = default_routes(&ns)?;
+    assert!(!routes.contains("proto 222"), "{routes}");
+    for i in 1..=3 {
+        assert!(routes.contains(&format!("default via 198.18.{i}.1 dev wan{i} metric 10{i}")), "{routes}");
+    }
     drop(hds);
     Ok(())
 }
