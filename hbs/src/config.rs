@@ -2,7 +2,10 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+use hds::settings::{self, invalid};
 use serde::Deserialize;
+
+pub use hds::settings::ConfigError;
 
 /// Everything `hbs` reads from its `--config` file.
 #[derive(Debug, Clone, Deserialize)]
@@ -63,41 +66,11 @@ pub struct Config {
     pub log_format: String,
 }
 
-/// A configuration that cannot be used, naming the offending key.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The path given.
-        path: String,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The TOML is malformed or a key is unknown or mistyped.
-    #[error(transparent)]
-    Parse(#[from] toml::de::Error),
-    /// A key has a value that parses but cannot work.
-    #[error("`{key}`: {problem}")]
-    Invalid {
-        /// The key at fault.
-        key: &'static str,
-        /// What is wrong with it.
-        problem: String,
-    },
-}
-
 impl Config {
     /// Reads, parses, applies `DATABASE_URL` and validates.
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-        let mut config = Self::parse(&text)?;
-        if let Ok(url) = std::env::var("DATABASE_URL")
-            && !url.is_empty()
-        {
-            config.database_url = Some(url);
-        }
+        let mut config: Self = settings::read_toml(path)?;
+        config.database_url = settings::database_url(config.database_url.take());
         config.validate()?;
         Ok(config)
     }
@@ -109,20 +82,13 @@ impl Config {
 
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, problem: &str| ConfigError::Invalid { key, problem: problem.to_owned() };
         if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
             return Err(invalid("name", "letters, digits and hyphens"));
         }
-        match &self.database_url {
-            None => return Err(invalid("database_url", "missing (set it here or in DATABASE_URL)")),
-            Some(url) if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) => {
-                return Err(invalid("database_url", "must start with postgres:// or postgresql://"));
-            }
-            Some(_) => {}
-        }
+        settings::check_database_url(self.database_url.as_deref())?;
         for (key, path) in [("ca", &self.ca), ("cert", &self.cert), ("key", &self.key)] {
             if !path.is_file() {
-                return Err(invalid(key, &format!("{} is not a readable file", path.display())));
+                return Err(invalid(key, format!("{} is not a readable file", path.display())));
             }
         }
         if self.capacity == 0 {

@@ -47,17 +47,7 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        let signal = shutdown.clone();
-        tokio::spawn(async move {
-            let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
-                return;
-            };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            signal.cancel();
-        });
+        hds::settings::cancel_on_signal(shutdown.clone());
         hbs::run(sockets, config, Arc::default(), shutdown).await
     })
 }

@@ -12,6 +12,7 @@ pub mod pki;
 pub mod proto;
 #[cfg(feature = "server")]
 pub mod server;
+pub mod settings;
 #[cfg(feature = "server")]
 pub mod store;
 

@@ -121,17 +121,7 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
         let socket =
             std::net::UdpSocket::bind(config.listen).with_context(|| format!("binding listen {}", config.listen))?;
         let shutdown = CancellationToken::new();
-        let signal = shutdown.clone();
-        tokio::spawn(async move {
-            let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
-                return;
-            };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            signal.cancel();
-        });
+        hds::settings::cancel_on_signal(shutdown.clone());
         hds::run(socket, config, shutdown).await
     })
 }

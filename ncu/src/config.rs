@@ -2,7 +2,10 @@
 
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
+use hds::settings::invalid;
 use serde::Deserialize;
+
+pub use hds::settings::ConfigError;
 
 /// Everything `ncu run` reads from its `--config` file.
 #[derive(Debug, Clone, Deserialize)]
@@ -67,36 +70,10 @@ pub struct UplinkConfig {
     pub weight: u16,
 }
 
-/// A configuration that cannot be used, naming the offending key.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The path given.
-        path: String,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The TOML is malformed or a key is unknown or mistyped.
-    #[error(transparent)]
-    Parse(#[from] toml::de::Error),
-    /// A key has a value that parses but cannot work.
-    #[error("`{key}`: {problem}")]
-    Invalid {
-        /// The key at fault.
-        key: &'static str,
-        /// What is wrong with it.
-        problem: String,
-    },
-}
-
 impl Config {
     /// Reads, parses and validates.
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-        let config = Self::parse(&text)?;
+        let config: Self = hds::settings::read_toml(path)?;
         config.validate()?;
         Ok(config)
     }
@@ -108,12 +85,11 @@ impl Config {
 
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, problem: String| ConfigError::Invalid { key, problem };
         if self.hds.is_empty() {
-            return Err(invalid("hds", "at least one hds address".into()));
+            return Err(invalid("hds", "at least one hds address"));
         }
         if self.failover_after < Duration::from_millis(500) {
-            return Err(invalid("failover_after", "must be at least 500ms".into()));
+            return Err(invalid("failover_after", "must be at least 500ms"));
         }
         if self.uplinks.len() > hbs::control::MAX_UPLINKS {
             return Err(invalid("uplink", format!("at most {} uplinks", hbs::control::MAX_UPLINKS)));
@@ -127,16 +103,16 @@ impl Config {
             }
         }
         if self.validate != "hds" && self.tcp_target().is_none() {
-            return Err(invalid("validate", "`hds` or `tcp:HOST:PORT` with an IP address".into()));
+            return Err(invalid("validate", "`hds` or `tcp:HOST:PORT` with an IP address"));
         }
         if self.rescan_every < Duration::from_secs(1) {
-            return Err(invalid("rescan_every", "must be at least 1s".into()));
+            return Err(invalid("rescan_every", "must be at least 1s"));
         }
         if self.weights.values().any(|w| *w == 0) {
-            return Err(invalid("weights", "weights must be above zero".into()));
+            return Err(invalid("weights", "weights must be above zero"));
         }
         if !["text", "json"].contains(&self.log_format.as_str()) {
-            return Err(invalid("log_format", "must be text or json".into()));
+            return Err(invalid("log_format", "must be text or json"));
         }
         Ok(())
     }

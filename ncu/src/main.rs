@@ -112,17 +112,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             let shutdown = tokio_util::sync::CancellationToken::new();
             let uplinks_rx = uplink_source(&config, &identity, &shutdown)?;
             let (status, _) = tokio::sync::watch::channel(agent::Status::default());
-            let signal = shutdown.clone();
-            tokio::spawn(async move {
-                let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
-                    return;
-                };
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-                signal.cancel();
-            });
+            hds::settings::cancel_on_signal(shutdown.clone());
             agent::run(
                 config.hds,
                 identity,
