@@ -139,6 +139,7 @@ pub async fn run(
         drill,
         status,
         uplinks,
+        uplinks_open: true,
         load: load::current(),
     };
     agent.sync_sockets().await;
@@ -205,6 +206,8 @@ struct Agent {
     drill: Drill,
     status: watch::Sender<Status>,
     uplinks: watch::Receiver<Vec<UplinkSpec>>,
+    /// False once the uplink source is gone: no more changes will come.
+    uplinks_open: bool,
     load: u16,
 }
 
@@ -368,9 +371,11 @@ impl Agent {
                     Some(Err(reason)) => break Exit::Closed(reason),
                     None => break Exit::Closed("control reader ended".into()),
                 },
-                changed = self.uplinks.changed() => {
+                changed = self.uplinks.changed(), if self.uplinks_open => {
                     if changed.is_err() {
-                        break Exit::Shutdown;
+                        // A fixed set (or a finished source): the uplinks stay as they are.
+                        self.uplinks_open = false;
+                        continue;
                     }
                     self.sync_sockets().await;
                     let uplinks = self.uplinks_for_hbs();
