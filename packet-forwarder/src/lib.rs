@@ -1,1 +1,177 @@
-//! packet-forwarder: each static address relayed to the live dynamic addresses.
+//! tether's packet forwarder: each domain's static address relayed to its live dynamic addresses.
+//!
+//! The [`table::Table`] (static address, port, protocol → domain and live targets) is read from Postgres and kept
+//! fresh by LISTEN/NOTIFY ([`sync`]); [`listeners`] binds and unbinds the static listeners as it changes; [`tcp`]
+//! and [`udp`] relay the flows; [`limits`] caps them; [`metrics`] counts them per domain.
+
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use tokio::{net::TcpListener, sync::watch};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{info, warn};
+
+pub mod config;
+pub mod flows;
+pub mod limits;
+pub mod listeners;
+pub mod metrics;
+pub mod proxy;
+pub mod store;
+pub mod sync;
+pub mod table;
+pub mod tcp;
+pub mod udp;
+
+pub use config::Config;
+
+/// Sockets bound before `run`, so tests can bind port 0 and read the address back. The static listeners are
+/// bound by `run` itself, as the table asks for them.
+pub struct Listeners {
+    /// `GET /metrics` and `GET /healthz`.
+    pub metrics: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the configured metrics address.
+    pub async fn bind(metrics: SocketAddr) -> io::Result<Self> {
+        Ok(Self { metrics: TcpListener::bind(metrics).await? })
+    }
+
+    /// The metrics address.
+    pub fn metrics_addr(&self) -> io::Result<SocketAddr> {
+        self.metrics.local_addr()
+    }
+}
+
+/// What the relays, the sync task and the listeners share.
+pub struct Shared {
+    /// The table every new flow reads.
+    pub table: ArcSwap<table::Table>,
+    /// Counters and gauges.
+    pub metrics: metrics::Metrics,
+    /// Flow caps.
+    pub limits: Arc<limits::Limits>,
+    /// Every TCP flow, so shutdown can wait for them.
+    pub flows: TaskTracker,
+    /// Cancelled when flows must end now (after the shutdown grace).
+    pub cut: CancellationToken,
+    /// See [`Config::connect_timeout`].
+    pub connect_timeout: Duration,
+    /// See [`Config::udp_idle_timeout`].
+    pub udp_idle_timeout: Duration,
+    /// See [`Config::tcp_buffer`].
+    pub tcp_buffer: usize,
+    changed: watch::Sender<()>,
+}
+
+impl Shared {
+    /// An empty table and the relay settings of `config`.
+    pub fn new(config: &Config) -> Self {
+        Self {
+            table: ArcSwap::from_pointee(table::Table::empty()),
+            metrics: metrics::Metrics::new(),
+            limits: Arc::default(),
+            flows: TaskTracker::new(),
+            cut: CancellationToken::new(),
+            connect_timeout: config.connect_timeout,
+            udp_idle_timeout: config.udp_idle_timeout,
+            tcp_buffer: config.tcp_buffer,
+            changed: watch::Sender::new(()),
+        }
+    }
+
+    /// Swaps in a new table and wakes the listener reconciler.
+    pub fn publish(&self, table: table::Table) {
+        self.metrics.domains.set(i64::try_from(table.domain_count()).unwrap_or(i64::MAX));
+        self.table.store(Arc::new(table));
+        self.changed.send_replace(());
+    }
+}
+
+/// Runs the forwarder until `shutdown`, then lets running flows finish for `shutdown_grace` before cutting them.
+pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let pool = store::pool(config.database_url()).context("database_url")?;
+    let shared = Arc::new(Shared::new(&config));
+    let (synced_tx, synced_rx) = watch::channel(false);
+    let metrics_addr = listeners.metrics_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/healthz", get(healthz))
+        .with_state((shared.clone(), synced_rx.clone()));
+    let http_shutdown = shutdown.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(listeners.metrics, app).with_graceful_shutdown(http_shutdown.cancelled_owned()).await
+    });
+    info!(%metrics_addr, "metrics served");
+
+    if !prepare_database(&pool, config.max_backoff, &shutdown).await? {
+        let _ = http.await;
+        return Ok(());
+    }
+    let sync_task =
+        tokio::spawn(sync::run(pool.clone(), shared.clone(), config.max_backoff, synced_tx, shutdown.clone()));
+    let listener_task = tokio::spawn(listeners::run(shared.clone(), shared.changed.subscribe(), shutdown.clone()));
+
+    shutdown.cancelled().await;
+    info!("shutting down: no new flows");
+    let _ = listener_task.await;
+    let _ = sync_task.await;
+    shared.flows.close();
+    if tokio::time::timeout(config.shutdown_grace, shared.flows.wait()).await.is_err() {
+        warn!(flows = shared.flows.len(), "flows still running after the shutdown grace; cutting them");
+    }
+    shared.cut.cancel();
+    shared.flows.wait().await;
+    match http.await {
+        Ok(Err(error)) => warn!(%error, "metrics server did not stop cleanly"),
+        Err(error) => warn!(%error, "metrics server task failed"),
+        Ok(Ok(())) => {}
+    }
+    pool.close().await;
+    Ok(())
+}
+
+type HttpState = (Arc<Shared>, watch::Receiver<bool>);
+
+async fn render_metrics(State((shared, _)): State<HttpState>) -> impl IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], shared.metrics.render())
+}
+
+/// 200 once the table has been loaded, 503 before.
+async fn healthz(State((shared, synced)): State<HttpState>) -> impl IntoResponse {
+    let ready = *synced.borrow();
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = format!(
+        "{{\"status\":\"{}\",\"domains\":{},\"listeners\":{}}}",
+        if ready { "ok" } else { "starting" },
+        shared.metrics.domains.get(),
+        shared.metrics.listeners.get(),
+    );
+    (status, [(axum::http::header::CONTENT_TYPE, "application/json")], body)
+}
+
+/// Applies migrations, waiting for Postgres with backoff. False when shut down while waiting.
+async fn prepare_database(
+    pool: &sqlx::PgPool,
+    max_backoff: Duration,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<bool> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match store::migrate(pool).await {
+            Ok(()) => return Ok(true),
+            Err(error) if error.is_unavailable() => {
+                warn!(%error, retry_in = ?delay, "waiting for Postgres");
+            }
+            Err(error) => return Err(error).context("applying migrations"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(false),
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(max_backoff);
+    }
+}

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use serde::Deserialize;
 
 use super::ApiError;
-use crate::view::Nameserver;
+use crate::{store::admin, view::Nameserver};
 
 /// `POST /v1/subscribers`.
 #[derive(Debug, Deserialize)]
@@ -120,6 +120,89 @@ pub(super) struct ServiceSpec {
 
 /// Most service tuples one domain may have.
 pub(super) const MAX_SERVICES: usize = 64;
+
+/// `PUT /v1/domains/{name}/forwarding`: the packet-forwarder settings; a field left out keeps its value.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Forwarding {
+    pub(super) ports: Option<Vec<u16>>,
+    pub(super) policy: Option<ForwardPolicy>,
+    pub(super) proxy_protocol: Option<ProxyProtocol>,
+    pub(super) max_flows: Option<u32>,
+    pub(super) max_flows_per_client: Option<u32>,
+}
+
+/// How the forwarder spreads new flows over the live addresses.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum ForwardPolicy {
+    RoundRobin,
+    LeastConnections,
+}
+
+/// Whether the site's server gets a PROXY protocol v2 header.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum ProxyProtocol {
+    Off,
+    Tcp,
+    TcpUdp,
+}
+
+/// Most forwarded ports one domain may list.
+pub(super) const MAX_FORWARD_PORTS: usize = 64;
+/// Highest flow cap.
+pub(super) const MAX_FLOWS: u32 = 1_000_000;
+
+/// The settings after `update`, checked as a whole.
+pub(super) fn forwarding(current: admin::Forwarding, update: Forwarding) -> Result<admin::Forwarding, ApiError> {
+    let mut next = current;
+    if let Some(mut ports) = update.ports {
+        if ports.len() > MAX_FORWARD_PORTS {
+            return Err(ApiError::invalid(format!("ports: at most {MAX_FORWARD_PORTS}")));
+        }
+        if ports.contains(&0) {
+            return Err(ApiError::invalid("ports: 0 is not a port"));
+        }
+        ports.sort_unstable();
+        if let Some(pair) = ports.windows(2).find(|pair| pair[0] == pair[1]) {
+            return Err(ApiError::invalid(format!("ports: {} is listed twice", pair[0])));
+        }
+        next.ports = ports.into_iter().map(i32::from).collect();
+    }
+    if let Some(policy) = update.policy {
+        next.policy = match policy {
+            ForwardPolicy::RoundRobin => "round_robin",
+            ForwardPolicy::LeastConnections => "least_connections",
+        }
+        .into();
+    }
+    if let Some(proxy) = update.proxy_protocol {
+        next.proxy_protocol = match proxy {
+            ProxyProtocol::Off => "off",
+            ProxyProtocol::Tcp => "tcp",
+            ProxyProtocol::TcpUdp => "tcp_udp",
+        }
+        .into();
+    }
+    if let Some(max) = update.max_flows {
+        next.max_flows = bounded("max_flows", max, 1, MAX_FLOWS)?;
+        if update.max_flows_per_client.is_none() {
+            // Lowering the domain cap alone lowers the per-client cap with it.
+            next.max_flows_per_client = next.max_flows_per_client.min(next.max_flows);
+        }
+    }
+    if let Some(max) = update.max_flows_per_client {
+        next.max_flows_per_client = bounded("max_flows_per_client", max, 1, MAX_FLOWS)?;
+    }
+    if next.max_flows_per_client > next.max_flows {
+        return Err(ApiError::invalid(format!(
+            "max_flows_per_client: {} is above max_flows ({})",
+            next.max_flows_per_client, next.max_flows
+        )));
+    }
+    Ok(next)
+}
 
 /// Turns user input into the stored form: lower case, fully qualified (`www.example.com.`), or says what is wrong.
 pub(super) fn hostname(field: &str, input: &str) -> Result<String, ApiError> {
@@ -259,6 +342,40 @@ mod tests {
             assert!(usable_ip("ip", ip.parse().expect("ip")).is_err(), "{ip}");
         }
         assert!(usable_ip("ip", "198.18.0.1".parse().expect("ip")).is_ok());
+    }
+
+    #[test]
+    fn forwarding_updates_merge_and_are_checked() {
+        let current = admin::Forwarding {
+            ports: vec![],
+            policy: "round_robin".into(),
+            proxy_protocol: "off".into(),
+            max_flows: 100,
+            max_flows_per_client: 10,
+        };
+        let update: Forwarding =
+            serde_json::from_str(r#"{"ports":[443,80],"policy":"least_connections","proxy_protocol":"tcp_udp"}"#)
+                .expect("update");
+        let next = forwarding(current.clone(), update).expect("valid");
+        assert_eq!(next.ports, [80, 443]);
+        assert_eq!((next.policy.as_str(), next.proxy_protocol.as_str()), ("least_connections", "tcp_udp"));
+        assert_eq!((next.max_flows, next.max_flows_per_client), (100, 10));
+        for (json, why) in [
+            (r#"{"ports":[0]}"#, "0 is not a port"),
+            (r#"{"ports":[80,80]}"#, "80 is listed twice"),
+            (r#"{"max_flows":0}"#, "max_flows: 0"),
+            (r#"{"max_flows":5,"max_flows_per_client":6}"#, "above max_flows (5)"),
+            (r#"{"max_flows_per_client":101}"#, "above max_flows (100)"),
+        ] {
+            let update: Forwarding = serde_json::from_str(json).expect(json);
+            let err = forwarding(current.clone(), update).expect_err(json);
+            assert!(err.message_contains(why), "{json}: {err:?}");
+        }
+        let update: Forwarding = serde_json::from_str(r#"{"max_flows":5}"#).expect("update");
+        assert_eq!(forwarding(current.clone(), update).map(|f| f.max_flows_per_client).ok(), Some(5));
+        assert!(serde_json::from_str::<Forwarding>(r#"{"policy":"fastest"}"#).is_err());
+        assert!(serde_json::from_str::<Forwarding>(r#"{"ports":[70000]}"#).is_err());
+        assert!(serde_json::from_str::<Forwarding>(r#"{"port":[80]}"#).is_err());
     }
 
     #[test]

@@ -57,6 +57,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/domains/{name}/addresses", post(routes::add_address))
         .route("/v1/domains/{name}/addresses/{ip}", delete(routes::delete_address))
         .route("/v1/domains/{name}/services", axum::routing::put(routes::put_services))
+        .route("/v1/domains/{name}/forwarding", axum::routing::put(routes::put_forwarding))
         .route("/v1/domains/{name}/enrollments", post(routes::create_enrollment))
         .route("/v1/heartbeat-servers", get(routes::list_heartbeat_servers))
         .route("/v1/heartbeat-servers/{name}/drain", post(routes::drain_heartbeat_server))

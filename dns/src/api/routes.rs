@@ -319,6 +319,21 @@ pub(super) async fn put_services(
     Ok(Json(stored).into_response())
 }
 
+pub(super) async fn put_forwarding(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Body(body): Body<input::Forwarding>,
+) -> Result<Response, ApiError> {
+    let domain = owned_domain(&state, caller, &name).await?;
+    let not_found = || ApiError::not_found(format!("no domain {}", display(&domain.fqdn)));
+    let current = admin::forwarding(&state.pool, domain.id).await?.ok_or_else(not_found)?;
+    let next = input::forwarding(current, body)?;
+    let stored = admin::set_forwarding(&state.pool, domain.id, &next).await?.ok_or_else(not_found)?;
+    tracing::info!(domain = %domain.fqdn, "forwarding settings replaced");
+    Ok(Json(stored).into_response())
+}
+
 pub(super) async fn create_enrollment(
     State(state): State<AppState>,
     caller: Caller,

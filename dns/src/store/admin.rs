@@ -449,3 +449,49 @@ pub async fn set_heartbeat_server_state(
     .fetch_optional(pool)
     .await?)
 }
+
+/// A domain's packet-forwarder settings.
+#[derive(Debug, Clone, Serialize, FromRow, PartialEq, Eq)]
+pub struct Forwarding {
+    /// Ports relayed on the static address (TCP and UDP); empty: the service tuples' ports.
+    pub ports: Vec<i32>,
+    /// `round_robin` or `least_connections`.
+    pub policy: String,
+    /// `off`, `tcp` or `tcp_udp`.
+    pub proxy_protocol: String,
+    /// Most concurrent flows of the domain.
+    pub max_flows: i32,
+    /// Most concurrent flows of one client address.
+    pub max_flows_per_client: i32,
+}
+
+const FORWARDING_COLUMNS: &str = "forward_ports AS ports, forward_policy AS policy, proxy_protocol, max_flows, \
+     max_flows_per_client";
+
+/// A domain's forwarding settings.
+pub async fn forwarding(pool: &PgPool, domain_id: i64) -> Result<Option<Forwarding>, StoreError> {
+    Ok(sqlx::query_as(&format!("SELECT {FORWARDING_COLUMNS} FROM domains WHERE id = $1"))
+        .bind(domain_id)
+        .fetch_optional(pool)
+        .await?)
+}
+
+/// Replaces a domain's forwarding settings; the domain row trigger notifies the forwarders.
+pub async fn set_forwarding(
+    pool: &PgPool,
+    domain_id: i64,
+    settings: &Forwarding,
+) -> Result<Option<Forwarding>, StoreError> {
+    Ok(sqlx::query_as(&format!(
+        "UPDATE domains SET forward_ports = $2, forward_policy = $3, proxy_protocol = $4, max_flows = $5, \
+         max_flows_per_client = $6 WHERE id = $1 RETURNING {FORWARDING_COLUMNS}"
+    ))
+    .bind(domain_id)
+    .bind(&settings.ports)
+    .bind(&settings.policy)
+    .bind(&settings.proxy_protocol)
+    .bind(settings.max_flows)
+    .bind(settings.max_flows_per_client)
+    .fetch_optional(pool)
+    .await?)
+}

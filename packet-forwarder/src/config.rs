@@ -1,0 +1,228 @@
+//! The `packet-forwarder` configuration file: strict TOML, named defaults, validated once.
+
+use std::{fmt, net::SocketAddr, path::Path, time::Duration};
+
+use serde::Deserialize;
+
+/// Everything `packet-forwarder` reads from its `--config` file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Postgres URL; the environment variable `DATABASE_URL` takes precedence.
+    #[serde(default)]
+    pub database_url: Option<Secret>,
+    /// TCP address serving `GET /metrics` and `GET /healthz`.
+    #[serde(default = "default_metrics_listen")]
+    pub metrics_listen: SocketAddr,
+    /// Log format: `text` or `json`.
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// A UDP flow with no datagram either way for this long is closed.
+    #[serde(default = "default_udp_idle_timeout", with = "humantime_serde")]
+    pub udp_idle_timeout: Duration,
+    /// Longest wait for a site's server to accept a TCP connection before the next address is tried.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Bytes buffered per direction of a TCP flow.
+    #[serde(default = "default_tcp_buffer")]
+    pub tcp_buffer: usize,
+    /// Longest wait between two attempts to reach Postgres.
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// How long running flows may take to finish after a shutdown signal before they are cut.
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A string that never appears in `Debug` output.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+/// A configuration that cannot be used, naming the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The path given.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or a key is unknown or mistyped.
+    #[error(transparent)]
+    Parse(#[from] toml::de::Error),
+    /// A key has a value that parses but cannot work.
+    #[error("`{key}`: {problem}")]
+    Invalid {
+        /// The key at fault.
+        key: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`, then applies the environment overrides.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let mut config = Self::parse(&text)?;
+        config.apply_env(|key| std::env::var(key).ok());
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text without looking at the environment.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        Ok(toml::from_str(text)?)
+    }
+
+    /// Lets `DATABASE_URL` override the file.
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) {
+        if let Some(url) = var("DATABASE_URL").filter(|v| !v.is_empty()) {
+            self.database_url = Some(Secret(url));
+        }
+    }
+
+    /// Checks what serde cannot: presence of the database URL, sane durations and sizes.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let Some(url) = &self.database_url else {
+            return Err(invalid("database_url", "missing (set it here or in DATABASE_URL)"));
+        };
+        if !(url.expose().starts_with("postgres://") || url.expose().starts_with("postgresql://")) {
+            return Err(invalid("database_url", "must start with postgres:// or postgresql://"));
+        }
+        if self.udp_idle_timeout < Duration::from_millis(100) {
+            return Err(invalid("udp_idle_timeout", "must be at least 100ms"));
+        }
+        if self.connect_timeout < Duration::from_millis(10) || self.connect_timeout > Duration::from_secs(60) {
+            return Err(invalid("connect_timeout", "must be between 10ms and 60s"));
+        }
+        if !(1024..=16 << 20).contains(&self.tcp_buffer) {
+            return Err(invalid("tcp_buffer", "must be between 1024 and 16777216 bytes"));
+        }
+        if self.max_backoff < Duration::from_millis(100) {
+            return Err(invalid("max_backoff", "must be at least 100ms"));
+        }
+        Ok(())
+    }
+
+    /// The database URL; present once `validate` has passed.
+    pub fn database_url(&self) -> &str {
+        self.database_url.as_ref().map_or("", Secret::expose)
+    }
+}
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+fn invalid(key: &'static str, problem: &str) -> ConfigError {
+    ConfigError::Invalid { key, problem: problem.to_owned() }
+}
+
+fn default_metrics_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9480))
+}
+
+fn default_udp_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(3)
+}
+
+fn default_tcp_buffer() -> usize {
+    64 << 10
+}
+
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(5)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_validates() {
+        let text = include_str!("../../deploy/packet-forwarder.toml");
+        let config = Config::parse(text).expect("example parses");
+        config.validate().expect("example validates");
+        assert_eq!(config.metrics_listen.port(), 9480);
+        assert_eq!(config.udp_idle_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let config = Config::parse("database_url = 'postgres://localhost/tether'").expect("parses");
+        assert_eq!(config.metrics_listen, default_metrics_listen());
+        assert_eq!(config.connect_timeout, Duration::from_secs(3));
+        assert_eq!(config.tcp_buffer, 65536);
+        assert_eq!(config.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn unknown_and_mistyped_keys_are_named() {
+        let err = Config::parse("metrics_lisen = '127.0.0.1:1'").expect_err("unknown key refused");
+        assert!(err.to_string().contains("metrics_lisen"), "{err}");
+        let err = Config::parse("udp_idle_timeout = 'soon'").expect_err("bad duration refused");
+        assert!(err.to_string().contains("udp_idle_timeout"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        for (text, key) in [
+            ("", "database_url"),
+            ("database_url = 'mysql://x'", "database_url"),
+            ("database_url = 'postgres://x'\nudp_idle_timeout = '1ms'", "udp_idle_timeout"),
+            ("database_url = 'postgres://x'\nconnect_timeout = '2m'", "connect_timeout"),
+            ("database_url = 'postgres://x'\ntcp_buffer = 10", "tcp_buffer"),
+        ] {
+            let config = Config::parse(text).expect("parses");
+            let err = config.validate().expect_err(text);
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn env_overrides_file_and_secrets_are_masked() {
+        let mut config = Config::parse("database_url = 'postgres://file/db'").expect("parses");
+        config.apply_env(|key| (key == "DATABASE_URL").then(|| "postgres://env/db".into()));
+        assert_eq!(config.database_url(), "postgres://env/db");
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("postgres://"), "{debug}");
+    }
+}

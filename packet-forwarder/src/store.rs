@@ -1,0 +1,201 @@
+//! Postgres: the pool, migrations, and the reads that build the target table.
+
+use std::{collections::HashMap, net::IpAddr, time::Duration};
+
+use sqlx::{PgPool, Postgres, Row, Transaction, postgres::PgPoolOptions, postgres::PgRow};
+
+use crate::table::{AddressRow, DomainRow, Policy, Protocol, ProxyMode};
+
+/// The channel every change is announced on.
+pub const CHANNEL: &str = "tether_changes";
+
+/// The migrations in `migrations/`, embedded at build time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// A database failure, classified for callers.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Postgres cannot be reached or the pool is exhausted; worth retrying.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// Anything else; a bug or a schema mismatch.
+    #[error("database error: {0}")]
+    Other(#[source] sqlx::Error),
+}
+
+impl StoreError {
+    /// True when the database is merely out of reach.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        match &error {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => Self::Unavailable(error),
+            sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("57P01" | "57P02" | "57P03")) => {
+                Self::Unavailable(error)
+            }
+            _ => Self::Other(error),
+        }
+    }
+}
+
+/// Opens a pool without connecting yet; connections are made on demand.
+pub fn pool(url: &str) -> Result<PgPool, StoreError> {
+    let options: sqlx::postgres::PgConnectOptions = url.parse().map_err(StoreError::Other)?;
+    Ok(PgPoolOptions::new().max_connections(4).acquire_timeout(Duration::from_secs(3)).connect_lazy_with(options))
+}
+
+/// Applies pending migrations (the migrator holds an advisory lock, so binaries starting together are safe).
+pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    MIGRATOR.run(pool).await.map_err(|error| match error {
+        sqlx::migrate::MigrateError::Execute(e) => StoreError::from(e),
+        other => StoreError::Other(sqlx::Error::Migrate(Box::new(other))),
+    })
+}
+
+const DOMAIN_COLUMNS: &str = "id, fqdn, static_ip, fallback_ip, forward_ports, forward_policy, proxy_protocol, \
+                              max_flows, max_flows_per_client";
+
+/// Every domain with a static address, from one snapshot.
+pub async fn load_all(pool: &PgPool) -> Result<Vec<DomainRow>, StoreError> {
+    load(pool, None).await
+}
+
+/// The named domains that still exist and still have a static address, from one snapshot.
+pub async fn load_domains(pool: &PgPool, ids: &[i64]) -> Result<Vec<DomainRow>, StoreError> {
+    load(pool, Some(ids)).await
+}
+
+async fn load(pool: &PgPool, ids: Option<&[i64]>) -> Result<Vec<DomainRow>, StoreError> {
+    let mut tx = snapshot(pool).await?;
+    let domains = sqlx::query(&format!(
+        "SELECT {DOMAIN_COLUMNS} FROM domains WHERE static_ip IS NOT NULL AND ($1::bigint[] IS NULL OR id = ANY($1))"
+    ))
+    .bind(ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let addresses = sqlx::query(
+        "SELECT a.domain_id, a.ip, a.priority, a.weight FROM addresses a JOIN domains d ON d.id = a.domain_id \
+         WHERE d.static_ip IS NOT NULL AND a.state = 'live' AND ($1::bigint[] IS NULL OR a.domain_id = ANY($1))",
+    )
+    .bind(ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let services = sqlx::query(
+        "SELECT s.domain_id, s.transport, s.port FROM services s JOIN domains d ON d.id = s.domain_id \
+         WHERE d.static_ip IS NOT NULL AND ($1::bigint[] IS NULL OR s.domain_id = ANY($1))",
+    )
+    .bind(ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(assemble(&domains, &addresses, &services))
+}
+
+async fn snapshot(pool: &PgPool) -> Result<Transaction<'static, Postgres>, StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
+    Ok(tx)
+}
+
+type RowError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A listener a service tuple asks for.
+type Listen = (Protocol, u16);
+
+fn assemble(domains: &[PgRow], addresses: &[PgRow], services: &[PgRow]) -> Vec<DomainRow> {
+    let mut by_id: HashMap<i64, DomainRow> = HashMap::with_capacity(domains.len());
+    for row in domains {
+        match domain_from(row) {
+            Ok(domain) => {
+                by_id.insert(domain.id, domain);
+            }
+            Err(error) => tracing::error!(%error, "skipping unreadable domain row"),
+        }
+    }
+    for row in addresses {
+        match address_from(row) {
+            Ok((id, address)) => {
+                if let Some(domain) = by_id.get_mut(&id) {
+                    domain.addresses.push(address);
+                }
+            }
+            Err(error) => tracing::error!(%error, "skipping unreadable address row"),
+        }
+    }
+    for row in services {
+        match service_from(row) {
+            Ok(Some((id, service))) => {
+                if let Some(domain) = by_id.get_mut(&id) {
+                    domain.services.push(service);
+                }
+            }
+            Ok(None) => {}
+            Err(error) => tracing::error!(%error, "skipping unreadable service row"),
+        }
+    }
+    let mut rows: Vec<DomainRow> = by_id.into_values().collect();
+    for row in &mut rows {
+        // Row order from Postgres is arbitrary; a stable order lets an unchanged domain compare equal.
+        row.addresses.sort_by_key(|a| a.ip);
+        row.services.sort_unstable();
+        row.services.dedup();
+    }
+    rows.sort_by_key(|r| r.id);
+    rows
+}
+
+fn domain_from(row: &PgRow) -> Result<DomainRow, RowError> {
+    let fqdn: String = row.try_get("fqdn")?;
+    let ports: Vec<i32> = row.try_get("forward_ports")?;
+    let policy = match row.try_get::<&str, _>("forward_policy")? {
+        "least_connections" => Policy::LeastConnections,
+        _ => Policy::RoundRobin,
+    };
+    let proxy = match row.try_get::<&str, _>("proxy_protocol")? {
+        "tcp" => ProxyMode::Tcp,
+        "tcp_udp" => ProxyMode::TcpUdp,
+        _ => ProxyMode::Off,
+    };
+    Ok(DomainRow {
+        id: row.try_get("id")?,
+        name: fqdn.strip_suffix('.').unwrap_or(&fqdn).to_owned(),
+        static_ip: row.try_get("static_ip")?,
+        fallback: row.try_get::<Option<IpAddr>, _>("fallback_ip")?,
+        ports: ports.into_iter().map(u16::try_from).collect::<Result<_, _>>()?,
+        services: Vec::new(),
+        policy,
+        proxy,
+        max_flows: u32::try_from(row.try_get::<i32, _>("max_flows")?)?,
+        max_flows_per_client: u32::try_from(row.try_get::<i32, _>("max_flows_per_client")?)?,
+        addresses: Vec::new(),
+    })
+}
+
+fn address_from(row: &PgRow) -> Result<(i64, AddressRow), RowError> {
+    Ok((
+        row.try_get("domain_id")?,
+        AddressRow {
+            ip: row.try_get("ip")?,
+            priority: u32::try_from(row.try_get::<i32, _>("priority")?)?,
+            weight: u32::try_from(row.try_get::<i32, _>("weight")?)?,
+        },
+    ))
+}
+
+/// A service tuple's listener; `None` for transports the forwarder does not relay (sctp).
+fn service_from(row: &PgRow) -> Result<Option<(i64, Listen)>, RowError> {
+    let protocol = match row.try_get::<&str, _>("transport")? {
+        "tcp" | "tls" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        _ => return Ok(None),
+    };
+    Ok(Some((row.try_get("domain_id")?, (protocol, u16::try_from(row.try_get::<i32, _>("port")?)?))))
+}

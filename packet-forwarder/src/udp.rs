@@ -1,0 +1,259 @@
+//! The UDP relay: one socket on the static address receives from every client; each client address is a flow
+//! with its own upstream socket connected to the chosen address, and replies go back out of the static socket, so
+//! they leave from the static address.
+//!
+//! One task per listener drives the [`FlowTable`]: datagrams in, one timer at `poll_timeout()`, expired flows out.
+//! Each flow has a reply task reading its upstream socket. A flow whose address leaves the live set is cancelled,
+//! and the client's next datagram opens a new flow to a live address.
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::{
+    Shared,
+    flows::FlowTable,
+    limits::{Caps, Permit},
+    metrics::{FlowMetrics, Refusal, RunningFlow},
+    proxy,
+    table::{ActiveGuard, Entry, Key, Protocol, TargetState},
+};
+
+/// Room left in front of each datagram for a PROXY v2 header (IPv6: 52 bytes), so prepending it copies nothing.
+const HEADROOM: usize = 64;
+/// The largest UDP payload.
+const MAX_DATAGRAM: usize = 65_535;
+
+/// One client's flow: the shell's value in the [`FlowTable`].
+struct UdpFlow {
+    upstream: Arc<UdpSocket>,
+    header: Option<Vec<u8>>,
+    token: CancellationToken,
+    /// Nanoseconds after the listener's epoch of the last reply, plus one; 0 before the first.
+    last_reply: Arc<AtomicU64>,
+    metrics: FlowMetrics,
+    _permit: Permit,
+    _active: Option<ActiveGuard>,
+    _running: RunningFlow,
+}
+
+/// Relays datagrams on one static listener until `stop`.
+pub async fn serve(socket: UdpSocket, key: Key, shared: Arc<Shared>, stop: CancellationToken) {
+    let socket = Arc::new(socket);
+    let Ok(local) = socket.local_addr() else { return };
+    let epoch = Instant::now();
+    let mut flows: FlowTable<UdpFlow> = FlowTable::new(shared.udp_idle_timeout);
+    let mut buf = vec![0_u8; HEADROOM + MAX_DATAGRAM];
+    let timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(timer);
+    loop {
+        let deadline = flows.poll_timeout();
+        if let Some(at) = deadline {
+            timer.as_mut().reset(tokio::time::Instant::from_std(at));
+        }
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = &mut timer, if deadline.is_some() => {
+                let expired = flows.handle_timeout(Instant::now(), |flow| flow.last_reply(epoch));
+                if !expired.is_empty() {
+                    debug!(listener = %key, flows = expired.len(), "idle UDP flows closed");
+                }
+            }
+            received = socket.recv_from(&mut buf[HEADROOM..]) => match received {
+                Ok((len, client)) => {
+                    let ctx = Context { key, local, epoch, socket: &socket, shared: &shared };
+                    ctx.forward(&mut flows, &mut buf, len, client).await;
+                }
+                // ICMP errors surface here on some systems; the socket itself stays usable.
+                Err(error) => debug!(%error, listener = %key, "UDP receive failed"),
+            },
+        }
+    }
+}
+
+/// What the listener's handlers need.
+struct Context<'a> {
+    key: Key,
+    local: SocketAddr,
+    epoch: Instant,
+    socket: &'a Arc<UdpSocket>,
+    shared: &'a Arc<Shared>,
+}
+
+impl Context<'_> {
+    /// Sends one client datagram (at `buf[HEADROOM..HEADROOM + len]`) upstream, opening a flow if needed.
+    async fn forward(&self, flows: &mut FlowTable<UdpFlow>, buf: &mut [u8], len: usize, client: SocketAddr) {
+        let now = Instant::now();
+        if flows.get(client, now).is_none_or(|flow| flow.token.is_cancelled()) {
+            drop(flows.remove(client));
+            let Some(flow) = self.open(client).await else { return };
+            flows.insert(client, flow, now);
+        }
+        let Some(flow) = flows.get(client, now) else { return };
+        let start = match &flow.header {
+            Some(header) => {
+                let start = HEADROOM - header.len();
+                buf[start..HEADROOM].copy_from_slice(header);
+                start
+            }
+            None => HEADROOM,
+        };
+        match flow.upstream.send(&buf[start..HEADROOM + len]).await {
+            Ok(_) => {
+                flow.metrics.bytes_up.inc_by(len as u64);
+            }
+            Err(error) => {
+                flow.metrics.error("send");
+                debug!(%error, listener = %self.key, "cannot send upstream");
+            }
+        }
+    }
+
+    /// A new flow for `client`, or `None` when refused (caps, nothing live) or the upstream socket fails.
+    async fn open(&self, client: SocketAddr) -> Option<UdpFlow> {
+        let entry = self.shared.table.load().get(&self.key).cloned();
+        let Some(Entry::Forward { domain, port }) = entry else { return None };
+        let caps = Caps { max_flows: domain.row.max_flows, max_flows_per_client: domain.row.max_flows_per_client };
+        let permit = match self.shared.limits.admit(domain.row.id, client.ip(), caps) {
+            Ok(permit) => permit,
+            Err(why) => {
+                self.shared.metrics.refuse(&domain.row.name, Protocol::Udp, why);
+                return None;
+            }
+        };
+        let metrics = self.shared.metrics.flow(&domain.row.name, Protocol::Udp);
+        let (ip, target) = match domain.choose(&[]) {
+            Some(target) => (target.ip, Some(target.state.clone())),
+            None => match domain.row.fallback {
+                Some(ip) => (ip, None),
+                None => {
+                    metrics.refused(Refusal::NoTarget);
+                    return None;
+                }
+            },
+        };
+        let upstream = match connected_socket(SocketAddr::new(ip, port)).await {
+            Ok(socket) => Arc::new(socket),
+            Err(error) => {
+                metrics.error("connect");
+                debug!(%error, listener = %self.key, "cannot open an upstream UDP socket");
+                return None;
+            }
+        };
+        let header = if domain.row.proxy.udp() {
+            match proxy::header(client, self.local, true) {
+                Ok(header) if header.len() <= HEADROOM => Some(header),
+                _ => {
+                    metrics.error("proxy_header");
+                    return None;
+                }
+            }
+        } else {
+            None
+        };
+        let token = target.as_ref().map_or_else(|| self.shared.cut.child_token(), |t| t.flow_token());
+        let last_reply = Arc::new(AtomicU64::new(0));
+        let replies = Replies {
+            upstream: upstream.clone(),
+            socket: self.socket.clone(),
+            client,
+            token: token.clone(),
+            cut: self.shared.cut.clone(),
+            last_reply: last_reply.clone(),
+            metrics: metrics.clone(),
+            epoch: self.epoch,
+        };
+        tokio::spawn(replies.run());
+        Some(UdpFlow {
+            upstream,
+            header,
+            token,
+            last_reply,
+            _running: metrics.start(),
+            metrics,
+            _permit: permit,
+            _active: target.as_ref().map(TargetState::enter),
+        })
+    }
+}
+
+impl UdpFlow {
+    fn last_reply(&self, epoch: Instant) -> Option<Instant> {
+        match self.last_reply.load(Ordering::Relaxed) {
+            0 => None,
+            nanos => Some(epoch + Duration::from_nanos(nanos - 1)),
+        }
+    }
+}
+
+impl Drop for UdpFlow {
+    fn drop(&mut self) {
+        // Stops the reply task, which drops the upstream socket.
+        self.token.cancel();
+    }
+}
+
+/// A UDP socket on an ephemeral port, connected to `target`: it sends only there and hears only from there.
+async fn connected_socket(target: SocketAddr) -> std::io::Result<UdpSocket> {
+    let any = match target {
+        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+    };
+    let socket = UdpSocket::bind(any).await?;
+    socket.connect(target).await?;
+    Ok(socket)
+}
+
+/// The reply side of one flow: upstream socket → static socket → client.
+struct Replies {
+    upstream: Arc<UdpSocket>,
+    socket: Arc<UdpSocket>,
+    client: SocketAddr,
+    token: CancellationToken,
+    cut: CancellationToken,
+    last_reply: Arc<AtomicU64>,
+    metrics: FlowMetrics,
+    epoch: Instant,
+}
+
+impl Replies {
+    async fn run(self) {
+        let mut buf = vec![0_u8; MAX_DATAGRAM];
+        loop {
+            let received = tokio::select! {
+                () = self.token.cancelled() => return,
+                () = self.cut.cancelled() => return,
+                received = self.upstream.recv(&mut buf) => received,
+            };
+            let len = match received {
+                Ok(len) => len,
+                Err(error) => {
+                    // ECONNREFUSED: the site's port is closed (ICMP). Reported once per ICMP; keep listening.
+                    self.metrics.error("upstream");
+                    debug!(%error, "upstream UDP socket reported an error");
+                    continue;
+                }
+            };
+            let nanos = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+            self.last_reply.store(nanos + 1, Ordering::Relaxed);
+            match self.socket.send_to(&buf[..len], self.client).await {
+                Ok(_) => {
+                    self.metrics.bytes_down.inc_by(len as u64);
+                }
+                Err(error) => {
+                    self.metrics.error("send");
+                    debug!(%error, "cannot send a reply to the client");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! TCP and UDP relaying: large transfers checked end to end, replies from the static address, PROXY v2.
+
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration, time::Instant};
+
+use anyhow::{Context, Result, ensure};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tether_tests::eventually;
+use tokio::net::UdpSocket;
+
+use crate::common::{Data, SOON, Setup, Site, connect, echo_transfer, ip};
+
+const MIB: usize = 1 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_relays_large_transfers_both_ways() -> Result<()> {
+    let setup = Setup::new(41, "bulk", &[2, 3], json!({})).await?;
+    let _a = Site::start(SocketAddr::new(ip(41, 2), setup.port), false).await?;
+    let _b = Site::start(SocketAddr::new(ip(41, 3), setup.port), false).await?;
+    let forwarder = setup.forwarder("").await?;
+    let to = setup.static_addr();
+    let client = ip(41, 100);
+    eventually(SOON, "the static listener", || async { connect(to, client).await.ok() }).await?;
+
+    // Equal weights, round robin: consecutive connections alternate between the two sites.
+    let mut sites = Vec::new();
+    for _ in 0..4 {
+        sites.push(connect(to, client).await?.1);
+    }
+    sites.sort();
+    assert_eq!(sites, ["site 127.0.41.2", "site 127.0.41.2", "site 127.0.41.3", "site 127.0.41.3"]);
+
+    // Two flows at once, 16 MiB each way each, checked with SHA-256; the client half-closes, the site closes.
+    let started = Instant::now();
+    let (first, _) = connect(to, client).await?;
+    let (second, _) = connect(to, client).await?;
+    let (one, two) =
+        tokio::try_join!(echo_transfer(first, 16 * MIB, 1), echo_transfer(second, 16 * MIB, 2)).context("transfers")?;
+    let elapsed = started.elapsed();
+    assert_eq!(one.0, one.1, "first flow: what came back differs from what was sent");
+    assert_eq!(two.0, two.1, "second flow: what came back differs from what was sent");
+    assert_ne!(one.0, two.0);
+    eprintln!(
+        "relayed 64 MiB (2 flows × 16 MiB each way) in {elapsed:?}: {:.0} MiB/s through the forwarder (debug build)",
+        64.0 / elapsed.as_secs_f64()
+    );
+
+    let up = "tether_forwarder_bytes_total{domain=\"bulk.tether.test\",protocol=\"tcp\",direction=\"up\"}";
+    let down = "tether_forwarder_bytes_total{domain=\"bulk.tether.test\",protocol=\"tcp\",direction=\"down\"}";
+    let expected = (32 * MIB) as f64;
+    eventually(SOON, "byte counters", || async {
+        let up = forwarder.sample(up).await.ok()?;
+        let down = forwarder.sample(down).await.ok()?;
+        (up >= expected && down >= expected).then_some(())
+    })
+    .await?;
+    let flows = forwarder.sample("tether_forwarder_flows_total{domain=\"bulk.tether.test\",protocol=\"tcp\"}").await?;
+    assert!(flows >= 6.0, "flows counted: {flows}");
+    eventually(SOON, "no flow left running", || async {
+        let active = forwarder
+            .sample("tether_forwarder_flows_active{domain=\"bulk.tether.test\",protocol=\"tcp\"}")
+            .await
+            .ok()?;
+        (active == 0.0).then_some(())
+    })
+    .await?;
+    forwarder.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_relays_datagrams_both_ways_from_the_static_address() -> Result<()> {
+    let setup = Setup::new(42, "dgram", &[2], json!({})).await?;
+    let _site = Site::start(SocketAddr::new(ip(42, 2), setup.port), false).await?;
+    let forwarder = setup.forwarder("udp_idle_timeout = '300ms'").await?;
+    let to = setup.static_addr();
+    let client = UdpSocket::bind(SocketAddr::new(ip(42, 100), 0)).await?;
+
+    // 8 MiB in 1 KiB datagrams, 64 in flight, lost ones sent again; every reply must come from the static address.
+    const SIZE: usize = 1024;
+    const COUNT: u64 = 8 * 1024;
+    const WINDOW: u64 = 64;
+    let payload = |seq: u64| {
+        let mut bytes = vec![0_u8; SIZE];
+        bytes[..8].copy_from_slice(&seq.to_be_bytes());
+        Data::new(seq + 1).fill(&mut bytes[8..]);
+        bytes
+    };
+    let mut echoed: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    let mut buf = vec![0_u8; 2048];
+    let started = Instant::now();
+    let mut next = 0;
+    while next < COUNT {
+        let end = (next + WINDOW).min(COUNT);
+        let mut rounds = 0;
+        while (next..end).any(|seq| !echoed.contains_key(&seq)) {
+            rounds += 1;
+            ensure!(rounds <= 20, "datagrams {next}..{end} never came back");
+            for seq in (next..end).filter(|seq| !echoed.contains_key(seq)) {
+                client.send_to(&payload(seq), to).await?;
+            }
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+            while (next..end).any(|seq| !echoed.contains_key(&seq)) {
+                let Ok(received) = tokio::time::timeout_at(deadline, client.recv_from(&mut buf)).await else { break };
+                let (len, from) = received?;
+                ensure!(from == to, "a reply came from {from}, not from the static address {to}");
+                ensure!(len == SIZE + 1 && buf[0] == 2, "unexpected reply of {len} bytes");
+                let seq = u64::from_be_bytes(buf[1..9].try_into()?);
+                echoed.insert(seq, buf[1..len].to_vec());
+            }
+        }
+        next = end;
+    }
+    let elapsed = started.elapsed();
+    let sent: [u8; 32] = (0..COUNT).fold(Sha256::new(), |h, seq| h.chain_update(payload(seq))).finalize().into();
+    let back: [u8; 32] = echoed.values().fold(Sha256::new(), |h, p| h.chain_update(p)).finalize().into();
+    assert_eq!(sent, back, "echoed datagrams differ from those sent");
+    eprintln!("{COUNT} datagrams of {SIZE} bytes echoed through the forwarder in {elapsed:?} (debug build)");
+
+    let active = "tether_forwarder_flows_active{domain=\"dgram.tether.test\",protocol=\"udp\"}";
+    assert_eq!(forwarder.sample(active).await?, 1.0, "one client address, one flow");
+    // Idle for the timeout: the flow is closed; the next datagram opens a new one.
+    eventually(SOON, "the idle UDP flow to close", || async {
+        (forwarder.sample(active).await.ok()? == 0.0).then_some(())
+    })
+    .await?;
+    client.send_to(&payload(0), to).await?;
+    let (len, from) = tokio::time::timeout(SOON, client.recv_from(&mut buf)).await??;
+    assert_eq!((len, from), (SIZE + 1, to));
+    let flows = forwarder.sample("tether_forwarder_flows_total{domain=\"dgram.tether.test\",protocol=\"udp\"}").await?;
+    assert_eq!(flows, 2.0);
+    forwarder.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_v2_tells_the_site_who_the_client_is() -> Result<()> {
+    let setup = Setup::new(44, "proxied", &[2], json!({})).await?;
+    let site = Site::start(SocketAddr::new(ip(44, 2), setup.port), true).await?;
+    let settings = setup.forwarding(json!({ "proxy_protocol": "tcp_udp" })).await?;
+    assert_eq!(settings["proxy_protocol"], "tcp_udp");
+    let forwarder = setup.forwarder("").await?;
+    let to = setup.static_addr();
+
+    // TCP: the header arrives first (the site greets only after parsing it), then the data, unchanged.
+    let (mut stream, greeting) =
+        eventually(SOON, "a proxied connection", || async { connect(to, ip(44, 100)).await.ok() }).await?;
+    assert_eq!(greeting, "site 127.0.44.2");
+    crate::common::ping(&mut stream).await?;
+    let client = stream.local_addr()?;
+    let seen = site.seen.lock().map(|s| s.clone()).unwrap_or_default();
+    assert!(seen.contains(&(client, to)), "site saw {seen:?}, expected {client} → {to}");
+    drop(stream);
+    let (stream, _) = connect(to, ip(44, 100)).await?;
+    let (sent, back) = echo_transfer(stream, 4 * MIB, 7).await?;
+    assert_eq!(sent, back, "data after the header is relayed unchanged");
+
+    // UDP: a header in front of each datagram; the reply carries none.
+    let udp = UdpSocket::bind(SocketAddr::new(ip(44, 101), 0)).await?;
+    let mut buf = [0_u8; 64];
+    for _ in 0..2 {
+        udp.send_to(b"hello", to).await?;
+        let (len, from) = tokio::time::timeout(SOON, udp.recv_from(&mut buf)).await??;
+        assert_eq!((&buf[..len], from), (&b"\x02hello"[..], to));
+    }
+    let client = udp.local_addr()?;
+    let seen = site.seen.lock().map(|s| s.clone()).unwrap_or_default();
+    assert_eq!(seen.iter().filter(|s| **s == (client, to)).count(), 2, "site saw {seen:?}");
+
+    forwarder.stop().await
+}
