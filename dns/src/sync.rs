@@ -4,6 +4,9 @@
 //! coalesces events, reads Postgres, builds the next view and swaps it in. When the connection is lost the reader
 //! reconnects with backoff and asks for a full reload, which catches up on every change missed meanwhile; the last
 //! view keeps answering throughout.
+//!
+//! [`follow`] is that feed on its own, generic over what a change means: the packet-forwarder follows the same
+//! channel with it.
 
 use std::{
     collections::BTreeSet,
@@ -15,6 +18,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use sqlx::{PgPool, postgres::PgListener};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -44,11 +48,26 @@ enum Event {
     Notify(String),
 }
 
-#[derive(Default)]
-struct Pending {
-    full: bool,
-    zones: BTreeSet<i64>,
-    domains: BTreeSet<i64>,
+/// What changed since the last apply: everything, or only the named zones and domains.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Changes {
+    /// Reload everything (after a (re)connection, or an unreadable notification).
+    pub full: bool,
+    /// Zones whose row changed.
+    pub zones: BTreeSet<i64>,
+    /// Domains whose row, addresses or services changed.
+    pub domains: BTreeSet<i64>,
+}
+
+/// The counters a follower of `tether_changes` keeps.
+#[derive(Clone, Default)]
+pub struct FeedMetrics {
+    /// 1 while the listener is connected.
+    pub connected: Gauge,
+    /// Notifications received.
+    pub notifications: Counter,
+    /// Failed attempts to reach or read Postgres.
+    pub errors: Counter,
 }
 
 impl Shared {
@@ -71,7 +90,7 @@ impl Default for Shared {
     }
 }
 
-/// Runs both tasks until `shutdown`; `synced` turns true after the first full load.
+/// Keeps the DNS view fresh until `shutdown`; `synced` turns true after the first full load.
 pub async fn run(
     pool: PgPool,
     shared: Arc<Shared>,
@@ -79,15 +98,43 @@ pub async fn run(
     synced: watch::Sender<bool>,
     shutdown: CancellationToken,
 ) {
+    let metrics = FeedMetrics {
+        connected: shared.metrics.database_connected.clone(),
+        notifications: shared.metrics.notifications.clone(),
+        errors: shared.metrics.sync_errors.clone(),
+    };
+    let apply = |changes: Changes| {
+        let (pool, shared) = (pool.clone(), shared.clone());
+        async move { apply(&pool, &shared, &changes).await }
+    };
+    follow(pool.clone(), max_backoff, metrics, apply, synced, shutdown).await;
+}
+
+/// Follows `tether_changes` until `shutdown`: a reader task owns the listener and turns notifications into events;
+/// the applier coalesces them and calls `apply`, retrying with backoff (and merging newer changes) when it fails.
+/// After every (re)connection the listener LISTENs first and then asks for a full reload, so nothing falls between
+/// the two and changes missed while disconnected are caught up. `synced` turns true after the first full apply.
+pub async fn follow<F, Fut, E>(
+    pool: PgPool,
+    max_backoff: Duration,
+    metrics: FeedMetrics,
+    apply: F,
+    synced: watch::Sender<bool>,
+    shutdown: CancellationToken,
+) where
+    F: FnMut(Changes) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
     let (tx, rx) = mpsc::unbounded_channel();
-    let reader = read_notifications(pool.clone(), shared.clone(), tx, max_backoff, shutdown.clone());
-    let applier = apply_changes(pool, shared, rx, max_backoff, synced, shutdown);
+    let reader = read_notifications(pool, metrics.clone(), tx, max_backoff, shutdown.clone());
+    let applier = apply_changes(apply, metrics, rx, max_backoff, synced, shutdown);
     tokio::join!(reader, applier);
 }
 
 async fn read_notifications(
     pool: PgPool,
-    shared: Arc<Shared>,
+    metrics: FeedMetrics,
     tx: mpsc::UnboundedSender<Event>,
     max_backoff: Duration,
     shutdown: CancellationToken,
@@ -97,7 +144,7 @@ async fn read_notifications(
         let session = async {
             let mut listener = PgListener::connect_with(&pool).await?;
             listener.listen(store::CHANNEL).await?;
-            shared.metrics.database_connected.set(1);
+            metrics.connected.set(1);
             info!("listening for changes");
             backoff.reset();
             // LISTEN is in place before the reload starts, so nothing falls between the two.
@@ -105,7 +152,7 @@ async fn read_notifications(
             loop {
                 match listener.try_recv().await? {
                     Some(notification) => {
-                        shared.metrics.notifications.inc();
+                        metrics.notifications.inc();
                         let _ = tx.send(Event::Notify(notification.payload().to_owned()));
                     }
                     None => {
@@ -125,10 +172,10 @@ async fn read_notifications(
                 Err(error) => error,
             },
         };
-        shared.metrics.database_connected.set(0);
-        shared.metrics.sync_errors.inc();
+        metrics.connected.set(0);
+        metrics.errors.inc();
         let delay = backoff.next();
-        warn!(%error, retry_in = ?delay, "change listener cannot reach Postgres; serving the last view");
+        warn!(%error, retry_in = ?delay, "change listener cannot reach Postgres; keeping the last state");
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
@@ -136,15 +183,19 @@ async fn read_notifications(
     }
 }
 
-async fn apply_changes(
-    pool: PgPool,
-    shared: Arc<Shared>,
+async fn apply_changes<F, Fut, E>(
+    mut apply: F,
+    metrics: FeedMetrics,
     mut rx: mpsc::UnboundedReceiver<Event>,
     max_backoff: Duration,
     synced: watch::Sender<bool>,
     shutdown: CancellationToken,
-) {
-    let mut pending = Pending::default();
+) where
+    F: FnMut(Changes) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut pending = Changes::default();
     let mut backoff = Backoff::new(max_backoff);
     loop {
         if pending.is_empty() {
@@ -160,18 +211,18 @@ async fn apply_changes(
             pending.add(event);
         }
         let was_full = pending.full;
-        match apply(&pool, &shared, &pending).await {
+        match apply(pending.clone()).await {
             Ok(()) => {
-                pending = Pending::default();
+                pending = Changes::default();
                 backoff.reset();
                 if was_full {
                     synced.send_replace(true);
                 }
             }
             Err(error) => {
-                shared.metrics.sync_errors.inc();
+                metrics.errors.inc();
                 let delay = backoff.next();
-                warn!(%error, retry_in = ?delay, "cannot reload the view; serving the last one");
+                warn!(%error, retry_in = ?delay, "cannot apply the changes; keeping the last state");
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(delay) => {}
@@ -181,7 +232,7 @@ async fn apply_changes(
     }
 }
 
-async fn apply(pool: &PgPool, shared: &Shared, pending: &Pending) -> Result<(), StoreError> {
+async fn apply(pool: &PgPool, shared: &Shared, pending: &Changes) -> Result<(), StoreError> {
     if pending.full {
         let (zones, domains) = store::view::load_all(pool).await?;
         let view = View::build(zones, domains);
@@ -208,8 +259,9 @@ async fn apply(pool: &PgPool, shared: &Shared, pending: &Pending) -> Result<(), 
     Ok(())
 }
 
-impl Pending {
-    fn is_empty(&self) -> bool {
+impl Changes {
+    /// Nothing to do.
+    pub fn is_empty(&self) -> bool {
         !self.full && self.zones.is_empty() && self.domains.is_empty()
     }
 
@@ -289,7 +341,7 @@ mod tests {
 
     #[test]
     fn a_resync_absorbs_partial_changes() {
-        let mut pending = Pending::default();
+        let mut pending = Changes::default();
         pending.add(Event::Notify("domain:1".into()));
         pending.add(Event::Notify("zone:2".into()));
         assert!(!pending.full);
@@ -302,7 +354,7 @@ mod tests {
 
     #[test]
     fn unknown_payload_forces_full_reload() {
-        let mut pending = Pending::default();
+        let mut pending = Changes::default();
         pending.add(Event::Notify("garbage".into()));
         assert!(pending.full);
     }
