@@ -3,7 +3,7 @@
 //! Queries are answered from an in-memory [`view::View`] of Postgres, kept fresh by LISTEN/NOTIFY ([`sync`]); the
 //! admin API ([`api`]) writes to Postgres, and the triggers in `migrations/` announce every change.
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{io, net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
 use tokio::{
@@ -67,7 +67,7 @@ impl Listeners {
 /// Runs the DNS server, the view sync and the admin API until `shutdown` is cancelled.
 pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let pool = store::pool(config.database_url()).context("database_url")?;
-    if !prepare_database(&pool, config.max_backoff, &shutdown).await? {
+    if !store::wait_and_migrate(&pool, config.max_backoff, &shutdown).await.context("applying migrations")? {
         return Ok(());
     }
 
@@ -120,27 +120,4 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
     let _ = sync_task.await;
     pool.close().await;
     Ok(())
-}
-
-/// Applies migrations, waiting for Postgres with backoff. False when shut down while waiting.
-async fn prepare_database(
-    pool: &sqlx::PgPool,
-    max_backoff: Duration,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<bool> {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match store::migrate(pool).await {
-            Ok(()) => return Ok(true),
-            Err(error) if error.is_unavailable() => {
-                warn!(%error, retry_in = ?delay, "waiting for Postgres");
-            }
-            Err(error) => return Err(error).context("applying migrations"),
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(false),
-            () = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(max_backoff);
-    }
 }

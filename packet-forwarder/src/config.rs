@@ -1,6 +1,6 @@
 //! The `packet-forwarder` configuration file: strict TOML, named defaults, validated once.
 
-use std::{fmt, net::SocketAddr, path::Path, time::Duration};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use serde::Deserialize;
 
@@ -34,45 +34,7 @@ pub struct Config {
     pub shutdown_grace: Duration,
 }
 
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-/// A string that never appears in `Debug` output.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-/// A configuration that cannot be used, naming the offending key.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The path given.
-        path: String,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The TOML is malformed or a key is unknown or mistyped.
-    #[error(transparent)]
-    Parse(#[from] toml::de::Error),
-    /// A key has a value that parses but cannot work.
-    #[error("`{key}`: {problem}")]
-    Invalid {
-        /// The key at fault.
-        key: &'static str,
-        /// What is wrong with it.
-        problem: String,
-    },
-}
+pub use dns::config::{ConfigError, LogFormat, Secret};
 
 impl Config {
     /// Reads, parses and validates the file at `path`, then applies the environment overrides.
@@ -93,7 +55,7 @@ impl Config {
     /// Lets `DATABASE_URL` override the file.
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) {
         if let Some(url) = var("DATABASE_URL").filter(|v| !v.is_empty()) {
-            self.database_url = Some(Secret(url));
+            self.database_url = Some(Secret::new(url));
         }
     }
 
@@ -123,24 +85,6 @@ impl Config {
     /// The database URL; present once `validate` has passed.
     pub fn database_url(&self) -> &str {
         self.database_url.as_ref().map_or("", Secret::expose)
-    }
-}
-
-impl Secret {
-    /// Wraps a secret value.
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    /// The secret itself, for the one place that needs it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
     }
 }
 

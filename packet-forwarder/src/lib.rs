@@ -107,7 +107,7 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
     });
     info!(%metrics_addr, "metrics served");
 
-    if !prepare_database(&pool, config.max_backoff, &shutdown).await? {
+    if !store::wait_and_migrate(&pool, config.max_backoff, &shutdown).await.context("applying migrations")? {
         let _ = http.await;
         return Ok(());
     }
@@ -151,27 +151,4 @@ async fn healthz(State((shared, synced)): State<HttpState>) -> impl IntoResponse
         shared.metrics.listeners.get(),
     );
     (status, [(axum::http::header::CONTENT_TYPE, "application/json")], body)
-}
-
-/// Applies migrations, waiting for Postgres with backoff. False when shut down while waiting.
-async fn prepare_database(
-    pool: &sqlx::PgPool,
-    max_backoff: Duration,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<bool> {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match store::migrate(pool).await {
-            Ok(()) => return Ok(true),
-            Err(error) if error.is_unavailable() => {
-                warn!(%error, retry_in = ?delay, "waiting for Postgres");
-            }
-            Err(error) => return Err(error).context("applying migrations"),
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(false),
-            () = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(max_backoff);
-    }
 }

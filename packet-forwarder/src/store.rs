@@ -1,64 +1,12 @@
 //! Postgres: the pool, migrations, and the reads that build the target table.
 
-use std::{collections::HashMap, net::IpAddr, time::Duration};
+use std::{collections::HashMap, net::IpAddr};
 
-use sqlx::{PgPool, Postgres, Row, Transaction, postgres::PgPoolOptions, postgres::PgRow};
+use sqlx::{PgPool, Postgres, Row, Transaction, postgres::PgRow};
 
 use crate::table::{AddressRow, DomainRow, Policy, Protocol, ProxyMode};
 
-/// The channel every change is announced on.
-pub const CHANNEL: &str = "tether_changes";
-
-/// The migrations in `migrations/`, embedded at build time.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
-
-/// A database failure, classified for callers.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// Postgres cannot be reached or the pool is exhausted; worth retrying.
-    #[error("database unavailable: {0}")]
-    Unavailable(#[source] sqlx::Error),
-    /// Anything else; a bug or a schema mismatch.
-    #[error("database error: {0}")]
-    Other(#[source] sqlx::Error),
-}
-
-impl StoreError {
-    /// True when the database is merely out of reach.
-    pub fn is_unavailable(&self) -> bool {
-        matches!(self, Self::Unavailable(_))
-    }
-}
-
-impl From<sqlx::Error> for StoreError {
-    fn from(error: sqlx::Error) -> Self {
-        match &error {
-            sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed => Self::Unavailable(error),
-            sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("57P01" | "57P02" | "57P03")) => {
-                Self::Unavailable(error)
-            }
-            _ => Self::Other(error),
-        }
-    }
-}
-
-/// Opens a pool without connecting yet; connections are made on demand.
-pub fn pool(url: &str) -> Result<PgPool, StoreError> {
-    let options: sqlx::postgres::PgConnectOptions = url.parse().map_err(StoreError::Other)?;
-    Ok(PgPoolOptions::new().max_connections(4).acquire_timeout(Duration::from_secs(3)).connect_lazy_with(options))
-}
-
-/// Applies pending migrations (the migrator holds an advisory lock, so binaries starting together are safe).
-pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
-    MIGRATOR.run(pool).await.map_err(|error| match error {
-        sqlx::migrate::MigrateError::Execute(e) => StoreError::from(e),
-        other => StoreError::Other(sqlx::Error::Migrate(Box::new(other))),
-    })
-}
+pub use dns::store::{CHANNEL, MIGRATOR, StoreError, migrate, pool, wait_and_migrate};
 
 const DOMAIN_COLUMNS: &str = "id, fqdn, static_ip, fallback_ip, forward_ports, forward_policy, proxy_protocol, \
                               max_flows, max_flows_per_client";

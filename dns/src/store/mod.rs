@@ -74,3 +74,27 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
         other => StoreError::Other(sqlx::Error::Migrate(Box::new(other))),
     })
 }
+
+/// Applies migrations, waiting for Postgres with backoff while it is out of reach. False when shut down while
+/// waiting.
+pub async fn wait_and_migrate(
+    pool: &PgPool,
+    max_backoff: Duration,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<bool, StoreError> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match migrate(pool).await {
+            Ok(()) => return Ok(true),
+            Err(error) if error.is_unavailable() => {
+                tracing::warn!(%error, retry_in = ?delay, "waiting for Postgres");
+            }
+            Err(error) => return Err(error),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(false),
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(max_backoff);
+    }
+}
