@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 pub mod answer;
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod metrics;
 pub mod server;

@@ -86,11 +86,7 @@ impl Config {
             return Err(invalid("name", "letters, digits and hyphens"));
         }
         settings::check_database_url(self.database_url.as_deref())?;
-        for (key, path) in [("ca", &self.ca), ("cert", &self.cert), ("key", &self.key)] {
-            if !path.is_file() {
-                return Err(invalid(key, format!("{} is not a readable file", path.display())));
-            }
-        }
+        settings::check_files(&[("ca", &self.ca), ("cert", &self.cert), ("key", &self.key)])?;
         if self.capacity == 0 {
             return Err(invalid("capacity", "must be above zero"));
         }

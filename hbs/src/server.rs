@@ -57,16 +57,7 @@ pub struct Context {
 
 /// Builds the QUIC endpoint on an already bound UDP socket.
 pub fn endpoint(socket: std::net::UdpSocket, tls: rustls::ServerConfig) -> anyhow::Result<Endpoint> {
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    let mut transport = quinn::TransportConfig::default();
-    transport.max_concurrent_bidi_streams(1_u32.into());
-    transport.max_concurrent_uni_streams(0_u32.into());
-    transport.max_idle_timeout(Some(Duration::from_secs(15).try_into()?));
-    transport.keep_alive_interval(Some(Duration::from_secs(5)));
-    server.transport_config(Arc::new(transport));
-    let runtime = quinn::default_runtime().ok_or_else(|| anyhow::anyhow!("no async runtime for QUIC"))?;
-    Ok(Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)?)
+    pki::server_endpoint(socket, tls, 1, Duration::from_secs(15), Some(Duration::from_secs(5)))
 }
 
 /// Accepts connections until `shutdown`.

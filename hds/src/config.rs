@@ -64,11 +64,7 @@ impl Config {
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         settings::check_database_url(self.database_url.as_deref())?;
-        for (key, path) in [("ca", &self.ca), ("cert", &self.cert), ("key", &self.key)] {
-            if !path.is_file() {
-                return Err(invalid(key, format!("{} is not a readable file", path.display())));
-            }
-        }
+        settings::check_files(&[("ca", &self.ca), ("cert", &self.cert), ("key", &self.key)])?;
         if self.stale_after < Duration::from_secs(1) {
             return Err(invalid("stale_after", "must be at least 1s"));
         }

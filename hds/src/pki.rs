@@ -223,6 +223,27 @@ pub fn server_tls(
     Ok(config)
 }
 
+/// A QUIC server endpoint on an already bound UDP socket: at most `streams` concurrent bidirectional streams per
+/// connection, no unidirectional ones, closed after `idle` without traffic, with keep-alives when given.
+pub fn server_endpoint(
+    socket: std::net::UdpSocket,
+    tls: rustls::ServerConfig,
+    streams: u32,
+    idle: Duration,
+    keep_alive: Option<Duration>,
+) -> anyhow::Result<quinn::Endpoint> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_concurrent_bidi_streams(streams.into());
+    transport.max_concurrent_uni_streams(0_u32.into());
+    transport.max_idle_timeout(Some(idle.try_into()?));
+    transport.keep_alive_interval(keep_alive);
+    server.transport_config(Arc::new(transport));
+    let runtime = quinn::default_runtime().ok_or_else(|| anyhow::anyhow!("no async runtime for QUIC"))?;
+    Ok(quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)?)
+}
+
 /// A QUIC client configuration trusting only the operator CA, optionally presenting a client certificate.
 pub fn client_tls(ca_pem: &str, identity: Option<(&str, &str)>, alpn: &[u8]) -> Result<rustls::ClientConfig, PkiError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())

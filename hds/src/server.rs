@@ -32,15 +32,7 @@ pub struct Context {
 
 /// Builds the QUIC endpoint on an already bound UDP socket.
 pub fn endpoint(socket: std::net::UdpSocket, tls: rustls::ServerConfig) -> anyhow::Result<Endpoint> {
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    let mut transport = quinn::TransportConfig::default();
-    transport.max_concurrent_bidi_streams(MAX_STREAMS.into());
-    transport.max_concurrent_uni_streams(0_u32.into());
-    transport.max_idle_timeout(Some(Duration::from_secs(30).try_into()?));
-    server.transport_config(Arc::new(transport));
-    let runtime = quinn::default_runtime().ok_or_else(|| anyhow::anyhow!("no async runtime for QUIC"))?;
-    Ok(Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)?)
+    pki::server_endpoint(socket, tls, MAX_STREAMS, Duration::from_secs(30), None)
 }
 
 /// Accepts connections until `shutdown`, then closes the endpoint and waits for handlers.

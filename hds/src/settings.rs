@@ -58,6 +58,16 @@ pub fn check_database_url(url: Option<&str>) -> Result<(), ConfigError> {
     }
 }
 
+/// Checks that each `(key, path)` names a readable file.
+pub fn check_files(files: &[(&'static str, &Path)]) -> Result<(), ConfigError> {
+    for (key, path) in files {
+        if !path.is_file() {
+            return Err(invalid(key, format!("{} is not a readable file", path.display())));
+        }
+    }
+    Ok(())
+}
+
 /// Cancels `shutdown` on SIGTERM or Ctrl-C.
 pub fn cancel_on_signal(shutdown: CancellationToken) {
     tokio::spawn(async move {
