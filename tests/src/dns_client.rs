@@ -54,7 +54,8 @@ pub async fn ask(server: SocketAddr, name: &str, rtype: RecordType, transport: T
 
 /// Sends raw bytes over UDP and waits up to 2 s for a datagram back.
 pub async fn exchange_udp(server: SocketAddr, bytes: &[u8]) -> Result<Vec<u8>> {
-    let socket = UdpSocket::bind("127.0.0.1:0").await?;
+    let any: SocketAddr = if server.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0_u16; 8], 0).into() };
+    let socket = UdpSocket::bind(any).await?;
     socket.send_to(bytes, server).await?;
     let mut buf = vec![0_u8; 65_535];
     let (n, _) = tokio::time::timeout(Duration::from_secs(2), socket.recv_from(&mut buf))

@@ -20,12 +20,14 @@ pub mod fleet;
 pub mod hds_stack;
 pub mod netns;
 pub mod stack;
+pub mod system;
 
 /// A Postgres cluster in a temporary directory, reachable over a Unix socket only; removed on drop.
 pub struct Postgres {
     root: tempfile::TempDir,
     bin: PathBuf,
     owner: Option<(Uid, Gid)>,
+    netns: Option<String>,
     child: Option<Child>,
 }
 
@@ -34,6 +36,12 @@ const PORT: u16 = 5432;
 impl Postgres {
     /// Runs initdb and starts the server; as root, both run as the `postgres` user (created if missing).
     pub async fn start() -> Result<Self> {
+        Self::start_in(None).await
+    }
+
+    /// Like [`Postgres::start`], with the server inside network namespace `netns` (its full name; needs root).
+    /// It still listens on a Unix socket only, which any namespace reaches.
+    pub async fn start_in(netns: Option<String>) -> Result<Self> {
         let bin = postgres_bin()?;
         let owner = if Uid::effective().is_root() { Some(postgres_user()?) } else { None };
         let root = tempfile::Builder::new().prefix("tether-pg-").tempdir()?;
@@ -44,7 +52,7 @@ impl Postgres {
             }
         }
         std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755))?;
-        let mut pg = Self { root, bin, owner, child: None };
+        let mut pg = Self { root, bin, owner, netns, child: None };
         let status = pg
             .command("initdb")
             .args(["-D", "data", "-U", "postgres", "--auth=trust", "--no-locale", "-E", "UTF8", "-N"])
@@ -127,11 +135,27 @@ impl Postgres {
     }
 
     fn command(&self, program: &str) -> Command {
-        let mut command = Command::new(self.bin.join(program));
+        let mut command = match (&self.netns, self.owner) {
+            // `ip netns exec` and `setpriv` both exec, so the child's pid is the server's.
+            (Some(netns), Some((uid, gid))) => {
+                let mut command = Command::new("ip");
+                command
+                    .args(["netns", "exec", netns, "setpriv"])
+                    .arg(format!("--reuid={uid}"))
+                    .arg(format!("--regid={gid}"))
+                    .arg("--clear-groups")
+                    .arg(self.bin.join(program));
+                command
+            }
+            _ => {
+                let mut command = Command::new(self.bin.join(program));
+                if let Some((uid, gid)) = self.owner {
+                    command.uid(uid.as_raw()).gid(gid.as_raw());
+                }
+                command
+            }
+        };
         command.current_dir(self.root.path());
-        if let Some((uid, gid)) = self.owner {
-            command.uid(uid.as_raw()).gid(gid.as_raw());
-        }
         command
     }
 

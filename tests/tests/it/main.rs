@@ -5,4 +5,5 @@ mod dns_answers;
 mod hds;
 mod heartbeat;
 mod sync;
+mod system;
 mod uplinks;
