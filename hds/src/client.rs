@@ -111,7 +111,8 @@ async fn exchange(address: &str, tls: Arc<rustls::ClientConfig>, request: &Reque
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| ClientError::Pki(pki::PkiError::Pem(format!("QUIC client config: {e}"))))?;
     let bind: SocketAddr = if target.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0_u16; 8], 0).into() };
-    let endpoint = quinn::Endpoint::client(bind).map_err(|e| unreachable(e.to_string()))?;
+    let socket = std::net::UdpSocket::bind(bind).map_err(|e| unreachable(e.to_string()))?;
+    let endpoint = pki::client_endpoint(socket).map_err(|e| unreachable(e.to_string()))?;
     let connecting = endpoint
         .connect_with(quinn::ClientConfig::new(Arc::new(crypto)), target, &server_name)
         .map_err(|e| unreachable(e.to_string()))?;

@@ -4,7 +4,7 @@
 use std::{
     fs,
     io::Write,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::Arc,
@@ -361,5 +361,62 @@ mod tests {
         let issued = loaded.issue_server("hds", &["127.0.0.1".into(), "hds.example".into()], YEAR).expect("issue");
         assert!(server_tls(ca.cert_pem(), &issued.cert_pem, &issued.key_pem, b"x", false).is_ok());
         let _ = fs::remove_dir_all(&dir);
+    }
+}
+
+/// A QUIC client endpoint on `socket` (bound by the caller, e.g. to one uplink) for short request/response
+/// exchanges, receiving one datagram per slot.
+///
+/// quinn sizes an endpoint's receive buffer for GRO batches (64 segments × 32 slots × 1472 bytes = 3 MiB). A client
+/// that sends a few small frames never needs that, and on a router the buffer stays resident in the allocator once
+/// the first endpoint is dropped. Here GRO is switched off on the socket and the endpoint told to expect single
+/// datagrams: 47 KiB.
+pub fn client_endpoint(socket: std::net::UdpSocket) -> std::io::Result<quinn::Endpoint> {
+    let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
+    let fd = socket.try_clone()?;
+    let inner = runtime.wrap_udp_socket(socket)?;
+    // quinn-udp turned GRO on while wrapping the socket; options belong to the socket, so the clone turns it off.
+    nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::UdpGroSegment, &false)
+        .map_err(std::io::Error::from)?;
+    let socket: Arc<dyn quinn::AsyncUdpSocket> = Arc::new(SingleDatagrams(inner));
+    quinn::Endpoint::new_with_abstract_socket(quinn::EndpointConfig::default(), None, socket, runtime)
+}
+
+/// A socket that reports one datagram per receive slot (its GRO is off), delegating everything else.
+#[derive(Debug)]
+struct SingleDatagrams(Arc<dyn quinn::AsyncUdpSocket>);
+
+impl quinn::AsyncUdpSocket for SingleDatagrams {
+    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        self.0.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit<'_>) -> std::io::Result<()> {
+        self.0.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.0.poll_recv(cx, bufs, meta)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.0.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        1
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.0.may_fragment()
     }
 }

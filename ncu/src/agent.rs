@@ -288,7 +288,7 @@ impl Agent {
             .next()
             .with_context(|| format!("{} resolves to nothing", target.address))?;
         let bind: SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0_u16; 8], 0).into() };
-        let mut endpoint = quinn::Endpoint::client(bind)?;
+        let mut endpoint = hds::pki::client_endpoint(std::net::UdpSocket::bind(bind)?)?;
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(self.tls.clone())?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();

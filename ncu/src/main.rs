@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ncu::{agent, hds_client, identity::Identity};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{filter::Targets, prelude::*};
 
 /// tether's network connection unit.
 #[derive(Parser)]
@@ -64,9 +64,12 @@ enum Command {
 fn main() -> ExitCode {
     let args = Args::parse();
     let default_level = if matches!(args.command, Command::Run { .. }) { "info" } else { "warn" };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    // RUST_LOG as `level` or `target=level,...` (no regular expressions: the router build leaves the regex engine out).
+    let filter = std::env::var("RUST_LOG").ok().and_then(|spec| spec.parse::<Targets>().ok());
+    let filter = filter.unwrap_or_else(|| default_level.parse().unwrap_or_default());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
+    tracing_subscriber::registry().with(fmt).with(filter).init();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
