@@ -2,7 +2,7 @@
 //!
 //! Without the `server` feature this crate is what ncu links: the control protocol's wire types ([`control`]) and
 //! the heartbeat packet format and state machines of both sides ([`heartbeat`]). With it, the server: the control
-//! endpoint ([`server`]), the heartbeat driver ([`driver`]), the batched state writer ([`writer`]), fleet upkeep
+//! endpoint ([`server`]) and its batched registrations ([`registrar`]), the heartbeat driver ([`driver`]), the batched state writer ([`writer`]), fleet upkeep
 //! ([`fleet`]), static address checks ([`checks`]) and the Postgres store ([`store`]).
 
 pub mod control;
@@ -16,6 +16,8 @@ pub mod config;
 pub mod driver;
 #[cfg(feature = "server")]
 pub mod fleet;
+#[cfg(feature = "server")]
+pub mod registrar;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]
@@ -35,7 +37,9 @@ mod run {
     use tokio_util::sync::CancellationToken;
     use tracing::info;
 
-    use crate::{checks, config::Config, control, driver, fleet, heartbeat::monitor::Policy, server, writer};
+    use crate::{
+        checks, config::Config, control, driver, fleet, heartbeat::monitor::Policy, registrar, server, writer,
+    };
 
     /// Sockets bound before `run`, so tests can bind port 0.
     pub struct Sockets {
@@ -73,6 +77,7 @@ mod run {
         let (driver_tx, driver_rx) = mpsc::unbounded_channel();
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (checks_tx, checks_rx) = mpsc::unbounded_channel();
+        let (registrar_tx, registrar_rx) = mpsc::unbounded_channel();
         let (draining_tx, draining_rx) = watch::channel(false);
         let policy = Policy {
             interval: config.interval,
@@ -92,6 +97,7 @@ mod run {
             checks_rx,
             inner.clone(),
         ));
+        tasks.spawn(registrar::run(pool.clone(), config.name.clone(), registrar_rx, inner.clone()));
         tasks.spawn(checks::run(pool.clone(), config.name.clone(), config.interval, checks_tx, inner.clone()));
         let advertise = config.advertise.clone().unwrap_or_else(|| control_addr.to_string());
         tasks.spawn(fleet::run(
@@ -114,6 +120,7 @@ mod run {
             heartbeat_port: heartbeat_addr.port(),
             interval: config.interval,
             driver: driver_tx,
+            registrar: registrar_tx,
             draining: draining_rx,
             drain_turn: tokio::sync::Mutex::new(()),
             session_grace: config.session_grace,

@@ -30,7 +30,7 @@ use crate::{
     control::{self, ControlError, ToHbs, ToNcu, Uplink},
     driver::Command,
     heartbeat::monitor::Liveness,
-    store,
+    registrar, store,
 };
 
 /// What every connection needs.
@@ -45,6 +45,8 @@ pub struct Context {
     pub interval: Duration,
     /// Commands to the heartbeat driver.
     pub driver: mpsc::UnboundedSender<Command>,
+    /// Registrations to write (batched).
+    pub registrar: mpsc::UnboundedSender<registrar::Job>,
     /// True while the operator drains this server.
     pub draining: watch::Receiver<bool>,
     /// Held by the session being asked to move, so NCUs move one by one.
@@ -228,13 +230,12 @@ async fn handle(session: &mut Session, message: ToHbs, context: &Context) -> ToN
     if *context.draining.borrow() && session.targets.is_empty() {
         return error(ControlError::Unavailable, "this heartbeat server is draining; ask hds for another");
     }
-    let (accepted, refused) =
-        match store::register(&context.pool, &context.me, session.ncu_id, session.domain_id, &uplinks, replace_all)
-            .await
-        {
-            Ok(result) => result,
-            Err(e) => return unavailable(&e),
-        };
+    let registration =
+        store::Registration { ncu_id: session.ncu_id, domain_id: session.domain_id, uplinks, replace_all };
+    let (accepted, refused) = match registrar::submit(&context.registrar, registration).await {
+        Ok(result) => result,
+        Err(e) => return unavailable(&e),
+    };
     if replace_all {
         let keep: Vec<&str> = accepted.iter().map(|r| r.uplink.name.as_str()).collect();
         let gone: Vec<String> = session.targets.keys().filter(|n| !keep.contains(&n.as_str())).cloned().collect();

@@ -52,9 +52,25 @@ pub struct StaticCheck {
     pub live: bool,
 }
 
+/// One NCU's registration, for [`register_batch`].
+#[derive(Debug, Clone)]
+pub struct Registration {
+    /// The NCU.
+    pub ncu_id: i64,
+    /// Its domain.
+    pub domain_id: i64,
+    /// Uplinks to record.
+    pub uplinks: Vec<Uplink>,
+    /// The complete set (`Register`): the NCU's other addresses are withdrawn.
+    pub replace_all: bool,
+}
+
+/// What became of a registration's uplinks.
+pub type Outcome = (Vec<Registered>, Vec<Refusal>);
+
 /// Records the NCU's uplinks as this server's addresses, in one transaction. An uplink whose interface address is
-/// unchanged keeps its row and state (no flap on handover); a changed address replaces the row; uplinks no longer
-/// listed are withdrawn at once.
+/// unchanged keeps its row and state (no flap on handover); a changed address replaces the row; with `replace_all`,
+/// uplinks no longer listed are withdrawn at once.
 pub async fn register(
     pool: &PgPool,
     me: &str,
@@ -62,75 +78,169 @@ pub async fn register(
     domain_id: i64,
     uplinks: &[Uplink],
     replace_all: bool,
-) -> Result<(Vec<Registered>, Vec<Refusal>), StoreError> {
+) -> Result<Outcome, StoreError> {
+    let registration = Registration { ncu_id, domain_id, uplinks: uplinks.to_vec(), replace_all };
+    let mut outcomes = register_batch(pool, me, std::slice::from_ref(&registration)).await?;
+    Ok(outcomes.pop().unwrap_or_default())
+}
+
+/// [`register`] for many NCUs (each at most once) in one transaction of at most five statements, whatever the
+/// batch size: one read, one delete, one update, one insert. The change triggers then bump each zone once per
+/// statement rather than once per uplink, and the zone row lock they take is held for a handful of round trips.
+pub async fn register_batch(pool: &PgPool, me: &str, batch: &[Registration]) -> Result<Vec<Outcome>, StoreError> {
+    let ncu_ids: Vec<i64> = batch.iter().map(|r| r.ncu_id).collect();
     let mut tx = pool.begin().await?;
-    let mut accepted = Vec::new();
-    let mut refused = Vec::new();
-    for uplink in uplinks {
-        let existing = sqlx::query(
-            "SELECT id, ip, interface_ip, state::text AS state FROM addresses \
-             WHERE ncu_id = $1 AND uplink = $2 AND source = 'ncu'",
+    let rows = sqlx::query(
+        "SELECT id, ncu_id, uplink, ip, interface_ip, state::text AS state FROM addresses \
+         WHERE source = 'ncu' AND ncu_id = ANY($1)",
+    )
+    .bind(&ncu_ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut existing = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let ip: IpAddr = row.try_get("ip")?;
+        existing.push(Existing {
+            id: row.try_get("id")?,
+            ncu_id: row.try_get("ncu_id")?,
+            uplink: row.try_get::<Option<String>, _>("uplink")?.unwrap_or_default(),
+            reported: row.try_get::<Option<IpAddr>, _>("interface_ip")?.unwrap_or(ip),
+            live: row.try_get::<&str, _>("state")? == "live",
+        });
+    }
+    let plan = plan(batch, &existing);
+    if !plan.deletes.is_empty() {
+        sqlx::query("DELETE FROM addresses WHERE id = ANY($1)").bind(&plan.deletes).execute(&mut *tx).await?;
+    }
+    if !plan.keeps.is_empty() {
+        let ids: Vec<i64> = plan.keeps.iter().map(|k| k.id).collect();
+        let (priorities, weights) = columns(batch, plan.keeps.iter().map(|k| (k.request, k.uplink)));
+        sqlx::query(
+            "UPDATE addresses a SET priority = v.priority, weight = v.weight, hbs = $4 \
+             FROM UNNEST($1::bigint[], $2::int[], $3::int[]) AS v(id, priority, weight) WHERE a.id = v.id",
         )
-        .bind(ncu_id)
-        .bind(&uplink.name)
-        .fetch_optional(&mut *tx)
+        .bind(&ids)
+        .bind(&priorities)
+        .bind(&weights)
+        .bind(me)
+        .execute(&mut *tx)
         .await?;
-        let mut kept = None;
-        if let Some(row) = existing {
-            let id: i64 = row.try_get("id")?;
-            let reported: IpAddr = row.try_get::<Option<IpAddr>, _>("interface_ip")?.map_or(row.try_get("ip")?, |i| i);
-            if reported == uplink.address {
-                sqlx::query("UPDATE addresses SET priority = $2, weight = $3, hbs = $4 WHERE id = $1")
-                    .bind(id)
-                    .bind(i32::from(uplink.priority))
-                    .bind(i32::from(uplink.weight))
-                    .bind(me)
-                    .execute(&mut *tx)
-                    .await?;
-                kept = Some((id, row.try_get::<&str, _>("state")? == "live"));
-            } else {
-                sqlx::query("DELETE FROM addresses WHERE id = $1").bind(id).execute(&mut *tx).await?;
+    }
+    let mut inserted: std::collections::HashMap<(usize, usize), i64> = std::collections::HashMap::new();
+    if !plan.inserts.is_empty() {
+        let slots: Vec<i32> = (0..plan.inserts.len()).map(|i| i32::try_from(i).unwrap_or(i32::MAX)).collect();
+        let domains: Vec<i64> = plan.inserts.iter().map(|&(r, _)| batch[r].domain_id).collect();
+        let ncus: Vec<i64> = plan.inserts.iter().map(|&(r, _)| batch[r].ncu_id).collect();
+        let ips: Vec<IpAddr> = plan.inserts.iter().map(|&(r, u)| batch[r].uplinks[u].address).collect();
+        let names: Vec<&str> = plan.inserts.iter().map(|&(r, u)| batch[r].uplinks[u].name.as_str()).collect();
+        let (priorities, weights) = columns(batch, plan.inserts.iter().copied());
+        // Any conflict (the address is another of the domain's, or a racing registration) refuses only its row.
+        let rows = sqlx::query(
+            "WITH v AS (SELECT * FROM UNNEST($1::int[], $2::bigint[], $3::inet[], $4::bigint[], $5::text[], \
+             $6::int[], $7::int[]) AS v(slot, domain_id, ip, ncu_id, uplink, priority, weight)), \
+             ins AS (INSERT INTO addresses (domain_id, ip, source, ncu_id, uplink, priority, weight, state, hbs) \
+             SELECT domain_id, ip, 'ncu', ncu_id, uplink, priority, weight, 'pending', $8 FROM v ORDER BY slot \
+             ON CONFLICT DO NOTHING RETURNING id, ncu_id, uplink) \
+             SELECT v.slot, ins.id FROM ins JOIN v ON v.ncu_id = ins.ncu_id AND v.uplink = ins.uplink",
+        )
+        .bind(&slots)
+        .bind(&domains)
+        .bind(&ips)
+        .bind(&ncus)
+        .bind(&names)
+        .bind(&priorities)
+        .bind(&weights)
+        .bind(me)
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in rows {
+            let slot = usize::try_from(row.try_get::<i32, _>("slot")?).unwrap_or(usize::MAX);
+            if let Some(&key) = plan.inserts.get(slot) {
+                inserted.insert(key, row.try_get("id")?);
             }
         }
-        let (id, live) = match kept {
-            Some(kept) => kept,
-            None => {
-                let inserted: Option<i64> = sqlx::query_scalar(
-                    "INSERT INTO addresses (domain_id, ip, source, ncu_id, uplink, priority, weight, state, hbs) \
-                     VALUES ($1, $2, 'ncu', $3, $4, $5, $6, 'pending', $7) ON CONFLICT (domain_id, ip) DO NOTHING \
-                     RETURNING id",
-                )
-                .bind(domain_id)
-                .bind(uplink.address)
-                .bind(ncu_id)
-                .bind(&uplink.name)
-                .bind(i32::from(uplink.priority))
-                .bind(i32::from(uplink.weight))
-                .bind(me)
-                .fetch_optional(&mut *tx)
-                .await?;
-                let Some(id) = inserted else {
-                    refused.push(Refusal {
-                        name: uplink.name.clone(),
-                        reason: format!("{} is already another address of this domain", uplink.address),
-                    });
-                    continue;
-                };
-                (id, false)
-            }
-        };
-        accepted.push(Registered { uplink: uplink.clone(), id, live });
-    }
-    if replace_all {
-        let names: Vec<&str> = uplinks.iter().map(|u| u.name.as_str()).collect();
-        sqlx::query("DELETE FROM addresses WHERE ncu_id = $1 AND source = 'ncu' AND NOT (uplink = ANY($2))")
-            .bind(ncu_id)
-            .bind(&names)
-            .execute(&mut *tx)
-            .await?;
     }
     tx.commit().await?;
-    Ok((accepted, refused))
+    let mut outcomes: Vec<Outcome> = batch.iter().map(|_| Outcome::default()).collect();
+    for keep in &plan.keeps {
+        let uplink = batch[keep.request].uplinks[keep.uplink].clone();
+        outcomes[keep.request].0.push(Registered { uplink, id: keep.id, live: keep.live });
+    }
+    for &(request, index) in &plan.inserts {
+        let uplink = &batch[request].uplinks[index];
+        match inserted.get(&(request, index)) {
+            Some(&id) => outcomes[request].0.push(Registered { uplink: uplink.clone(), id, live: false }),
+            None => outcomes[request].1.push(Refusal {
+                name: uplink.name.clone(),
+                reason: format!("{} is already another address of this domain", uplink.address),
+            }),
+        }
+    }
+    Ok(outcomes)
+}
+
+/// An NCU address row as [`plan`] sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Existing {
+    id: i64,
+    ncu_id: i64,
+    uplink: String,
+    /// The interface address the NCU reported (the published one may differ behind NAT).
+    reported: IpAddr,
+    live: bool,
+}
+
+/// A row kept for (request, uplink index): its state carries over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Keep {
+    id: i64,
+    request: usize,
+    uplink: usize,
+    live: bool,
+}
+
+/// The statements of a batch registration.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Plan {
+    deletes: Vec<i64>,
+    keeps: Vec<Keep>,
+    /// (request, uplink index) to insert as pending.
+    inserts: Vec<(usize, usize)>,
+}
+
+/// Decides, for each uplink, whether its row is kept (same interface address), replaced or created, and which of
+/// the NCU's rows a full registration withdraws. Pure, so the rules are tested without a database.
+fn plan(batch: &[Registration], existing: &[Existing]) -> Plan {
+    let mut plan = Plan::default();
+    for (request, registration) in batch.iter().enumerate() {
+        let rows: Vec<&Existing> = existing.iter().filter(|e| e.ncu_id == registration.ncu_id).collect();
+        for (index, uplink) in registration.uplinks.iter().enumerate() {
+            match rows.iter().find(|e| e.uplink == uplink.name) {
+                Some(row) if row.reported == uplink.address => {
+                    plan.keeps.push(Keep { id: row.id, request, uplink: index, live: row.live });
+                }
+                Some(row) => {
+                    plan.deletes.push(row.id);
+                    plan.inserts.push((request, index));
+                }
+                None => plan.inserts.push((request, index)),
+            }
+        }
+        if registration.replace_all {
+            let listed = |e: &&&Existing| registration.uplinks.iter().any(|u| u.name == e.uplink);
+            plan.deletes.extend(rows.iter().filter(|e| !listed(e)).map(|e| e.id));
+        }
+    }
+    plan
+}
+
+fn columns(batch: &[Registration], slots: impl Iterator<Item = (usize, usize)>) -> (Vec<i32>, Vec<i32>) {
+    slots
+        .map(|(request, index)| {
+            let uplink = &batch[request].uplinks[index];
+            (i32::from(uplink.priority), i32::from(uplink.weight))
+        })
+        .unzip()
 }
 
 /// Withdraws one uplink's address.
@@ -264,4 +374,56 @@ pub async fn static_checks(pool: &PgPool, me: &str) -> Result<Vec<StaticCheck>, 
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uplink(name: &str, ip: &str) -> Uplink {
+        Uplink { name: name.into(), index: 0, address: ip.parse().expect("ip"), port: 9, priority: 0, weight: 1 }
+    }
+
+    fn row(id: i64, ncu_id: i64, uplink: &str, ip: &str, live: bool) -> Existing {
+        Existing { id, ncu_id, uplink: uplink.into(), reported: ip.parse().expect("ip"), live }
+    }
+
+    #[test]
+    fn plan_keeps_same_address_replaces_moved_and_withdraws_unlisted() {
+        let batch = [
+            Registration {
+                ncu_id: 1,
+                domain_id: 10,
+                uplinks: vec![uplink("wan0", "198.18.0.1"), uplink("wan1", "198.18.0.9"), uplink("wan2", "198.18.0.3")],
+                replace_all: true,
+            },
+            Registration { ncu_id: 2, domain_id: 20, uplinks: vec![uplink("lte", "198.18.1.1")], replace_all: false },
+        ];
+        let existing = [
+            row(100, 1, "wan0", "198.18.0.1", true),
+            row(101, 1, "wan1", "198.18.0.2", true),
+            row(102, 1, "old", "198.18.0.4", false),
+            row(200, 2, "other", "198.18.1.2", true),
+        ];
+        let plan = plan(&batch, &existing);
+        assert_eq!(plan.keeps, vec![Keep { id: 100, request: 0, uplink: 0, live: true }]);
+        assert_eq!(plan.inserts, vec![(0, 1), (0, 2), (1, 0)]);
+        // wan1 moved; "old" is unlisted in a full registration; NCU 2's partial update withdraws nothing.
+        assert_eq!(plan.deletes, vec![101, 102]);
+    }
+
+    #[test]
+    fn plan_of_a_handover_keeps_every_row() {
+        let batch = [Registration {
+            ncu_id: 1,
+            domain_id: 10,
+            uplinks: vec![uplink("wan0", "198.18.0.1"), uplink("wan1", "198.18.0.2")],
+            replace_all: true,
+        }];
+        let existing = [row(100, 1, "wan0", "198.18.0.1", true), row(101, 1, "wan1", "198.18.0.2", false)];
+        let plan = plan(&batch, &existing);
+        assert!(plan.deletes.is_empty() && plan.inserts.is_empty());
+        assert_eq!(plan.keeps.len(), 2);
+        assert!(plan.keeps[0].live && !plan.keeps[1].live);
+    }
 }

@@ -13,6 +13,7 @@ use tokio::{net::TcpListener, sync::watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
+pub mod batch;
 pub mod config;
 pub mod flows;
 pub mod limits;

@@ -5,9 +5,14 @@
 //! One task per listener drives the [`FlowTable`]: datagrams in, one timer at `poll_timeout()`, expired flows out.
 //! Each flow has a reply task reading its upstream socket. A flow whose address leaves the live set is cancelled,
 //! and the client's next datagram opens a new flow to a live address.
+//!
+//! Datagrams move in bursts ([`batch`]): one recvmmsg per burst on a socket, then one sendmmsg per flow, each
+//! client's datagrams in the order they came. A quiet flow's reply task starts with one slot and grows to a full
+//! batch only once the site sends bursts.
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    ops::Range,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -21,6 +26,7 @@ use tracing::debug;
 
 use crate::{
     Shared,
+    batch::{self, BATCH, Datagram, Slots},
     flows::FlowTable,
     limits::{Caps, Permit},
     metrics::{FlowMetrics, Refusal, RunningFlow},
@@ -52,7 +58,8 @@ pub async fn serve(socket: UdpSocket, key: Key, shared: Arc<Shared>, stop: Cance
     let Ok(local) = socket.local_addr() else { return };
     let epoch = Instant::now();
     let mut flows: FlowTable<UdpFlow> = FlowTable::new(shared.udp_idle_timeout);
-    let mut buf = vec![0_u8; HEADROOM + MAX_DATAGRAM];
+    let mut slots = Slots::new(BATCH, HEADROOM, MAX_DATAGRAM);
+    let mut got = Vec::with_capacity(BATCH);
     let timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(timer);
     loop {
@@ -68,10 +75,10 @@ pub async fn serve(socket: UdpSocket, key: Key, shared: Arc<Shared>, stop: Cance
                     debug!(listener = %key, flows = expired.len(), "idle UDP flows closed");
                 }
             }
-            received = socket.recv_from(&mut buf[HEADROOM..]) => match received {
-                Ok((len, client)) => {
+            received = slots.recv(&socket, &mut got) => match received {
+                Ok(()) => {
                     let ctx = Context { key, local, epoch, socket: &socket, shared: &shared };
-                    ctx.forward(&mut flows, &mut buf, len, client).await;
+                    ctx.forward(&mut flows, &mut slots, &got).await;
                 }
                 // ICMP errors surface here on some systems; the socket itself stays usable.
                 Err(error) => debug!(%error, listener = %key, "UDP receive failed"),
@@ -90,31 +97,32 @@ struct Context<'a> {
 }
 
 impl Context<'_> {
-    /// Sends one client datagram (at `buf[HEADROOM..HEADROOM + len]`) upstream, opening a flow if needed.
-    async fn forward(&self, flows: &mut FlowTable<UdpFlow>, buf: &mut [u8], len: usize, client: SocketAddr) {
+    /// Sends a batch of client datagrams upstream, each client's in the order they came, opening flows as needed.
+    async fn forward(&self, flows: &mut FlowTable<UdpFlow>, slots: &mut Slots, got: &[Datagram]) {
+        // Group by client, keeping each client's order (a stable sort of at most `BATCH` entries).
+        let mut order: Vec<&Datagram> = got.iter().filter(|d| d.from.is_some()).collect();
+        order.sort_by_key(|d| d.from);
         let now = Instant::now();
-        if flows.get(client, now).is_none_or(|flow| flow.token.is_cancelled()) {
-            drop(flows.remove(client));
-            let Some(flow) = self.open(client).await else { return };
-            flows.insert(client, flow, now);
-        }
-        let Some(flow) = flows.get(client, now) else { return };
-        let start = match &flow.header {
-            Some(header) => {
-                let start = HEADROOM - header.len();
-                buf[start..HEADROOM].copy_from_slice(header);
-                start
+        for group in order.chunk_by(|a, b| a.from == b.from) {
+            let Some(client) = group[0].from else { continue };
+            if flows.get(client, now).is_none_or(|flow| flow.token.is_cancelled()) {
+                drop(flows.remove(client));
+                let Some(flow) = self.open(client).await else { continue };
+                flows.insert(client, flow, now);
             }
-            None => HEADROOM,
-        };
-        match flow.upstream.send(&buf[start..HEADROOM + len]).await {
-            Ok(_) => {
-                flow.metrics.bytes_up.inc_by(len as u64);
-            }
-            Err(error) => {
+            let Some(flow) = flows.get(client, now) else { continue };
+            let ranges: Vec<Range<usize>> = match &flow.header {
+                Some(header) => group.iter().filter_map(|d| slots.prepend(d, header)).collect(),
+                None => group.iter().map(|d| slots.range(d, 0)).collect(),
+            };
+            let sent = batch::send(&flow.upstream, None, slots.bytes(), &ranges).await;
+            let bytes: usize = group.iter().map(|d| d.len).sum();
+            if let Some(error) = sent.error {
                 flow.metrics.error("send");
-                debug!(%error, listener = %self.key, "cannot send upstream");
+                debug!(%error, failed = sent.failed, listener = %self.key, "cannot send upstream");
             }
+            // Exact when all went; otherwise an estimate (which ones failed is not known).
+            flow.metrics.bytes_up.inc_by((bytes * sent.sent / group.len()) as u64);
         }
     }
 
@@ -227,32 +235,35 @@ struct Replies {
 
 impl Replies {
     async fn run(self) {
-        let mut buf = vec![0_u8; MAX_DATAGRAM];
+        // One slot until the site sends bursts: a quiet flow keeps one datagram's worth of buffer.
+        let mut slots = Slots::new(1, 0, MAX_DATAGRAM);
+        let mut got = Vec::with_capacity(BATCH);
+        let mut ranges = Vec::with_capacity(BATCH);
         loop {
             let received = tokio::select! {
                 () = self.token.cancelled() => return,
                 () = self.cut.cancelled() => return,
-                received = self.upstream.recv(&mut buf) => received,
+                received = slots.recv(&self.upstream, &mut got) => received,
             };
-            let len = match received {
-                Ok(len) => len,
-                Err(error) => {
-                    // ECONNREFUSED: the site's port is closed (ICMP). Reported once per ICMP; keep listening.
-                    self.metrics.error("upstream");
-                    debug!(%error, "upstream UDP socket reported an error");
-                    continue;
-                }
-            };
+            if let Err(error) = received {
+                // ECONNREFUSED: the site's port is closed (ICMP). Reported once per ICMP; keep listening.
+                self.metrics.error("upstream");
+                debug!(%error, "upstream UDP socket reported an error");
+                continue;
+            }
             let nanos = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
             self.last_reply.store(nanos + 1, Ordering::Relaxed);
-            match self.socket.send_to(&buf[..len], self.client).await {
-                Ok(_) => {
-                    self.metrics.bytes_down.inc_by(len as u64);
-                }
-                Err(error) => {
-                    self.metrics.error("send");
-                    debug!(%error, "cannot send a reply to the client");
-                }
+            ranges.clear();
+            ranges.extend(got.iter().map(|d| slots.range(d, 0)));
+            let sent = batch::send(&self.socket, Some(self.client), slots.bytes(), &ranges).await;
+            let bytes: usize = got.iter().map(|d| d.len).sum();
+            self.metrics.bytes_down.inc_by((bytes * sent.sent / got.len().max(1)) as u64);
+            if let Some(error) = sent.error {
+                self.metrics.error("send");
+                debug!(%error, failed = sent.failed, "cannot send a reply to the client");
+            }
+            if got.len() == slots.count() {
+                slots.grow(slots.count() * 2);
             }
         }
     }

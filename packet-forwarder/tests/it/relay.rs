@@ -1,6 +1,11 @@
 //! TCP and UDP relaying: large transfers checked end to end, replies from the static address, PROXY v2.
 
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration, time::Instant};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, ensure};
 use serde_json::json;
@@ -166,4 +171,84 @@ async fn proxy_protocol_v2_tells_the_site_who_the_client_is() -> Result<()> {
     assert_eq!(seen.iter().filter(|s| **s == (client, to)).count(), 2, "site saw {seen:?}");
 
     forwarder.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_flood_arrives_complete_and_in_order_per_flow() -> Result<()> {
+    let setup = Setup::new(50, "flood", &[2], json!({})).await?;
+    // The site records each datagram's (source, flow, seq) and echoes it.
+    let site = UdpSocket::bind(SocketAddr::new(ip(50, 2), setup.port)).await?;
+    let seen: Arc<Mutex<Vec<(SocketAddr, u64, u64)>>> = Arc::default();
+    let site_task = tokio::spawn({
+        let seen = seen.clone();
+        async move {
+            let mut buf = vec![0_u8; 2048];
+            while let Ok((len, from)) = site.recv_from(&mut buf).await {
+                let (flow, seq) = (word(&buf, 0), word(&buf, 8));
+                seen.lock().map(|mut s| s.push((from, flow, seq))).ok();
+                let _ = site.send_to(&buf[..len], from).await;
+            }
+        }
+    });
+    let forwarder = setup.forwarder("").await?;
+    let to = setup.static_addr();
+
+    // Four clients, each sending bursts of 32 datagrams back to back (the forwarder receives and sends them in
+    // batches), then waiting for the burst's echoes: at most 128 datagrams in flight, well within the socket buffers,
+    // so loopback loses none and every datagram must arrive once, in order, both ways.
+    const CLIENTS: u64 = 4;
+    const BURSTS: u64 = 60;
+    const BURST: u64 = 32;
+    let mut clients = Vec::new();
+    for flow in 0..CLIENTS {
+        let socket = UdpSocket::bind(SocketAddr::new(ip(50, 100 + flow as u8), 0)).await?;
+        clients.push(tokio::spawn(async move {
+            let mut echoed = Vec::new();
+            let mut buf = vec![0_u8; 2048];
+            for burst in 0..BURSTS {
+                for seq in burst * BURST..(burst + 1) * BURST {
+                    let mut datagram = vec![0_u8; 64];
+                    datagram[..8].copy_from_slice(&flow.to_le_bytes());
+                    datagram[8..16].copy_from_slice(&seq.to_le_bytes());
+                    socket.send_to(&datagram, to).await?;
+                }
+                while echoed.len() < ((burst + 1) * BURST) as usize {
+                    let (len, from) = tokio::time::timeout(SOON, socket.recv_from(&mut buf))
+                        .await
+                        .with_context(|| format!("flow {flow}: echoes of burst {burst} missing"))??;
+                    ensure!(from == to && len == 64, "unexpected echo of {len} bytes from {from}");
+                    ensure!(word(&buf, 0) == flow, "flow {flow} got another flow's echo");
+                    echoed.push(word(&buf, 8));
+                }
+            }
+            anyhow::Ok(echoed)
+        }));
+    }
+    let expected: Vec<u64> = (0..BURSTS * BURST).collect();
+    for (flow, client) in clients.into_iter().enumerate() {
+        let echoed = client.await??;
+        assert_eq!(echoed, expected, "flow {flow}: echoes out of order or missing");
+    }
+    site_task.abort();
+
+    // At the site: one upstream source per client, each client's datagrams complete and in order.
+    let seen = seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
+    let mut by_source: BTreeMap<SocketAddr, (u64, Vec<u64>)> = BTreeMap::new();
+    for (source, flow, seq) in seen {
+        let entry = by_source.entry(source).or_insert((flow, Vec::new()));
+        ensure!(entry.0 == flow, "two clients share the upstream source {source}");
+        entry.1.push(seq);
+    }
+    ensure!(by_source.len() == CLIENTS as usize, "{} upstream sources for {CLIENTS} clients", by_source.len());
+    for (source, (flow, seqs)) in by_source {
+        assert_eq!(seqs, expected, "flow {flow} (from {source}): out of order or missing at the site");
+    }
+    forwarder.stop().await
+}
+
+/// The little-endian u64 at `at`.
+fn word(buf: &[u8], at: usize) -> u64 {
+    let mut bytes = [0_u8; 8];
+    bytes.copy_from_slice(&buf[at..at + 8]);
+    u64::from_le_bytes(bytes)
 }

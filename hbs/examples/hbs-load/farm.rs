@@ -1,0 +1,227 @@
+//! The responder farm: one UDP socket answering the pings of every simulated uplink with the real [`Responder`]. The
+//! socket is bound to the wildcard address with IP_PKTINFO (quinn-udp), so a ping to 127.16.3.7 is seen with that
+//! destination and answered from it: to hbs each uplink is a distinct address, as with real NCUs.
+
+use std::{
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap},
+    io::IoSliceMut,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use hbs::heartbeat::{
+    packet::Key,
+    responder::{Responder, ResponderEvent, ResponderPolicy},
+};
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use tokio::{io::Interest, net::UdpSocket, sync::mpsc};
+
+/// Datagrams read per system call.
+const BATCH: usize = 32;
+
+/// What the NCU side asks of the farm.
+pub(crate) enum ToFarm {
+    /// An NCU registered with a server: answer this session (the previous one is still answered, as in ncu).
+    Session {
+        /// The NCU.
+        ncu: usize,
+        /// Session id.
+        session: u64,
+        /// Session key.
+        key: Key,
+        /// The server's heartbeat socket (hellos go there).
+        hbs: SocketAddr,
+    },
+}
+
+/// A simulated NCU's primary went quiet.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Lost {
+    /// The NCU.
+    pub(crate) ncu: usize,
+    /// Its silent session.
+    pub(crate) session: u64,
+}
+
+/// What the farm did.
+#[derive(Debug, Default)]
+pub(crate) struct FarmStats {
+    /// Pings received.
+    pub(crate) pings: AtomicU64,
+    /// Pongs sent.
+    pub(crate) pongs: AtomicU64,
+    /// Hellos sent.
+    pub(crate) hellos: AtomicU64,
+    /// Datagrams to an address no simulated uplink has.
+    pub(crate) unknown: AtomicU64,
+    /// Sends that failed.
+    pub(crate) send_errors: AtomicU64,
+}
+
+/// Handle to a running farm.
+pub(crate) struct Farm {
+    /// Commands.
+    pub(crate) tx: mpsc::UnboundedSender<ToFarm>,
+    /// Counters.
+    pub(crate) stats: Arc<FarmStats>,
+    /// The port every uplink answers on.
+    pub(crate) port: u16,
+}
+
+impl Farm {
+    /// Starts the farm for `ncus` NCUs whose uplink addresses are `uplinks[ncu]`; lost primaries go to `lost`.
+    pub(crate) fn start(
+        uplinks: &[Vec<IpAddr>],
+        failover_after: Duration,
+        lost: mpsc::UnboundedSender<Lost>,
+    ) -> anyhow::Result<Self> {
+        let std_socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        std_socket.set_nonblocking(true)?;
+        let port = std_socket.local_addr()?.port();
+        let socket = UdpSocket::from_std(std_socket)?;
+        let state = UdpSocketState::new((&socket).into())?;
+        state.set_recv_buffer_size((&socket).into(), 4 << 20)?;
+        state.set_send_buffer_size((&socket).into(), 4 << 20)?;
+        let mut by_ip = HashMap::new();
+        for (ncu, ips) in uplinks.iter().enumerate() {
+            for (index, ip) in ips.iter().enumerate() {
+                by_ip.insert(*ip, (ncu, u8::try_from(index)?));
+            }
+        }
+        let policy = ResponderPolicy { failover_after, ..ResponderPolicy::default() };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stats = Arc::new(FarmStats::default());
+        let inner = Inner {
+            socket,
+            state,
+            responders: uplinks.iter().map(|_| Responder::new(policy)).collect(),
+            uplinks: uplinks.to_vec(),
+            by_ip,
+            timers: BinaryHeap::new(),
+            lost,
+            stats: stats.clone(),
+        };
+        tokio::spawn(inner.run(rx));
+        Ok(Self { tx, stats, port })
+    }
+}
+
+struct Inner {
+    socket: UdpSocket,
+    state: UdpSocketState,
+    responders: Vec<Responder>,
+    uplinks: Vec<Vec<IpAddr>>,
+    by_ip: HashMap<IpAddr, (usize, u8)>,
+    /// Hints of (deadline, ncu): never later than the responder's own deadline; re-checked when they fire.
+    timers: BinaryHeap<Reverse<(Instant, usize)>>,
+    lost: mpsc::UnboundedSender<Lost>,
+    stats: Arc<FarmStats>,
+}
+
+impl Inner {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<ToFarm>) {
+        let mut storage = vec![[0_u8; 2048]; BATCH];
+        let mut meta = [RecvMeta::default(); BATCH];
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                command = rx.recv() => match command {
+                    Some(ToFarm::Session { ncu, session, key, hbs }) => {
+                        let Some(responder) = self.responders.get_mut(ncu) else { continue };
+                        let indexes: Vec<u8> = (0..self.uplinks[ncu].len()).filter_map(|i| u8::try_from(i).ok()).collect();
+                        let now = Instant::now();
+                        responder.set_session(session, key, hbs, &indexes, now);
+                        self.flush(ncu);
+                        self.arm(ncu);
+                    }
+                    None => return,
+                },
+                ready = self.socket.readable() => {
+                    if ready.is_err() {
+                        return;
+                    }
+                    // Drain what is queued, a bounded number of batches per turn.
+                    for _ in 0..64 {
+                        let mut bufs: Vec<IoSliceMut<'_>> = storage.iter_mut().map(|b| IoSliceMut::new(&mut b[..])).collect();
+                        let received = self.socket.try_io(Interest::READABLE, || {
+                            self.state.recv((&self.socket).into(), &mut bufs, &mut meta)
+                        });
+                        let Ok(count) = received else { break };
+                        let now = Instant::now();
+                        for (buf, meta) in storage.iter().zip(&meta).take(count) {
+                            let stride = meta.stride.max(1);
+                            for segment in buf[..meta.len].chunks(stride) {
+                                self.on_ping(segment, meta.addr, meta.dst_ip, now);
+                            }
+                        }
+                    }
+                },
+                _ = tick.tick() => self.on_tick(),
+            }
+        }
+    }
+
+    fn on_ping(&mut self, bytes: &[u8], from: SocketAddr, dst: Option<IpAddr>, now: Instant) {
+        self.stats.pings.fetch_add(1, Ordering::Relaxed);
+        let Some(&(ncu, uplink)) = dst.and_then(|dst| self.by_ip.get(&dst)) else {
+            self.stats.unknown.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let Some(pong) = self.responders[ncu].handle_datagram(uplink, bytes, from, 5, now) else { return };
+        let transmit = Transmit { destination: from, ecn: None, contents: &pong, segment_size: None, src_ip: dst };
+        match self.state.try_send((&self.socket).into(), &transmit) {
+            Ok(()) => self.stats.pongs.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.stats.send_errors.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        while let Some(&Reverse((deadline, ncu))) = self.timers.peek() {
+            if deadline > now {
+                break;
+            }
+            self.timers.pop();
+            let responder = &mut self.responders[ncu];
+            if responder.poll_timeout().is_some_and(|due| due <= now) {
+                responder.handle_timeout(now);
+                while let Some(event) = responder.poll_event() {
+                    let ResponderEvent::PrimaryLost { session } = event;
+                    let _ = self.lost.send(Lost { ncu, session });
+                }
+                self.flush(ncu);
+            }
+            self.arm(ncu);
+        }
+    }
+
+    fn arm(&mut self, ncu: usize) {
+        if let Some(due) = self.responders[ncu].poll_timeout() {
+            self.timers.push(Reverse((due, ncu)));
+        }
+    }
+
+    /// Sends the responder's hellos from the uplink addresses they belong to.
+    fn flush(&mut self, ncu: usize) {
+        while let Some(out) = self.responders[ncu].poll_transmit() {
+            let Some(&src) = self.uplinks[ncu].get(usize::from(out.uplink)) else { continue };
+            let transmit = Transmit {
+                destination: out.dest,
+                ecn: None,
+                contents: &out.payload,
+                segment_size: None,
+                src_ip: Some(src),
+            };
+            match self.state.try_send((&self.socket).into(), &transmit) {
+                Ok(()) => self.stats.hellos.fetch_add(1, Ordering::Relaxed),
+                Err(_) => self.stats.send_errors.fetch_add(1, Ordering::Relaxed),
+            };
+        }
+    }
+}
