@@ -21,7 +21,9 @@ pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod sync;
+pub mod udp;
 pub mod view;
+pub mod wire;
 
 pub use config::Config;
 
@@ -88,8 +90,9 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
 
     let dns_addr = listeners.dns_addr()?;
     let api_addr = listeners.api_addr()?;
+    let udp_task =
+        tokio::spawn(udp::serve(listeners.dns_udp, Arc::new(server::Handler::new(shared.clone())), shutdown.clone()));
     let mut dns = hickory_server::Server::new(server::Handler::new(shared.clone()));
-    dns.register_socket(listeners.dns_udp);
     dns.register_listener(listeners.dns_tcp, config.tcp_idle_timeout, 64);
 
     let operator_token_hash = config.operator_token.as_ref().map(|t| api::token_hash(t.expose()));
@@ -112,6 +115,11 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
     info!("shutting down");
     if let Err(error) = dns.shutdown_gracefully().await {
         warn!(%error, "DNS server did not stop cleanly");
+    }
+    match udp_task.await {
+        Ok(Err(error)) => warn!(%error, "DNS over UDP stopped with an error"),
+        Err(error) => warn!(%error, "DNS over UDP task failed"),
+        Ok(Ok(())) => {}
     }
     match api_task.await {
         Ok(Err(error)) => warn!(%error, "admin API did not stop cleanly"),

@@ -1,4 +1,5 @@
-//! The DNS front: a hickory `RequestHandler` that hands each query to the current view's catalog.
+//! The DNS front: a hickory `RequestHandler` that hands each query to the current view's catalog (over TCP, and
+//! over UDP for what [`crate::udp`] does not answer itself).
 
 use std::sync::Arc;
 
@@ -18,6 +19,11 @@ impl Handler {
     /// A handler over `shared`.
     pub fn new(shared: Arc<Shared>) -> Self {
         Self { shared }
+    }
+
+    /// The view and metrics it answers from.
+    pub fn shared(&self) -> &Shared {
+        &self.shared
     }
 }
 

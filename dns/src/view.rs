@@ -14,8 +14,9 @@ use std::{
 
 use hickory_server::proto::rr::TSigResponseContext;
 use hickory_server::{
+    proto::serialize::binary::{BinDecoder, BinEncodable, BinEncoder},
     proto::{
-        op::ResponseCode,
+        op::{MessageType, Metadata, OpCode, Query, ResponseCode},
         rr::{
             LowerName, Name, RData, Record, RecordSet, RecordType,
             rdata::{A, AAAA, NS, SOA, SRV},
@@ -23,13 +24,14 @@ use hickory_server::{
     },
     server::{Request, RequestInfo},
     zone_handler::{
-        AuthLookup, AxfrPolicy, Catalog, LookupControlFlow, LookupError, LookupOptions, LookupRecords, ZoneHandler,
-        ZoneType,
+        AuthLookup, AxfrPolicy, Catalog, LookupControlFlow, LookupError, LookupOptions, LookupRecords,
+        MessageResponseBuilder, Queries, ZoneHandler, ZoneType,
     },
 };
 use serde::{Deserialize, Serialize};
 
 use crate::answer::{self, Address, Family, Policy};
+use crate::wire;
 
 /// A zone as stored in `zones`.
 #[derive(Debug, Clone, PartialEq)]
@@ -121,6 +123,8 @@ pub struct View {
     zones: HashMap<i64, Arc<ZoneView>>,
     domains: HashMap<i64, Arc<CompiledDomain>>,
     catalog: Catalog,
+    /// The zones by origin in wire format (lower case), for [`View::prebuilt_answer`].
+    origins: HashMap<Box<[u8]>, Arc<ZoneView>>,
 }
 
 /// One zone's records, answering as a hickory `ZoneHandler`.
@@ -131,6 +135,8 @@ pub struct ZoneView {
     ns: Arc<RecordSet>,
     glue: Vec<Arc<RecordSet>>,
     names: HashMap<LowerName, Arc<NameEntry>>,
+    /// The names with prebuilt A or AAAA answers, keyed by their wire format (lower case).
+    prebuilt: HashMap<Box<[u8]>, Prebuilt>,
 }
 
 /// A domain turned into records, ready to be placed in its zone.
@@ -142,23 +148,36 @@ struct CompiledDomain {
 /// The records at one owner name.
 #[derive(Default)]
 struct NameEntry {
-    a: Option<Rotations>,
-    aaaa: Option<Rotations>,
+    a: Option<Arc<Rotations>>,
+    aaaa: Option<Arc<Rotations>>,
     srv: Option<Arc<RecordSet>>,
     srv_additionals: Vec<Arc<RecordSet>>,
+}
+
+/// The rotations of one name that have prebuilt messages: a flat copy of its [`NameEntry`], one pointer from the
+/// map to the counter and the bytes (the fast path is bound by memory latency, not instructions).
+struct Prebuilt {
+    a: Option<Arc<Rotations>>,
+    aaaa: Option<Arc<Rotations>>,
 }
 
 /// Every rotation of an address set, prebuilt, and the weighted order they are served in.
 struct Rotations {
     sets: Vec<Arc<RecordSet>>,
+    /// Each rotation as a whole response message (see [`wire`]), all of `message_len` bytes, one after the other;
+    /// empty when the answers do not qualify.
+    messages: Box<[u8]>,
+    message_len: usize,
     schedule: Vec<u16>,
+    /// The schedule is 0, 1, …, n-1 (equal weights): the turn alone picks the rotation, one memory load less.
+    in_order: bool,
     next: AtomicUsize,
 }
 
 impl View {
     /// A view with no zones: everything is REFUSED.
     pub fn empty() -> Self {
-        Self { zones: HashMap::new(), domains: HashMap::new(), catalog: Catalog::new() }
+        Self { zones: HashMap::new(), domains: HashMap::new(), catalog: Catalog::new(), origins: HashMap::new() }
     }
 
     /// Builds a view from a full read of the database.
@@ -216,6 +235,23 @@ impl View {
         &self.catalog
     }
 
+    /// The prebuilt response to a query for `qname` (wire format, exactly as asked) and `rtype` (A or AAAA), taking
+    /// the next turn of its rotation; `None` when the catalog must answer. The caller patches it with
+    /// [`wire::respond`].
+    ///
+    /// Only names stored in lower case have one, and only exact (case-sensitive) matches are served, so the walk
+    /// from the name to its deepest zone agrees with the catalog's case-insensitive one.
+    pub fn prebuilt_answer(&self, qname: &[u8], rtype: RecordType) -> Option<&[u8]> {
+        let zone = wire::suffixes(qname).find_map(|suffix| self.origins.get(suffix))?;
+        let prebuilt = zone.prebuilt.get(qname)?;
+        let rotations = match rtype {
+            RecordType::A => prebuilt.a.as_ref()?,
+            RecordType::AAAA => prebuilt.aaaa.as_ref()?,
+            _ => return None,
+        };
+        rotations.pick_message()
+    }
+
     /// Number of zones served.
     pub fn zone_count(&self) -> usize {
         self.zones.len()
@@ -228,10 +264,14 @@ impl View {
 
     fn assemble(zones: HashMap<i64, Arc<ZoneView>>, domains: HashMap<i64, Arc<CompiledDomain>>) -> Self {
         let mut catalog = Catalog::new();
+        let mut origins = HashMap::new();
         for zone in zones.values() {
             catalog.upsert(zone.origin.clone(), vec![zone.clone() as Arc<dyn ZoneHandler>]);
+            if let Some(key) = wire_name(&zone.origin) {
+                origins.insert(key, zone.clone());
+            }
         }
-        Self { zones, domains, catalog }
+        Self { zones, domains, catalog, origins }
     }
 }
 
@@ -281,7 +321,8 @@ impl ZoneView {
         }
         names.entry(origin.clone()).or_default();
 
-        Self { row, origin, soa, ns: Arc::new(ns), glue, names }
+        let prebuilt = names.iter().filter_map(|(name, entry)| Some((wire_name(name)?, entry.prebuilt()?))).collect();
+        Self { row, origin, soa, ns: Arc::new(ns), glue, names, prebuilt }
     }
 
     fn lookup_now(
@@ -304,8 +345,8 @@ impl ZoneView {
                 LookupRecords::new(options, self.ns.clone()),
                 (!self.glue.is_empty()).then(|| LookupRecords::many(options, self.glue.clone())),
             )),
-            RecordType::A => entry.a.as_ref().map(Rotations::pick).map_or_else(no_data, one),
-            RecordType::AAAA => entry.aaaa.as_ref().map(Rotations::pick).map_or_else(no_data, one),
+            RecordType::A => entry.a.as_deref().map(Rotations::pick).map_or_else(no_data, one),
+            RecordType::AAAA => entry.aaaa.as_deref().map(Rotations::pick).map_or_else(no_data, one),
             RecordType::SRV => match &entry.srv {
                 Some(srv) => Ok(AuthLookup::answers(
                     LookupRecords::new(options, srv.clone()),
@@ -320,8 +361,8 @@ impl ZoneView {
                     sets.push(self.soa.clone());
                     sets.push(self.ns.clone());
                 }
-                sets.extend(entry.a.as_ref().map(Rotations::pick));
-                sets.extend(entry.aaaa.as_ref().map(Rotations::pick));
+                sets.extend(entry.a.as_deref().map(Rotations::pick));
+                sets.extend(entry.aaaa.as_deref().map(Rotations::pick));
                 sets.extend(entry.srv.clone());
                 if sets.is_empty() {
                     return no_data();
@@ -380,8 +421,8 @@ impl CompiledDomain {
         let mut names = Vec::new();
         let select = |family| answer::select(&row.addresses, &row.policy, family);
         let entry = NameEntry {
-            a: Rotations::build(&row.fqdn, &select(Family::V4), row.ttl),
-            aaaa: Rotations::build(&row.fqdn, &select(Family::V6), row.ttl),
+            a: Rotations::build(&row.fqdn, &select(Family::V4), row.ttl).map(Arc::new),
+            aaaa: Rotations::build(&row.fqdn, &select(Family::V6), row.ttl).map(Arc::new),
             ..NameEntry::default()
         };
         names.push((LowerName::new(&row.fqdn), Arc::new(entry)));
@@ -432,6 +473,13 @@ impl CompiledDomain {
 }
 
 impl NameEntry {
+    /// Its rotations that have prebuilt messages, if any.
+    fn prebuilt(&self) -> Option<Prebuilt> {
+        let with_messages = |r: &Option<Arc<Rotations>>| r.clone().filter(|r| !r.messages.is_empty());
+        let prebuilt = Prebuilt { a: with_messages(&self.a), aaaa: with_messages(&self.aaaa) };
+        (prebuilt.a.is_some() || prebuilt.aaaa.is_some()).then_some(prebuilt)
+    }
+
     /// An entry answering `ips` in a fixed order (glue, generated service targets).
     fn fixed(name: &Name, ips: &[IpAddr], ttl: u32) -> Self {
         let of = |family| answer::Selection {
@@ -439,8 +487,8 @@ impl NameEntry {
             weights: Vec::new(),
         };
         Self {
-            a: Rotations::build(name, &of(Family::V4), ttl).map(Rotations::frozen),
-            aaaa: Rotations::build(name, &of(Family::V6), ttl).map(Rotations::frozen),
+            a: Rotations::build(name, &of(Family::V4), ttl).map(Rotations::frozen).map(Arc::new),
+            aaaa: Rotations::build(name, &of(Family::V6), ttl).map(Rotations::frozen).map(Arc::new),
             ..Self::default()
         }
     }
@@ -456,7 +504,7 @@ impl Rotations {
             Family::V6 => RecordType::AAAA,
         };
         let n = selection.ips.len();
-        let sets = (0..n)
+        let sets: Vec<Arc<RecordSet>> = (0..n)
             .map(|start| {
                 let mut set = RecordSet::with_ttl(name.clone(), rtype, ttl);
                 for ip in selection.ips[start..].iter().chain(&selection.ips[..start]) {
@@ -468,23 +516,87 @@ impl Rotations {
                 Arc::new(set)
             })
             .collect();
+        let (messages, message_len) = concat_messages(name, &sets).unwrap_or_default();
         let weights = if selection.weights.len() == n { selection.weights.clone() } else { vec![1; n] };
-        Some(Self { sets, schedule: answer::schedule(&weights), next: AtomicUsize::new(0) })
+        let schedule = answer::schedule(&weights);
+        let in_order = schedule.len() == n && schedule.iter().enumerate().all(|(i, &s)| usize::from(s) == i);
+        Some(Self { sets, messages, message_len, schedule, in_order, next: AtomicUsize::new(0) })
     }
 
     /// Keeps only the base order.
     fn frozen(mut self) -> Self {
         self.sets.truncate(1);
+        self.messages = self.messages.get(..self.message_len).unwrap_or_default().into();
         self.schedule = vec![0];
+        self.in_order = true;
         self
     }
 
     /// The record set for this query: the next rotation in the weighted schedule. Lock-free, allocation-free.
     fn pick(&self) -> Arc<RecordSet> {
-        let turn = self.next.fetch_add(1, Ordering::Relaxed);
-        let index = self.schedule[turn % self.schedule.len()];
-        self.sets[usize::from(index)].clone()
+        self.sets[self.next_index()].clone()
     }
+
+    /// Like [`Rotations::pick`], as a prebuilt response; the same schedule and counter.
+    fn pick_message(&self) -> Option<&[u8]> {
+        if self.messages.is_empty() {
+            return None;
+        }
+        let start = self.next_index() * self.message_len;
+        self.messages.get(start..start + self.message_len)
+    }
+
+    fn next_index(&self) -> usize {
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        if self.in_order {
+            return turn % self.sets.len();
+        }
+        usize::from(self.schedule[turn % self.schedule.len()])
+    }
+}
+
+/// The prebuilt messages of every rotation, one after the other, and their common length; `None` when one does not
+/// qualify or their lengths differ.
+fn concat_messages(owner: &Name, sets: &[Arc<RecordSet>]) -> Option<(Box<[u8]>, usize)> {
+    let mut all = Vec::new();
+    let mut len = None;
+    for set in sets {
+        let message = prebuilt_message(owner, set)?;
+        if *len.get_or_insert(message.len()) != message.len() {
+            return None;
+        }
+        all.extend_from_slice(&message);
+    }
+    Some((all.into_boxed_slice(), len?))
+}
+
+/// The catalog's answer to a plain query for `set` as a whole message with ID 0 and no EDNS (see [`wire`]), encoded
+/// the way the catalog encodes it (hickory's `MessageResponse`, the question echoed as asked), or `None` when the
+/// owner is not in lower case or the message might not fit a UDP response with an OPT record.
+fn prebuilt_message(owner: &Name, set: &RecordSet) -> Option<Box<[u8]>> {
+    if !owner.eq_case(&owner.to_lowercase()) {
+        return None;
+    }
+    let question = Query::query(owner.clone(), set.record_type()).to_bytes().ok()?;
+    let queries = Queries::read(&mut BinDecoder::new(&question), 1).ok()?;
+    let mut metadata = Metadata::new(0, MessageType::Response, OpCode::Query);
+    metadata.authoritative = true;
+    let response =
+        MessageResponseBuilder::new(&queries, None).build(metadata, set.records_without_rrsigs(), [], [], []);
+    let mut bytes = Vec::with_capacity(wire::MAX_PLAIN_UDP);
+    let mut encoder = BinEncoder::new(&mut bytes);
+    encoder.set_max_size(u16::try_from(wire::MAX_PLAIN_UDP - wire::OPT_LEN).ok()?);
+    response.destructive_emit(&mut encoder).ok()?;
+    let truncated = bytes.get(2).is_none_or(|flags| flags & 0x02 != 0);
+    (!truncated).then(|| bytes.into_boxed_slice())
+}
+
+/// A name in wire format (uncompressed).
+fn wire_name(name: &LowerName) -> Option<Box<[u8]>> {
+    let mut bytes = Vec::with_capacity(64);
+    let mut encoder = BinEncoder::new(&mut bytes);
+    name.emit(&mut encoder).ok()?;
+    Some(bytes.into_boxed_slice())
 }
 
 /// `ip-198-18-0-1.<domain>` or `ip-fd00-0-0-0-0-0-0-1.<domain>`: the generated SRV target of an address tuple.

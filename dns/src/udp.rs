@@ -1,0 +1,466 @@
+//! DNS over UDP: one task owns the socket, answers plain A/AAAA queries from prebuilt messages in place, and hands
+//! every other query to the catalog ([`crate::server::Handler`]) in a task of its own.
+//!
+//! hickory's own UDP server spawns a task, decodes the whole message and sends through a channel for every query;
+//! for the common query this loop does a hash lookup and a copy instead. What the catalog answers is unchanged: the
+//! same decoding, FORMERR for undecodable queries, silence for responses and for unusable source addresses.
+
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use hickory_server::{
+    net::{NetError, runtime::TokioTime, xfer::Protocol},
+    proto::{
+        op::{Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode},
+        rr::Record,
+        serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder},
+    },
+    server::{Request, RequestHandler, ResponseHandler, ResponseInfo},
+    zone_handler::{MessageResponse, MessageResponseBuilder, Queries},
+};
+use tokio::{net::UdpSocket, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::{server::Handler, wire};
+
+/// Datagrams handled per wake-up before other tasks get a turn.
+const BUDGET: usize = 64;
+/// Largest query read; longer datagrams are cut, as hickory's server does.
+const RECEIVE_BUFFER: usize = 4096;
+/// Socket buffers asked for (as NSD does): the default (~200 KiB) overflows when a burst of a few hundred queries
+/// arrives while the server is not on a CPU, and every query lost costs the resolver a timeout.
+const SOCKET_BUFFER: usize = 1 << 20;
+
+/// Serves DNS on `socket` until `shutdown`; queries for the catalog still running then are finished first.
+pub async fn serve(socket: UdpSocket, handler: Arc<Handler>, shutdown: CancellationToken) -> io::Result<()> {
+    let sock = socket2::SockRef::from(&socket);
+    if let Err(error) = sock.set_recv_buffer_size(SOCKET_BUFFER).and_then(|()| sock.set_send_buffer_size(SOCKET_BUFFER))
+    {
+        warn!(%error, "cannot enlarge the UDP socket buffers; bursts may be dropped");
+    }
+    let socket = Arc::new(socket);
+    let mut buf = vec![0u8; RECEIVE_BUFFER];
+    // Answers of one batch, back to back, and where each goes: read a batch, then send it, so the client is woken
+    // once per batch rather than once per answer (a cross-CPU wake-up costs more than building the answer).
+    let mut answers = Vec::with_capacity(BUDGET * wire::MAX_PLAIN_UDP);
+    let mut sends: Vec<(SocketAddr, usize)> = Vec::with_capacity(BUDGET);
+    let mut slow = JoinSet::new();
+    let result = loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break Ok(()),
+            ready = socket.readable() => if let Err(error) = ready { break Err(error) },
+        }
+        let mut drained = false;
+        for _ in 0..BUDGET {
+            let (len, src) = match socket.try_recv_from(&mut buf) {
+                Ok(received) => received,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    drained = true;
+                    break;
+                }
+                Err(error) => {
+                    // ICMP errors from earlier sends and the like: nothing to do with the next datagram.
+                    debug!(%error, "UDP receive failed");
+                    continue;
+                }
+            };
+            if !usable_source(src) {
+                continue;
+            }
+            let packet = &buf[..len];
+            if answer_prebuilt(&handler, packet, &mut answers) {
+                sends.push((src, answers.len()));
+                continue;
+            }
+            let responder = UdpResponder { socket: socket.clone(), dst: src };
+            slow.spawn(handle_with_catalog(handler.clone(), packet.to_vec(), src, responder));
+        }
+        let mut start = 0;
+        for (dst, end) in sends.drain(..) {
+            send(&socket, &answers[start..end], dst).await;
+            start = end;
+        }
+        answers.clear();
+        while slow.try_join_next().is_some() {}
+        if !drained {
+            tokio::task::yield_now().await;
+        }
+    };
+    while slow.join_next().await.is_some() {}
+    result
+}
+
+/// The fast path: a plain query for a name with a prebuilt answer, appended to `out`.
+fn answer_prebuilt(handler: &Handler, packet: &[u8], out: &mut Vec<u8>) -> bool {
+    let Some(query) = wire::parse(packet) else {
+        return false;
+    };
+    let view = handler.shared().view.load();
+    let Some(prebuilt) = view.prebuilt_answer(query.qname, query.qtype) else {
+        return false;
+    };
+    if !wire::respond(&query, prebuilt, out) {
+        return false;
+    }
+    handler.shared().metrics.count_response(u16::from(ResponseCode::NoError));
+    true
+}
+
+async fn send(socket: &UdpSocket, bytes: &[u8], dst: SocketAddr) {
+    let result = match socket.try_send_to(bytes, dst) {
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock => socket.send_to(bytes, dst).await,
+        other => other,
+    };
+    if let Err(error) = result {
+        debug!(%error, "UDP send failed");
+    }
+}
+
+/// What hickory's server does with a datagram before its handler sees it, then the handler.
+async fn handle_with_catalog(handler: Arc<Handler>, packet: Vec<u8>, src: SocketAddr, mut responder: UdpResponder) {
+    let Ok(header) = Header::read(&mut BinDecoder::new(&packet)) else {
+        return;
+    };
+    let request = match Request::from_bytes(packet, src, Protocol::Udp) {
+        Ok(request) => request,
+        Err(error) => {
+            debug!(%error, "undecodable query");
+            let Ok(queries) = Queries::read(&mut BinDecoder::new(&[]), 0) else {
+                return;
+            };
+            let response =
+                MessageResponseBuilder::new(&queries, None).error_msg(&header.metadata, ResponseCode::FormErr);
+            if let Ok(info) = responder.send_response(response).await {
+                handler.shared().metrics.count_response(u16::from(info.response_code));
+            }
+            return;
+        }
+    };
+    if request.metadata.message_type == MessageType::Response {
+        return;
+    }
+    handler.handle_request::<_, TokioTime>(&request, responder).await;
+}
+
+/// Sends the catalog's response back from the server's socket.
+#[derive(Clone)]
+struct UdpResponder {
+    socket: Arc<UdpSocket>,
+    dst: SocketAddr,
+}
+
+#[async_trait::async_trait]
+impl ResponseHandler for UdpResponder {
+    async fn send_response<'a>(
+        &mut self,
+        response: MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, NetError> {
+        let (info, bytes) = encode_udp(response)?;
+        self.socket.send_to(&bytes, self.dst).await?;
+        Ok(info)
+    }
+}
+
+/// Encodes a response within the requestor's UDP limit (its EDNS payload, or 512), as hickory's server does; an
+/// encoding failure becomes a bare SERVFAIL.
+fn encode_udp<'a>(
+    response: MessageResponse<
+        '_,
+        'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+    >,
+) -> Result<(ResponseInfo, Vec<u8>), NetError> {
+    let id = response.metadata().id;
+    let limit = response.edns().map_or(512, |edns| edns.max_payload());
+    let mut bytes = Vec::with_capacity(512);
+    let mut encoder = BinEncoder::new(&mut bytes);
+    encoder.set_max_size(limit);
+    let error = match response.destructive_emit(&mut encoder) {
+        Ok(info) => return Ok((info, bytes)),
+        Err(error) => error,
+    };
+    warn!(%error, "cannot encode response");
+    bytes.clear();
+    let mut encoder = BinEncoder::new(&mut bytes);
+    encoder.set_max_size(512);
+    let mut metadata = Metadata::new(id, MessageType::Response, OpCode::Query);
+    metadata.response_code = ResponseCode::ServFail;
+    let header = Header { metadata, counts: HeaderCounts::default() };
+    header.emit(&mut encoder)?;
+    Ok((ResponseInfo::from(header), bytes))
+}
+
+/// hickory's rule: never answer port 0, an unspecified or a broadcast address.
+fn usable_source(src: SocketAddr) -> bool {
+    src.port() != 0
+        && match src.ip() {
+            IpAddr::V4(v4) => !v4.is_unspecified() && !v4.is_broadcast(),
+            IpAddr::V6(v6) => !v6.is_unspecified(),
+        }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use hickory_server::proto::{
+        op::{Edns, Message, Query},
+        rr::{Name, RecordType},
+    };
+
+    use super::*;
+    use crate::{
+        answer::{Address, Policy, State, WhenEmpty},
+        sync::Shared,
+        view::{DomainRow, Nameserver, View, ZoneRow},
+    };
+
+    /// Records what the catalog sends, encoded as [`UdpResponder`] would.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    #[async_trait::async_trait]
+    impl ResponseHandler for Capture {
+        async fn send_response<'a>(
+            &mut self,
+            response: MessageResponse<
+                '_,
+                'a,
+                impl Iterator<Item = &'a Record> + Send + 'a,
+                impl Iterator<Item = &'a Record> + Send + 'a,
+                impl Iterator<Item = &'a Record> + Send + 'a,
+                impl Iterator<Item = &'a Record> + Send + 'a,
+            >,
+        ) -> Result<ResponseInfo, NetError> {
+            let (info, bytes) = encode_udp(response)?;
+            *self.0.lock().expect("capture lock") = bytes;
+            Ok(info)
+        }
+    }
+
+    fn handler() -> Handler {
+        let zone = ZoneRow {
+            id: 1,
+            origin: Name::from_ascii("example.test.").expect("origin"),
+            nameservers: vec![Nameserver {
+                name: "ns1.example.test.".into(),
+                ips: vec!["192.0.2.53".parse().expect("ip")],
+            }],
+            hostmaster: Name::from_ascii("hostmaster.example.test.").expect("hostmaster"),
+            serial: 7,
+            refresh: 3600,
+            retry: 600,
+            expire: 604_800,
+            minimum: 1,
+            soa_ttl: 60,
+            ns_ttl: 3600,
+        };
+        let address = |ip: &str, weight| Address {
+            ip: ip.parse().expect("ip"),
+            priority: 0,
+            weight,
+            load: 0.0,
+            state: State::Live,
+        };
+        let domain = |id, fqdn: &str, addresses| DomainRow {
+            id,
+            zone_id: 1,
+            fqdn: Name::from_ascii(fqdn).expect("fqdn"),
+            ttl: 30,
+            policy: Policy { fallback: None, when_empty: WhenEmpty::NoData, load_threshold_pct: 50 },
+            addresses,
+            services: Vec::new(),
+        };
+        let domains = vec![
+            domain(1, "www.example.test.", vec![address("198.51.100.1", 1), address("198.51.100.2", 1)]),
+            domain(2, "v6.example.test.", vec![address("2001:db8::1", 1), address("198.51.100.9", 1)]),
+            domain(3, "weighted.example.test.", vec![address("198.51.100.3", 3), address("198.51.100.4", 1)]),
+            domain(4, "MiXed.example.test.", vec![address("198.51.100.5", 1)]),
+        ];
+        let shared = Shared::new();
+        shared.view.store(Arc::new(View::build(vec![zone], domains)));
+        Handler::new(Arc::new(shared))
+    }
+
+    fn query(name: &str, rtype: RecordType, edns: Option<u16>, id: u16, rd: bool) -> Vec<u8> {
+        let mut message = Message::new(id, MessageType::Query, OpCode::Query);
+        message.metadata.recursion_desired = rd;
+        message.add_query(Query::query(Name::from_ascii(name).expect("name"), rtype));
+        if let Some(size) = edns {
+            let mut opt = Edns::new();
+            opt.set_max_payload(size);
+            message.set_edns(opt);
+        }
+        message.to_vec().expect("encode query")
+    }
+
+    async fn by_catalog(handler: &Handler, packet: &[u8]) -> Vec<u8> {
+        let capture = Capture::default();
+        let request =
+            Request::from_bytes(packet.to_vec(), ([127, 0, 0, 1], 5300).into(), Protocol::Udp).expect("decodable");
+        handler.handle_request::<_, TokioTime>(&request, capture.clone()).await;
+        let bytes = capture.0.lock().expect("capture lock").clone();
+        assert!(!bytes.is_empty(), "the catalog answered");
+        bytes
+    }
+
+    fn by_fast_path(handler: &Handler, packet: &[u8]) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        answer_prebuilt(handler, packet, &mut out).then_some(out)
+    }
+
+    #[tokio::test]
+    async fn prebuilt_answers_are_the_catalogs_byte_for_byte() {
+        let handler = handler();
+        let cases = [
+            ("www.example.test.", RecordType::A),
+            ("v6.example.test.", RecordType::AAAA),
+            ("v6.example.test.", RecordType::A),
+            ("ns1.example.test.", RecordType::A),
+        ];
+        for (name, rtype) in cases {
+            for edns in [None, Some(100), Some(512), Some(1232), Some(4096)] {
+                for (id, rd) in [(0x1234, false), (0xfedc, true)] {
+                    let packet = query(name, rtype, edns, id, rd);
+                    // Same turn of the rotation for both: fast, fast, then the catalog on the first one's turn.
+                    let first = by_fast_path(&handler, &packet).expect("served from the prebuilt answer");
+                    let second = by_fast_path(&handler, &packet).expect("served from the prebuilt answer");
+                    let catalog = by_catalog(&handler, &packet).await;
+                    assert_eq!(first, catalog, "{name} {rtype} edns {edns:?} rd {rd}");
+                    let catalog = by_catalog(&handler, &packet).await;
+                    assert_eq!(second, catalog, "{name} {rtype} edns {edns:?} rd {rd}, second turn");
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn checking_disabled_is_echoed_like_the_catalog() {
+        let handler = handler();
+        let mut packet = query("ns1.example.test.", RecordType::A, Some(1232), 7, true);
+        packet[3] |= 0x10;
+        let fast = by_fast_path(&handler, &packet).expect("served from the prebuilt answer");
+        assert_eq!(fast, by_catalog(&handler, &packet).await);
+    }
+
+    #[tokio::test]
+    async fn rotation_and_weights_go_on_across_both_paths() {
+        let handler = handler();
+        let packet = query("weighted.example.test.", RecordType::A, None, 1, false);
+        let first_ip = |bytes: &[u8]| -> String {
+            let message = Message::from_vec(bytes).expect("response decodes");
+            message.answers[0].data.to_string()
+        };
+        let mut firsts = Vec::new();
+        for turn in 0..8 {
+            let bytes = if turn % 2 == 0 {
+                by_fast_path(&handler, &packet).expect("prebuilt")
+            } else {
+                by_catalog(&handler, &packet).await
+            };
+            firsts.push(first_ip(&bytes));
+        }
+        let heavy = firsts.iter().filter(|ip| *ip == "198.51.100.3").count();
+        assert_eq!(heavy, 6, "weights 3:1 over 8 turns: {firsts:?}");
+        assert_eq!(firsts.len() - heavy, 2);
+    }
+
+    #[tokio::test]
+    async fn everything_else_is_left_to_the_catalog() {
+        let handler = handler();
+        let mut with_do = query("www.example.test.", RecordType::A, Some(1232), 1, false);
+        let at = with_do.len() - 4; // OPT flags: the DO bit is the top bit of the first flags byte
+        with_do[at] |= 0x80;
+        let mut compressed = query("www.example.test.", RecordType::A, None, 1, false);
+        compressed.truncate(12);
+        compressed.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
+        let mut trailing = query("www.example.test.", RecordType::A, None, 1, false);
+        trailing.push(0);
+        let mut response = query("www.example.test.", RecordType::A, None, 1, false);
+        response[2] |= 0x80;
+        let left = [
+            ("upper case", query("WWW.example.test.", RecordType::A, None, 1, false)),
+            ("mixed-case owner", query("mixed.example.test.", RecordType::A, None, 1, false)),
+            ("NXDOMAIN", query("nope.example.test.", RecordType::A, None, 1, false)),
+            ("NODATA", query("www.example.test.", RecordType::AAAA, None, 1, false)),
+            ("SOA", query("example.test.", RecordType::SOA, None, 1, false)),
+            ("not ours", query("www.example.org.", RecordType::A, None, 1, false)),
+            ("DO bit", with_do),
+            ("compressed", compressed),
+            ("trailing byte", trailing),
+            ("response", response),
+            ("short", vec![0; 11]),
+        ];
+        for (what, packet) in left {
+            assert!(by_fast_path(&handler, &packet).is_none(), "{what}");
+        }
+    }
+
+    #[tokio::test]
+    async fn serves_over_a_socket_until_shutdown() {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let addr = socket.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serve(socket, Arc::new(handler()), shutdown.clone()));
+        let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind client");
+        let mut buf = vec![0u8; 4096];
+        for (name, rtype, rcode) in [
+            ("www.example.test.", RecordType::A, ResponseCode::NoError),
+            ("nope.example.test.", RecordType::A, ResponseCode::NXDomain),
+            ("www.example.org.", RecordType::A, ResponseCode::Refused),
+        ] {
+            client.send_to(&query(name, rtype, Some(1232), 99, true), addr).await.expect("send");
+            let (len, _) = tokio::time::timeout(std::time::Duration::from_secs(5), client.recv_from(&mut buf))
+                .await
+                .expect("answered in time")
+                .expect("recv");
+            let message = Message::from_vec(&buf[..len]).expect("response decodes");
+            assert_eq!(message.metadata.id, 99);
+            assert_eq!(message.metadata.response_code, rcode, "{name}");
+        }
+        // A burst, answered as a batch: every query once, whatever the order.
+        for id in 1..=40_u16 {
+            client.send_to(&query("www.example.test.", RecordType::A, None, id, false), addr).await.expect("send");
+        }
+        let mut ids = Vec::new();
+        for _ in 1..=40 {
+            let (len, _) = tokio::time::timeout(std::time::Duration::from_secs(5), client.recv_from(&mut buf))
+                .await
+                .expect("answered in time")
+                .expect("recv");
+            let message = Message::from_vec(&buf[..len]).expect("response decodes");
+            assert_eq!(message.answers.len(), 2);
+            ids.push(message.metadata.id);
+        }
+        ids.sort_unstable();
+        assert_eq!(ids, (1..=40).collect::<Vec<u16>>());
+        // Garbage after a header: FORMERR, as hickory's server answers.
+        client.send_to(&[0, 5, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 63], addr).await.expect("send");
+        let (len, _) = tokio::time::timeout(std::time::Duration::from_secs(5), client.recv_from(&mut buf))
+            .await
+            .expect("answered in time")
+            .expect("recv");
+        let message = Message::from_vec(&buf[..len]).expect("response decodes");
+        assert_eq!(message.metadata.response_code, ResponseCode::FormErr);
+        shutdown.cancel();
+        tokio::time::timeout(std::time::Duration::from_secs(5), task)
+            .await
+            .expect("stops")
+            .expect("joins")
+            .expect("ok");
+    }
+}

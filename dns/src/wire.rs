@@ -1,0 +1,239 @@
+//! The fast path's wire format: recognise a plain A/AAAA query and turn a prebuilt response into its answer.
+//!
+//! A prebuilt response ([`crate::view::View::prebuilt_answer`]) is the whole message the catalog would send for a
+//! query without EDNS, with ID 0 and RD/CD clear. [`respond`] copies it and sets what depends on the query: the ID,
+//! RD and CD (as hickory's `Metadata::response_from_request` does) and, when the query had an OPT record, the
+//! response's OPT record (as hickory's `Catalog` builds it: payload at least 512, version 0, no flags, no options).
+//! Anything else a query may carry sends it to the catalog: [`parse`] returns `None`.
+
+use hickory_server::proto::rr::RecordType;
+
+/// Length of the OPT record [`respond`] appends: root name, type, class, TTL, RDLENGTH.
+pub const OPT_LEN: usize = 11;
+
+/// The largest UDP response every client accepts (RFC 1035); prebuilt responses stay within it, OPT included.
+pub const MAX_PLAIN_UDP: usize = 512;
+
+const HEADER_LEN: usize = 12;
+const TYPE_OPT: u16 = 41;
+const CLASS_IN: u16 = 1;
+const FLAG_RD: u8 = 0x01;
+const FLAG_CD: u8 = 0x10;
+/// EDNS options hickory keeps as opaque bytes (COOKIE, PADDING); any other option goes to the catalog.
+const OPAQUE_OPTIONS: [u16; 2] = [10, 12];
+
+/// A query the fast path may answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlainQuery<'a> {
+    /// The question's name, wire format, as asked.
+    pub qname: &'a [u8],
+    /// A or AAAA.
+    pub qtype: RecordType,
+    /// The whole question: name, type, class.
+    question: &'a [u8],
+    id: [u8; 2],
+    /// The query's RD bit (byte 2) and CD bit (byte 3), in place.
+    rd: u8,
+    cd: u8,
+    /// The requestor's UDP payload size, when the query had an OPT record.
+    edns_payload: Option<u16>,
+}
+
+/// Recognises a standard query with one IN A or AAAA question, no compression, no records but an optional plain
+/// OPT record (version 0, DO clear, no options but cookies or padding), and nothing after it.
+pub fn parse(packet: &[u8]) -> Option<PlainQuery<'_>> {
+    let header = packet.get(..HEADER_LEN)?;
+    // QR clear and OPCODE 0 (QUERY); AA, TC, RA, Z, AD and RCODE of a query do not shape the answer.
+    if header[2] & 0xf8 != 0 {
+        return None;
+    }
+    let counts = [be16(header, 4)?, be16(header, 6)?, be16(header, 8)?, be16(header, 10)?];
+    if counts[..3] != [1, 0, 0] || counts[3] > 1 {
+        return None;
+    }
+    let name_len = name_len(&packet[HEADER_LEN..])?;
+    let question_end = HEADER_LEN + name_len + 4;
+    let question = packet.get(HEADER_LEN..question_end)?;
+    let qtype = match be16(question, name_len)? {
+        1 => RecordType::A,
+        28 => RecordType::AAAA,
+        _ => return None,
+    };
+    if be16(question, name_len + 2)? != CLASS_IN {
+        return None;
+    }
+    let rest = &packet[question_end..];
+    let edns_payload = match counts[3] {
+        0 if rest.is_empty() => None,
+        1 => Some(plain_opt(rest)?),
+        _ => return None,
+    };
+    Some(PlainQuery {
+        qname: &question[..name_len],
+        qtype,
+        question,
+        id: [header[0], header[1]],
+        rd: header[2] & FLAG_RD,
+        cd: header[3] & FLAG_CD,
+        edns_payload,
+    })
+}
+
+/// Appends the answer to `query` to `out`, from `prebuilt`; `false` (and `out` untouched) when `prebuilt` does not
+/// answer this question.
+pub fn respond(query: &PlainQuery<'_>, prebuilt: &[u8], out: &mut Vec<u8>) -> bool {
+    if prebuilt.get(HEADER_LEN..HEADER_LEN + query.question.len()) != Some(query.question) {
+        return false;
+    }
+    let start = out.len();
+    out.extend_from_slice(prebuilt);
+    let message = &mut out[start..];
+    message[0..2].copy_from_slice(&query.id);
+    message[2] |= query.rd;
+    message[3] |= query.cd;
+    if let Some(payload) = query.edns_payload {
+        message[11] = 1;
+        let [hi, lo] = payload.max(512).to_be_bytes();
+        let [t_hi, t_lo] = TYPE_OPT.to_be_bytes();
+        out.extend_from_slice(&[0, t_hi, t_lo, hi, lo, 0, 0, 0, 0, 0, 0]);
+    }
+    true
+}
+
+/// The suffixes of a wire-format name, longest first, down to the root: each is itself a wire-format name.
+pub fn suffixes(name: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = Some(name);
+    std::iter::from_fn(move || {
+        let current = rest?;
+        rest = match current.first() {
+            Some(&len) if len > 0 => current.get(1 + usize::from(len)..),
+            _ => None,
+        };
+        Some(current)
+    })
+}
+
+/// Length of the uncompressed name at the start of `bytes`, terminator included; `None` if malformed, compressed
+/// or longer than 255 bytes.
+fn name_len(bytes: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    loop {
+        let len = usize::from(*bytes.get(at)?);
+        if len >= 64 {
+            return None;
+        }
+        at += 1 + len;
+        if at > 255 {
+            return None;
+        }
+        if len == 0 {
+            return Some(at);
+        }
+    }
+}
+
+/// The payload size of an OPT record that is all of `rest`: root owner, version 0, DO clear (what DNSSEC-enabled
+/// builds of hickory would echo), well-formed opaque options.
+fn plain_opt(rest: &[u8]) -> Option<u16> {
+    let fixed = rest.get(..OPT_LEN)?;
+    if fixed[0] != 0 || be16(fixed, 1)? != TYPE_OPT || fixed[6] != 0 || fixed[7] & 0x80 != 0 {
+        return None;
+    }
+    let rdlen = usize::from(be16(fixed, 9)?);
+    let mut options = rest.get(OPT_LEN..)?;
+    if options.len() != rdlen {
+        return None;
+    }
+    while !options.is_empty() {
+        let code = be16(options, 0)?;
+        let len = usize::from(be16(options, 2)?);
+        if !OPAQUE_OPTIONS.contains(&code) {
+            return None;
+        }
+        options = options.get(4 + len..)?;
+    }
+    be16(fixed, 3)
+}
+
+fn be16(bytes: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*bytes.get(at)?, *bytes.get(at + 1)?]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packet(flags: [u8; 2], counts: [u16; 4], question: &[u8], rest: &[u8]) -> Vec<u8> {
+        let mut bytes = vec![0xab, 0xcd, flags[0], flags[1]];
+        for count in counts {
+            bytes.extend_from_slice(&count.to_be_bytes());
+        }
+        bytes.extend_from_slice(question);
+        bytes.extend_from_slice(rest);
+        bytes
+    }
+
+    const WWW_A: &[u8] = b"\x03www\x07example\x04test\x00\x00\x01\x00\x01";
+
+    #[test]
+    fn parses_a_plain_query() {
+        let bytes = packet([1, 0], [1, 0, 0, 0], WWW_A, &[]);
+        let query = parse(&bytes).expect("plain");
+        assert_eq!(query.qname, b"\x03www\x07example\x04test\x00");
+        assert_eq!(query.qtype, RecordType::A);
+        assert_eq!(query.edns_payload, None);
+        assert_eq!(query.rd, 1);
+    }
+
+    #[test]
+    fn parses_opt_with_a_cookie_but_not_other_options() {
+        let cookie = [0, 0, 41, 4, 208, 0, 0, 0, 0, 0, 12, 0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8];
+        let bytes = packet([0, 0], [1, 0, 0, 1], WWW_A, &cookie);
+        assert_eq!(parse(&bytes).expect("plain").edns_payload, Some(1232));
+        let mut nsid = cookie;
+        nsid[12] = 3;
+        assert_eq!(parse(&packet([0, 0], [1, 0, 0, 1], WWW_A, &nsid)), None);
+        let mut short = cookie.to_vec();
+        short.pop();
+        assert_eq!(parse(&packet([0, 0], [1, 0, 0, 1], WWW_A, &short)), None);
+        let mut version1 = cookie;
+        version1[6] = 1;
+        assert_eq!(parse(&packet([0, 0], [1, 0, 0, 1], WWW_A, &version1)), None);
+    }
+
+    #[test]
+    fn refuses_what_the_catalog_must_see() {
+        let mx = b"\x03www\x07example\x04test\x00\x00\x0f\x00\x01";
+        let chaos = b"\x03www\x07example\x04test\x00\x00\x01\x00\x03";
+        assert_eq!(parse(&packet([0, 0], [1, 0, 0, 0], mx, &[])), None);
+        assert_eq!(parse(&packet([0, 0], [1, 0, 0, 0], chaos, &[])), None);
+        assert_eq!(parse(&packet([0x28, 0], [1, 0, 0, 0], WWW_A, &[])), None, "UPDATE");
+        assert_eq!(parse(&packet([0x80, 0], [1, 0, 0, 0], WWW_A, &[])), None, "response");
+        assert_eq!(parse(&packet([0, 0], [2, 0, 0, 0], WWW_A, &[])), None);
+        assert_eq!(parse(&packet([0, 0], [1, 1, 0, 0], WWW_A, &[])), None);
+        assert_eq!(parse(&packet([0, 0], [1, 0, 0, 0], &WWW_A[..10], &[])), None);
+        assert_eq!(parse(&packet([0, 0], [1, 0, 0, 0], b"\xc0\x0c\x00\x01\x00\x01", &[])), None);
+        let long: Vec<u8> = (0..5).flat_map(|_| std::iter::once(63).chain([b'a'; 63])).chain([0, 0, 1, 0, 1]).collect();
+        assert_eq!(parse(&packet([0, 0], [1, 0, 0, 0], &long, &[])), None, "over 255 bytes");
+    }
+
+    #[test]
+    fn respond_patches_id_flags_and_opt() {
+        let query_bytes = packet([1, 0x10], [1, 0, 0, 1], WWW_A, &[0, 0, 41, 0, 100, 0, 0, 0, 0, 0, 0]);
+        let query = parse(&query_bytes).expect("plain");
+        let prebuilt = packet([0x84, 0], [1, 0, 0, 0], WWW_A, &[]);
+        let mut out = Vec::new();
+        assert!(respond(&query, &prebuilt, &mut out));
+        assert_eq!(&out[..4], &[0xab, 0xcd, 0x85, 0x10]);
+        assert_eq!(out[11], 1);
+        assert_eq!(&out[out.len() - OPT_LEN..], &[0, 0, 41, 2, 0, 0, 0, 0, 0, 0, 0], "payload raised to 512");
+        let other = packet([0x84, 0], [1, 0, 0, 0], b"\x03wwx\x07example\x04test\x00\x00\x01\x00\x01", &[]);
+        assert!(!respond(&query, &other, &mut out));
+    }
+
+    #[test]
+    fn suffixes_walk_to_the_root() {
+        let all: Vec<&[u8]> = suffixes(b"\x03www\x07example\x00").collect();
+        assert_eq!(all, [&b"\x03www\x07example\x00"[..], b"\x07example\x00", b"\x00"]);
+    }
+}
