@@ -147,7 +147,8 @@ fn default_reprobes() -> u8 {
     4
 }
 fn default_batch_window() -> Duration {
-    Duration::from_millis(5)
+    // Short: a pending address's first proof waits for it. Under load, changes also gather while a write runs.
+    Duration::from_millis(1)
 }
 fn default_fleet_every() -> Duration {
     Duration::from_secs(2)

@@ -104,6 +104,8 @@ struct Session {
     remote: SocketAddr,
     /// Uplink name → (address row, uplink).
     targets: BTreeMap<String, (i64, Uplink)>,
+    /// Its control connection, to tell whether the NCU is still there after a slow write.
+    connection: Connection,
 }
 
 async fn session(connection: Connection, context: Arc<Context>, shutdown: CancellationToken) {
@@ -147,6 +149,7 @@ async fn session(connection: Connection, context: Arc<Context>, shutdown: Cancel
         domain_id: ncu.domain_id,
         remote: connection.remote_address(),
         targets: BTreeMap::new(),
+        connection: connection.clone(),
     };
     info!(ncu = ncu.id, domain = %ncu.domain, session = session.id, "NCU connected");
     let mut draining = context.draining.clone();
@@ -236,6 +239,12 @@ async fn handle(session: &mut Session, message: ToHbs, context: &Context) -> ToN
         Ok(result) => result,
         Err(e) => return unavailable(&e),
     };
+    if let Some(reason) = session.connection.close_reason() {
+        // The NCU gave up waiting and has most likely registered again on a new connection, whose targets are in
+        // the driver already: pinging on for this session would replace them, and its end would stop them.
+        debug!(session = session.id, %reason, "registration written after the NCU left; not pinging for it");
+        return error(ControlError::Unavailable, "connection closed");
+    }
     if replace_all {
         let keep: Vec<&str> = accepted.iter().map(|r| r.uplink.name.as_str()).collect();
         let gone: Vec<String> = session.targets.keys().filter(|n| !keep.contains(&n.as_str())).cloned().collect();

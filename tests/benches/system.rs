@@ -6,7 +6,8 @@
 //! - detection: the isp silently drops everything for `wan2`'s address (a blackhole route) → `dns` no longer answers
 //!   it; then the route is removed and the address comes back before the next trial.
 //!
-//! `cargo bench -p tether-tests --bench system` as root (TRIALS=n each, default 100). Prints p50/p90/p99/max in ms.
+//! `cargo bench -p tether-tests --bench system` as root (TRIALS=n each, default 100). Prints p50/p90/p99/max in ms;
+//! BENCH_LOGS=1 prints the end of every process's log too.
 
 use std::time::{Duration, Instant};
 
@@ -26,7 +27,7 @@ fn main() -> Result<()> {
     runtime.block_on(async {
         let mut system = System::start(ns).await?;
         let result = measure(&mut system, trials).await;
-        if result.is_err() {
+        if result.is_err() || std::env::var_os("BENCH_LOGS").is_some() {
             system.print_logs();
         }
         result

@@ -440,7 +440,9 @@ impl System {
         let mut words = command.split_whitespace();
         let binary = words.next().context("empty command")?;
         let args: Vec<&OsStr> = words.map(OsStr::new).chain([OsStr::new("--config"), path.as_os_str()]).collect();
-        let mut all_env = vec![("RUST_LOG", "info,hickory_server=warn")];
+        // TETHER_SYSTEM_LOG overrides the processes' log filter (RUST_LOG syntax).
+        let filter = std::env::var("TETHER_SYSTEM_LOG").unwrap_or_else(|_| "info,hickory_server=warn".to_owned());
+        let mut all_env = vec![("RUST_LOG", filter.as_str())];
         all_env.extend_from_slice(env);
         let log = self.work.path().join(format!("{name}.log"));
         let process = Process::spawn(name, &self.ns.name(netns), &self.bin.join(binary), &args, &all_env, log)?;

@@ -41,7 +41,7 @@ pub struct Settings {
 }
 
 /// Wait after a netlink event before re-reading, so a burst (address + route) is read once.
-const DEBOUNCE: Duration = Duration::from_millis(5);
+const DEBOUNCE: Duration = Duration::from_millis(2);
 
 /// Runs until `shutdown`, publishing the validated uplinks into `publish`.
 pub async fn run(
