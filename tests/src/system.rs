@@ -53,10 +53,8 @@ pub fn binaries() -> Result<PathBuf> {
     if std::env::var_os("NEXTEST").is_some() {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut command = Command::new(cargo);
-        command.current_dir(workspace).args(["build", "--quiet", "--bins"]);
-        for (binary, _) in BINARIES {
-            command.args(["-p", binary]);
-        }
+        // The same selection as scripts/test, so features unify alike and a built binary is not rebuilt.
+        command.current_dir(workspace).args(["build", "--quiet", "--workspace", "--bins"]);
         if release {
             command.arg("--release");
         }
@@ -239,13 +237,19 @@ pub fn network(uplinks: u8) -> Result<Namespaces> {
     ns.ip("isp", &["addr", "add", "198.18.9.254/24", "dev", "icl"])?;
     ns.ip("client", &["route", "add", "default", "via", "198.18.9.254"])?;
     for i in 1..=uplinks {
-        let (wan, peer) = (format!("wan{i}"), format!("isp{i}"));
-        veth(&ns, ("site", &wan), ("isp", &peer))?;
-        ns.ip("site", &["addr", "add", &format!("198.18.{i}.2/24"), "dev", &wan])?;
-        ns.ip("isp", &["addr", "add", &format!("198.18.{i}.1/24"), "dev", &peer])?;
-        default_route(&ns, i)?;
+        add_uplink(&ns, i)?;
     }
     Ok(ns)
+}
+
+/// Adds the site's uplink `i`: veth `wan<i>` in `site` ↔ `isp<i>` in `isp`, 198.18.<i>.2/24 ↔ .1, and a default
+/// route through it.
+pub fn add_uplink(ns: &Namespaces, i: u8) -> Result<()> {
+    let (wan, peer) = (format!("wan{i}"), format!("isp{i}"));
+    veth(ns, ("site", &wan), ("isp", &peer))?;
+    ns.ip("site", &["addr", "add", &format!("198.18.{i}.2/24"), "dev", &wan])?;
+    ns.ip("isp", &["addr", "add", &format!("198.18.{i}.1/24"), "dev", &peer])?;
+    default_route(ns, i)
 }
 
 /// (Re)sets the site's default route through `wan<i>`, metric 100 + i.

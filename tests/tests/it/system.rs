@@ -18,7 +18,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::Duration,
 };
@@ -203,16 +203,16 @@ impl DnsWatch {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let task = tokio::spawn(async move {
-            let (answered, empty, failed) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+            let (mut answered, mut empty, mut failed) = (0, 0, 0);
             while !flag.load(Ordering::Relaxed) {
                 match ask(dns, &format!("{DOMAIN}."), RecordType::A, Transport::Udp).await {
-                    Ok(answer) if addresses(&answer).is_empty() => empty.fetch_add(1, Ordering::Relaxed),
-                    Ok(_) => answered.fetch_add(1, Ordering::Relaxed),
-                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
-                };
+                    Ok(answer) if addresses(&answer).is_empty() => empty += 1,
+                    Ok(_) => answered += 1,
+                    Err(_) => failed += 1,
+                }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            (answered.into_inner(), empty.into_inner(), failed.into_inner())
+            (answered, empty, failed)
         });
         Self { stop, task }
     }

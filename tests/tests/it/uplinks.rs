@@ -13,34 +13,18 @@ use ncu::{
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use tether_tests::{
-    eventually, fleet::HbsServer, hds_stack::HdsServer, hds_stack::Pki, netns::Namespaces, stack::Stack,
+    eventually,
+    fleet::HbsServer,
+    hds_stack::HdsServer,
+    hds_stack::Pki,
+    netns::Namespaces,
+    stack::Stack,
+    system::{add_uplink, default_route},
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 const SERVERS: &str = "198.18.0.1";
-
-/// Adds uplink `i`: veth `wan<i>` in site ↔ `isp<i>` in isp, 198.18.<i>.2/24 ↔ .1, a default route in site.
-fn add_uplink(ns: &Namespaces, i: u8) -> Result<()> {
-    let (site, isp) = (ns.name("site"), ns.name("isp"));
-    let (wan, peer) = (format!("wan{i}"), format!("isp{i}"));
-    tether_tests::netns::ip(&[
-        "link", "add", &wan, "netns", &site, "type", "veth", "peer", "name", &peer, "netns", &isp,
-    ])?;
-    ns.ip("site", &["addr", "add", &format!("198.18.{i}.2/24"), "dev", &wan])?;
-    ns.ip("isp", &["addr", "add", &format!("198.18.{i}.1/24"), "dev", &peer])?;
-    ns.ip("site", &["link", "set", &wan, "up"])?;
-    ns.ip("isp", &["link", "set", &peer, "up"])?;
-    default_route(ns, i)
-}
-
-fn default_route(ns: &Namespaces, i: u8) -> Result<()> {
-    let metric = (100 + u32::from(i)).to_string();
-    ns.ip(
-        "site",
-        &["route", "replace", "default", "via", &format!("198.18.{i}.1"), "dev", &format!("wan{i}"), "metric", &metric],
-    )
-}
 
 /// `ip route show default` in the site namespace.
 fn default_routes(ns: &Namespaces) -> Result<String> {
