@@ -20,6 +20,7 @@ pub mod limits;
 pub mod listeners;
 pub mod metrics;
 pub mod proxy;
+pub mod splice;
 pub mod store;
 pub mod sync;
 pub mod table;

@@ -1,18 +1,24 @@
 //! The TCP relay: per connection, choose a live address, connect (the next address when refused), send the PROXY
-//! header if the domain wants one, then copy both ways until both sides are done or the address dies.
+//! header if the domain wants one, then relay both ways until both sides are done or the address dies.
 //!
-//! Each direction reads into one buffer and writes it out before reading again, so a slow reader stalls its writer
-//! (backpressure) and memory per flow is bounded; an EOF is passed on as a half-close (`shutdown(SHUT_WR)`) while
-//! the other direction goes on. Why not splice(2): it would save the two copies through user space, but it needs
-//! `unsafe` (the workspace forbids it) or a crate wrapping it, and the workspace keeps none that does so for tokio's
-//! sockets; with buffers of `tcp_buffer` bytes the copy loop keeps the syscalls per byte low, and a zero-copy pump
-//! can replace [`pipe`] later without touching the rest of the relay.
+//! Each direction moves its bytes with splice(2) through a pipe of its own ([`splice`]): socket → pipe → socket,
+//! never through user space, with one pipe's worth in flight, so a slow reader stalls its writer (backpressure) and
+//! the kernel memory per flow is bounded. An EOF is passed on as a half-close (`shutdown(SHUT_WR)`) while the other
+//! direction goes on. A flow costs four descriptors more than its two sockets (a pipe per direction); past the
+//! user's pipe quota (`fs.pipe-user-pages-soft`, when not running as root) the kernel makes new pipes small, which
+//! costs system calls, not correctness. Where the kernel cannot splice (EINVAL or ENOSYS before any byte moved) the
+//! direction falls back to copying through a buffer of `tcp_buffer` bytes, read then written out in full.
 
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
+use prometheus_client::metrics::counter::Counter;
+
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpListener, TcpStream,
+        tcp::{ReadHalf, WriteHalf},
+    },
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -22,6 +28,7 @@ use crate::{
     limits::Caps,
     metrics::{FlowMetrics, Refusal},
     proxy,
+    splice::{self, Pipe, Spliced},
     table::{Domain, Entry, Key, Protocol, TargetState},
 };
 
@@ -143,37 +150,43 @@ async fn connect(
     }
 }
 
-/// Copies both ways until both directions reached EOF; an error in either ends both.
+/// Relays both ways until both directions reached EOF; an error in either ends both.
 async fn relay(client: &mut TcpStream, upstream: &mut TcpStream, size: usize, metrics: &FlowMetrics) -> io::Result<()> {
     let (mut client_read, mut client_write) = client.split();
     let (mut upstream_read, mut upstream_write) = upstream.split();
     tokio::try_join!(
-        pipe(&mut client_read, &mut upstream_write, size, &metrics.bytes_up),
-        pipe(&mut upstream_read, &mut client_write, size, &metrics.bytes_down),
+        pump(&mut client_read, &mut upstream_write, size, &metrics.bytes_up),
+        pump(&mut upstream_read, &mut client_write, size, &metrics.bytes_down),
     )?;
     Ok(())
 }
 
-/// One direction: read, write it all, count; EOF becomes a half-close of the writer.
-async fn pipe<R, W>(
-    reader: &mut R,
-    writer: &mut W,
-    size: usize,
-    counter: &prometheus_client::metrics::counter::Counter,
-) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    // Capacity, not zeroed bytes: `read_buf` fills the spare capacity, so a flow costs no memset of its buffers
-    // (which dominated short connections) and touches only the pages its reads reach.
+/// One direction, spliced through a pipe of `size` bytes (copied when the kernel cannot splice); EOF becomes a
+/// half-close of the writer.
+async fn pump(reader: &mut ReadHalf<'_>, writer: &mut WriteHalf<'_>, size: usize, counter: &Counter) -> io::Result<()> {
+    let spliced = match Pipe::new(size) {
+        Ok(pipe) => splice::forward(reader.as_ref(), writer.as_ref(), &pipe, counter).await?,
+        Err(error) if splice::unsupported(&error) => Spliced::Unsupported,
+        Err(error) => return Err(error),
+    };
+    if spliced == Spliced::Unsupported {
+        debug!("splice unavailable; copying this direction through user space");
+        copy(reader, writer, size, counter).await?;
+    }
+    // The peer may be gone already (ENOTCONN); the other direction decides the flow's end.
+    let _ = writer.shutdown().await;
+    Ok(())
+}
+
+/// The fallback: read into a buffer, write it all, count, until EOF.
+async fn copy(reader: &mut ReadHalf<'_>, writer: &mut WriteHalf<'_>, size: usize, counter: &Counter) -> io::Result<()> {
+    // Capacity, not zeroed bytes: `read_buf` fills the spare capacity, so a flow costs no memset of its buffer and
+    // touches only the pages its reads reach.
     let mut buf = Vec::with_capacity(size);
     loop {
         buf.clear();
         let n = reader.read_buf(&mut buf).await?;
         if n == 0 {
-            // The peer may be gone already (ENOTCONN); the other direction decides the flow's end.
-            let _ = writer.shutdown().await;
             return Ok(());
         }
         writer.write_all(&buf).await?;
