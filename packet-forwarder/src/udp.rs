@@ -6,9 +6,10 @@
 //! Each flow has a reply task reading its upstream socket. A flow whose address leaves the live set is cancelled,
 //! and the client's next datagram opens a new flow to a live address.
 //!
-//! Datagrams move in bursts ([`batch`]): one recvmmsg per burst on a socket, then one sendmmsg per flow, each
-//! client's datagrams in the order they came. A quiet flow's reply task starts with one slot and grows to a full
-//! batch only once the site sends bursts.
+//! Datagrams move in bursts ([`batch`]): one recvmmsg per burst on a socket (UDP GRO on, so a sender's GSO burst
+//! arrives as one buffer), then one sendmmsg per flow, each client's datagrams in the order they came, runs of
+//! equal size as GSO messages (PROXY headers included: each datagram gets its own). A quiet flow's reply task starts
+//! with one slot and grows to a full batch only once the site sends bursts.
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -26,7 +27,7 @@ use tracing::debug;
 
 use crate::{
     Shared,
-    batch::{self, BATCH, Datagram, Slots},
+    batch::{self, BATCH, Datagram, Gso, Slots},
     flows::FlowTable,
     limits::{Caps, Permit},
     metrics::{FlowMetrics, Refusal, RunningFlow},
@@ -34,14 +35,14 @@ use crate::{
     table::{ActiveGuard, Entry, Key, Protocol, TargetState},
 };
 
-/// Room left in front of each datagram for a PROXY v2 header (IPv6: 52 bytes), so prepending it copies nothing.
-const HEADROOM: usize = 64;
-/// The largest UDP payload.
+/// The largest UDP payload, and of a GRO buffer.
 const MAX_DATAGRAM: usize = 65_535;
 
 /// One client's flow: the shell's value in the [`FlowTable`].
 struct UdpFlow {
     upstream: Arc<UdpSocket>,
+    /// GSO on the upstream socket.
+    gso: Gso,
     header: Option<Vec<u8>>,
     token: CancellationToken,
     /// Nanoseconds after the listener's epoch of the last reply, plus one; 0 before the first.
@@ -56,9 +57,13 @@ struct UdpFlow {
 pub async fn serve(socket: UdpSocket, key: Key, shared: Arc<Shared>, stop: CancellationToken) {
     let socket = Arc::new(socket);
     let Ok(local) = socket.local_addr() else { return };
+    if let Err(error) = batch::enable_gro(&socket) {
+        debug!(%error, listener = %key, "no UDP GRO; datagrams arrive one by one");
+    }
+    let gso = Arc::new(Gso::default());
     let epoch = Instant::now();
     let mut flows: FlowTable<UdpFlow> = FlowTable::new(shared.udp_idle_timeout);
-    let mut slots = Slots::new(BATCH, HEADROOM, MAX_DATAGRAM);
+    let mut slots = Slots::new(BATCH, MAX_DATAGRAM);
     let mut got = Vec::with_capacity(BATCH);
     let timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(timer);
@@ -76,9 +81,9 @@ pub async fn serve(socket: UdpSocket, key: Key, shared: Arc<Shared>, stop: Cance
                 }
             }
             received = slots.recv(&socket, &mut got) => match received {
-                Ok(()) => {
-                    let ctx = Context { key, local, epoch, socket: &socket, shared: &shared };
-                    ctx.forward(&mut flows, &mut slots, &got).await;
+                Ok(_) => {
+                    let ctx = Context { key, local, epoch, socket: &socket, gso: &gso, shared: &shared };
+                    ctx.forward(&mut flows, &slots, &got).await;
                 }
                 // ICMP errors surface here on some systems; the socket itself stays usable.
                 Err(error) => debug!(%error, listener = %key, "UDP receive failed"),
@@ -93,12 +98,14 @@ struct Context<'a> {
     local: SocketAddr,
     epoch: Instant,
     socket: &'a Arc<UdpSocket>,
+    /// GSO on the static socket, which every flow's replies share.
+    gso: &'a Arc<Gso>,
     shared: &'a Arc<Shared>,
 }
 
 impl Context<'_> {
     /// Sends a batch of client datagrams upstream, each client's in the order they came, opening flows as needed.
-    async fn forward(&self, flows: &mut FlowTable<UdpFlow>, slots: &mut Slots, got: &[Datagram]) {
+    async fn forward(&self, flows: &mut FlowTable<UdpFlow>, slots: &Slots, got: &[Datagram]) {
         // Group by client, keeping each client's order (a stable sort of at most `BATCH` entries).
         let mut order: Vec<&Datagram> = got.iter().filter(|d| d.from.is_some()).collect();
         order.sort_by_key(|d| d.from);
@@ -111,11 +118,9 @@ impl Context<'_> {
                 flows.insert(client, flow, now);
             }
             let Some(flow) = flows.get(client, now) else { continue };
-            let ranges: Vec<Range<usize>> = match &flow.header {
-                Some(header) => group.iter().filter_map(|d| slots.prepend(d, header)).collect(),
-                None => group.iter().map(|d| slots.range(d, 0)).collect(),
-            };
-            let sent = batch::send(&flow.upstream, None, slots.bytes(), &ranges).await;
+            let ranges: Vec<Range<usize>> = group.iter().map(|d| d.range()).collect();
+            let header = flow.header.as_deref();
+            let sent = batch::send(&flow.upstream, &flow.gso, None, header, slots.bytes(), &ranges).await;
             let bytes: usize = group.iter().map(|d| d.len).sum();
             if let Some(error) = sent.error {
                 flow.metrics.error("send");
@@ -159,8 +164,8 @@ impl Context<'_> {
         };
         let header = if domain.row.proxy.udp() {
             match proxy::header(client, self.local, true) {
-                Ok(header) if header.len() <= HEADROOM => Some(header),
-                _ => {
+                Ok(header) => Some(header),
+                Err(_) => {
                     metrics.error("proxy_header");
                     return None;
                 }
@@ -173,6 +178,7 @@ impl Context<'_> {
         let replies = Replies {
             upstream: upstream.clone(),
             socket: self.socket.clone(),
+            gso: self.gso.clone(),
             client,
             token: token.clone(),
             cut: self.shared.cut.clone(),
@@ -183,6 +189,7 @@ impl Context<'_> {
         tokio::spawn(replies.run());
         Some(UdpFlow {
             upstream,
+            gso: Gso::default(),
             header,
             token,
             last_reply,
@@ -210,7 +217,8 @@ impl Drop for UdpFlow {
     }
 }
 
-/// A UDP socket on an ephemeral port, connected to `target`: it sends only there and hears only from there.
+/// A UDP socket on an ephemeral port, connected to `target`: it sends only there and hears only from there, with
+/// UDP GRO when the kernel has it.
 async fn connected_socket(target: SocketAddr) -> std::io::Result<UdpSocket> {
     let any = match target {
         SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
@@ -218,6 +226,7 @@ async fn connected_socket(target: SocketAddr) -> std::io::Result<UdpSocket> {
     };
     let socket = UdpSocket::bind(any).await?;
     socket.connect(target).await?;
+    let _ = batch::enable_gro(&socket);
     Ok(socket)
 }
 
@@ -225,6 +234,7 @@ async fn connected_socket(target: SocketAddr) -> std::io::Result<UdpSocket> {
 struct Replies {
     upstream: Arc<UdpSocket>,
     socket: Arc<UdpSocket>,
+    gso: Arc<Gso>,
     client: SocketAddr,
     token: CancellationToken,
     cut: CancellationToken,
@@ -236,7 +246,7 @@ struct Replies {
 impl Replies {
     async fn run(self) {
         // One slot until the site sends bursts: a quiet flow keeps one datagram's worth of buffer.
-        let mut slots = Slots::new(1, 0, MAX_DATAGRAM);
+        let mut slots = Slots::new(1, MAX_DATAGRAM);
         let mut got = Vec::with_capacity(BATCH);
         let mut ranges = Vec::with_capacity(BATCH);
         loop {
@@ -245,24 +255,27 @@ impl Replies {
                 () = self.cut.cancelled() => return,
                 received = slots.recv(&self.upstream, &mut got) => received,
             };
-            if let Err(error) = received {
-                // ECONNREFUSED: the site's port is closed (ICMP). Reported once per ICMP; keep listening.
-                self.metrics.error("upstream");
-                debug!(%error, "upstream UDP socket reported an error");
-                continue;
-            }
+            let messages = match received {
+                Ok(messages) => messages,
+                Err(error) => {
+                    // ECONNREFUSED: the site's port is closed (ICMP). Reported once per ICMP; keep listening.
+                    self.metrics.error("upstream");
+                    debug!(%error, "upstream UDP socket reported an error");
+                    continue;
+                }
+            };
             let nanos = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
             self.last_reply.store(nanos + 1, Ordering::Relaxed);
             ranges.clear();
-            ranges.extend(got.iter().map(|d| slots.range(d, 0)));
-            let sent = batch::send(&self.socket, Some(self.client), slots.bytes(), &ranges).await;
+            ranges.extend(got.iter().map(Datagram::range));
+            let sent = batch::send(&self.socket, &self.gso, Some(self.client), None, slots.bytes(), &ranges).await;
             let bytes: usize = got.iter().map(|d| d.len).sum();
             self.metrics.bytes_down.inc_by((bytes * sent.sent / got.len().max(1)) as u64);
             if let Some(error) = sent.error {
                 self.metrics.error("send");
                 debug!(%error, failed = sent.failed, "cannot send a reply to the client");
             }
-            if got.len() == slots.count() {
+            if messages == slots.count() {
                 slots.grow(slots.count() * 2);
             }
         }
