@@ -1,4 +1,5 @@
-//! TCP and UDP relaying: large transfers checked end to end, replies from the static address, PROXY v2.
+//! TCP and UDP relaying: large transfers and half-closes checked end to end, replies from the static address, bursts
+//! of mixed sizes, PROXY v2.
 
 use std::{
     collections::BTreeMap,
@@ -8,12 +9,19 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
+use packet_forwarder::batch::{self, Gso, Slots};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tether_tests::eventually;
-use tokio::net::UdpSocket;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpListener, TcpSocket, UdpSocket,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
+};
 
-use crate::common::{Data, SOON, Setup, Site, connect, echo_transfer, ip};
+use crate::common::{Data, SOON, Setup, Site, connect, echo_transfer, ip, parse_proxy};
 
 const MIB: usize = 1 << 20;
 
@@ -244,6 +252,204 @@ async fn a_udp_flood_arrives_complete_and_in_order_per_flow() -> Result<()> {
         assert_eq!(seqs, expected, "flow {flow} (from {source}): out of order or missing at the site");
     }
     forwarder.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_half_closes_pass_through_each_way_with_the_bytes_intact() -> Result<()> {
+    // The site: `A` — read to EOF, then answer 16 MiB; `B` — send 16 MiB and half-close first, then read to EOF.
+    // Either way it reports the SHA-256 of what it read.
+    let setup = Setup::new(51, "halves", &[2], json!({})).await?;
+    let listener = TcpListener::bind(SocketAddr::new(ip(51, 2), setup.port)).await?;
+    let (report, mut reports) = tokio::sync::mpsc::unbounded_channel();
+    let site = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let report = report.clone();
+            tokio::spawn(async move {
+                let (mut reader, mut writer) = stream.into_split();
+                let mut mode = [0_u8; 1];
+                reader.read_exact(&mut mode).await?;
+                let read = if mode[0] == b'A' {
+                    let read = drain(&mut reader).await?;
+                    send_data(&mut writer, 16 * MIB, 20).await?;
+                    read
+                } else {
+                    send_data(&mut writer, 16 * MIB, 21).await?;
+                    drain(&mut reader).await?
+                };
+                report.send(read).ok();
+                anyhow::Ok(())
+            });
+        }
+    });
+    let forwarder = setup.forwarder("").await?;
+    let to = setup.static_addr();
+    let client = ip(51, 100);
+    let open = |mode: u8| async move {
+        let socket = TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(client, 0))?;
+        let mut stream = socket.connect(to).await?;
+        stream.write_all(&[mode]).await?;
+        anyhow::Ok(stream.into_split())
+    };
+    eventually(SOON, "the static listener", || async { tokio::net::TcpStream::connect(to).await.ok() }).await?;
+
+    // A: the client sends 24 MiB and half-closes; the answer comes after, through the half-closed flow.
+    let (mut reader, mut writer) = open(b'A').await?;
+    let sent = send_data(&mut writer, 24 * MIB, 10).await?;
+    let answer = drain(&mut reader).await?;
+    let at_site = tokio::time::timeout(SOON, reports.recv()).await?.context("site report")?;
+    assert_eq!(at_site, sent, "A: what the site read differs from what the client sent");
+    assert_eq!(answer, expected_data(16 * MIB, 20), "A: the answer arrived changed");
+
+    // B: the site half-closes first; the client reads all of it while it goes on sending, then half-closes.
+    let (mut reader, mut writer) = open(b'B').await?;
+    let (answer, sent) = tokio::try_join!(drain(&mut reader), async {
+        let first = send_data_open(&mut writer, 8 * MIB, 11).await?;
+        // The site's half of the flow may well be closed by now; this side still goes through.
+        let second = send_data(&mut writer, 8 * MIB, 12).await?;
+        anyhow::Ok((first, second))
+    })?;
+    let at_site = tokio::time::timeout(SOON, reports.recv()).await?.context("site report")?;
+    let expected: [u8; 32] = {
+        let mut hash = Sha256::new();
+        for (len, seed) in [(8 * MIB, 11), (8 * MIB, 12)] {
+            let mut bytes = vec![0_u8; len];
+            Data::new(seed).fill(&mut bytes);
+            hash.update(&bytes);
+        }
+        hash.finalize().into()
+    };
+    assert_ne!(sent.0, sent.1);
+    assert_eq!(at_site, expected, "B: what the site read differs from what the client sent");
+    assert_eq!(answer, expected_data(16 * MIB, 21), "B: the site's data arrived changed");
+    site.abort();
+    forwarder.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_bursts_of_mixed_sizes_arrive_complete_and_in_order_each_with_its_header() -> Result<()> {
+    let setup = Setup::new(52, "bursts", &[2], json!({})).await?;
+    let site = Arc::new(UdpSocket::bind(SocketAddr::new(ip(52, 2), setup.port)).await?);
+    setup.forwarding(json!({ "proxy_protocol": "tcp_udp" })).await?;
+    let forwarder = setup.forwarder("").await?;
+    let to = setup.static_addr();
+    let client = UdpSocket::bind(SocketAddr::new(ip(52, 100), 0)).await?;
+    client.connect(to).await?;
+    let client_addr = client.local_addr()?;
+
+    // Bursts as a busy client sends them: runs of equal sizes (GSO from the client, GRO at the forwarder), shorter
+    // datagrams ending runs, sizes changing within the burst. Each datagram: its sequence number, then its bytes.
+    const BURSTS: u64 = 20;
+    let sizes: Vec<usize> =
+        [vec![100; 20], vec![37], vec![1_200; 10], vec![900], vec![8; 5], (1..12).map(|i| i * 97).collect()].concat();
+    let datagram = |seq: u64, size: usize| {
+        let mut bytes = vec![0_u8; size];
+        bytes[..8].copy_from_slice(&seq.to_le_bytes());
+        Data::new(seq + 1).fill(&mut bytes[8..]);
+        bytes
+    };
+
+    // The site checks each datagram's PROXY header, strips it and echoes the rest, a burst at a time with GSO.
+    let seen: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let site_task = tokio::spawn({
+        let (site, seen) = (site.clone(), seen.clone());
+        async move {
+            let mut slots = Slots::new(32, 65_535);
+            let mut got = Vec::new();
+            let gso = Gso::default();
+            loop {
+                slots.recv(&site, &mut got).await?;
+                let mut echo = Vec::new();
+                let mut ranges = Vec::new();
+                let mut from = None;
+                for d in &got {
+                    let ((source, destination), header) = parse_proxy(slots.datagram(d))?;
+                    ensure!((source, destination) == (client_addr, to), "header says {source} → {destination}");
+                    let payload = &slots.datagram(d)[header..];
+                    seen.lock().map(|mut s| s.push(payload.to_vec())).ok();
+                    ranges.push(echo.len()..echo.len() + payload.len());
+                    echo.extend_from_slice(payload);
+                    from = d.from;
+                }
+                let sent = batch::send(&site, &gso, from, None, &echo, &ranges).await;
+                ensure!(sent.failed == 0, "site could not echo: {:?}", sent.error);
+            }
+            #[allow(unreachable_code)]
+            anyhow::Ok(())
+        }
+    });
+
+    let gso = Gso::default();
+    let mut seq = 0;
+    let mut expected = Vec::new();
+    let mut buf = vec![0_u8; 2048];
+    for burst in 0..BURSTS {
+        let mut bytes = Vec::new();
+        let mut ranges = Vec::new();
+        for &size in &sizes {
+            let d = datagram(seq, size);
+            ranges.push(bytes.len()..bytes.len() + size);
+            bytes.extend_from_slice(&d);
+            expected.push(d);
+            seq += 1;
+        }
+        let sent = batch::send(&client, &gso, None, None, &bytes, &ranges).await;
+        ensure!(sent.failed == 0, "client could not send: {:?}", sent.error);
+        for (i, want) in expected[expected.len() - sizes.len()..].iter().enumerate() {
+            let len = tokio::time::timeout(SOON, client.recv(&mut buf))
+                .await
+                .with_context(|| format!("burst {burst}: echo {i} missing"))??;
+            ensure!(&buf[..len] == want.as_slice(), "burst {burst}: echo {i} differs ({len} bytes)");
+        }
+    }
+    let at_site = seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
+    assert_eq!(at_site.len(), expected.len(), "datagrams at the site");
+    assert!(at_site == expected, "the site got the datagrams changed or out of order");
+    site_task.abort();
+    forwarder.stop().await
+}
+
+/// Writes `len` bytes of [`Data`] from `seed`, then half-closes; the SHA-256 of what was written.
+async fn send_data(writer: &mut OwnedWriteHalf, len: usize, seed: u64) -> Result<[u8; 32]> {
+    let hash = send_data_open(writer, len, seed).await?;
+    writer.shutdown().await?;
+    Ok(hash)
+}
+
+/// Writes `len` bytes of [`Data`] from `seed`, leaving the stream open; the SHA-256 of what was written.
+async fn send_data_open(writer: &mut OwnedWriteHalf, len: usize, seed: u64) -> Result<[u8; 32]> {
+    let mut data = Data::new(seed);
+    let mut hash = Sha256::new();
+    let mut buf = vec![0_u8; 64 << 10];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len());
+        data.fill(&mut buf[..n]);
+        hash.update(&buf[..n]);
+        writer.write_all(&buf[..n]).await?;
+        left -= n;
+    }
+    Ok(hash.finalize().into())
+}
+
+/// Reads to EOF; the SHA-256 of what came.
+async fn drain(reader: &mut OwnedReadHalf) -> Result<[u8; 32]> {
+    let mut hash = Sha256::new();
+    let mut buf = vec![0_u8; 64 << 10];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(30), reader.read(&mut buf)).await.context("stalled")??;
+        if n == 0 {
+            return Ok(hash.finalize().into());
+        }
+        hash.update(&buf[..n]);
+    }
+}
+
+/// The SHA-256 of `len` bytes of [`Data`] from `seed`.
+fn expected_data(len: usize, seed: u64) -> [u8; 32] {
+    let mut bytes = vec![0_u8; len];
+    Data::new(seed).fill(&mut bytes);
+    Sha256::digest(&bytes).into()
 }
 
 /// The little-endian u64 at `at`.
