@@ -68,7 +68,12 @@ pub fn choose(servers: &[Server], failed: &[String], stale_after: Duration, ncu_
         .iter()
         .filter(|s| s.state == FleetState::Active && s.age <= stale_after && s.load < s.capacity && s.capacity > 0)
         .collect();
-    let eligible: Vec<&Server> = healthy.iter().copied().filter(|s| !failed.contains(&s.name)).collect();
+    // The NCU's failed list is a hint (one timeout under a storm is not a death), not a verdict: when it would rule
+    // out every healthy server, the healthy ones are offered again rather than none.
+    let mut eligible: Vec<&Server> = healthy.iter().copied().filter(|s| !failed.contains(&s.name)).collect();
+    if eligible.is_empty() {
+        eligible.clone_from(&healthy);
+    }
     let Some(primary) = pick(&eligible, ncu_key) else {
         return Err(NoServer { total: servers.len(), eligible: healthy.len() });
     };
@@ -165,6 +170,16 @@ mod tests {
                 ],
                 failed: vec![],
                 want: Ok(("a", Some("a2"))),
+            },
+            Case {
+                what: "a failed list covering every healthy server is ignored rather than leaving the NCU with none",
+                fleet: vec![
+                    server("a", "10.0.0.1:1", 100, 0, Active, 1),
+                    server("b", "10.0.0.2:1", 100, 50, Active, 1),
+                    server("dead", "10.0.0.3:1", 100, 0, Active, 60),
+                ],
+                failed: vec!["a", "b"],
+                want: Ok(("a", Some("b"))),
             },
             Case {
                 what: "nothing eligible is an error",

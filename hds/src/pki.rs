@@ -240,8 +240,30 @@ pub fn server_endpoint(
     transport.max_idle_timeout(Some(idle.try_into()?));
     transport.keep_alive_interval(keep_alive);
     server.transport_config(Arc::new(transport));
+    size_buffers(&socket);
     let runtime = quinn::default_runtime().ok_or_else(|| anyhow::anyhow!("no async runtime for QUIC"))?;
     Ok(quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)?)
+}
+
+/// Socket buffers asked for a server's socket. A failover storm brings thousands of Initial packets (1,200 bytes
+/// each) within a second; with the kernel's default 208 KiB most would be dropped and each dropped one costs its
+/// client a retransmission timeout. The kernel caps the request at `net.core.rmem_max` / `wmem_max`.
+const SERVER_SOCKET_BUFFER: usize = 8 << 20;
+
+/// Asks for [`SERVER_SOCKET_BUFFER`] each way; says once in the log when the kernel grants much less.
+fn size_buffers(socket: &std::net::UdpSocket) {
+    let Ok(state) = quinn::udp::UdpSocketState::new(socket.into()) else { return };
+    let _ = state.set_recv_buffer_size(socket.into(), SERVER_SOCKET_BUFFER);
+    let _ = state.set_send_buffer_size(socket.into(), SERVER_SOCKET_BUFFER);
+    // Linux reports twice what it grants (bookkeeping included).
+    match state.recv_buffer_size(socket.into()) {
+        Ok(granted) if granted < SERVER_SOCKET_BUFFER / 2 => tracing::info!(
+            granted,
+            wanted = SERVER_SOCKET_BUFFER,
+            "small UDP receive buffer: raise net.core.rmem_max so bursts of handshakes are not dropped"
+        ),
+        _ => {}
+    }
 }
 
 /// A QUIC client configuration trusting only the operator CA, optionally presenting a client certificate.
