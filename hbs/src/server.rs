@@ -114,14 +114,18 @@ async fn session(connection: Connection, context: Arc<Context>, shutdown: Cancel
         connection.close(1_u32.into(), b"client certificate required");
         return;
     };
-    let (mut send, mut recv) = match connection.accept_bi().await {
+    // An NCU keeps an idle connection to its backup (its standby) and opens the stream only when it moves here:
+    // the NCU is looked up meanwhile, so a storm of moves costs neither handshakes nor lookups.
+    let (streams, found) =
+        tokio::join!(connection.accept_bi(), hds::store::ncu_by_fingerprint(&context.pool, &fingerprint));
+    let (mut send, mut recv) = match streams {
         Ok(streams) => streams,
         Err(error) => {
             debug!(%error, "connection ended before a stream");
             return;
         }
     };
-    let ncu = match hds::store::ncu_by_fingerprint(&context.pool, &fingerprint).await {
+    let ncu = match found {
         Ok(Some(ncu)) => ncu,
         Ok(None) => {
             context.refused.fetch_add(1, Ordering::Relaxed);

@@ -67,6 +67,8 @@ pub struct Status {
     pub session: Option<u64>,
     /// Uplinks the server accepted.
     pub registered: Vec<String>,
+    /// The backup an idle connection is open to, ready for a move.
+    pub standby: Option<String>,
 }
 
 /// How long to wait for hds while no heartbeat server is known.
@@ -141,6 +143,7 @@ pub async fn run(
         uplinks,
         uplinks_open: true,
         load: load::current(),
+        standby: None,
     };
     agent.sync_sockets().await;
     let mut next: Option<Assignment> = None;
@@ -209,6 +212,15 @@ struct Agent {
     /// False once the uplink source is gone: no more changes will come.
     uplinks_open: bool,
     load: u16,
+    /// A connection to the backup, handshake done, kept idle so a failover costs one registration.
+    standby: Option<Standby>,
+}
+
+/// An idle, authenticated connection to the backup server: the TLS handshake (the costly part of a move, and what
+/// a storm of thousands of NCUs moving at once would queue on) is done while the primary is healthy.
+struct Standby {
+    server: HeartbeatServer,
+    connection: quinn::Connection,
 }
 
 /// A registered control session.
@@ -281,22 +293,21 @@ impl Agent {
             .with_context(|| format!("no answer from {} within {CONNECT_TIMEOUT:?}", target.address))?
     }
 
+    /// Registers on the standby connection when it leads to `target` and is still open, else on a new one.
     async fn connect_inner(&mut self, target: &HeartbeatServer) -> anyhow::Result<Connected> {
-        let addr = tokio::net::lookup_host(&target.address)
-            .await
-            .with_context(|| format!("resolving {}", target.address))?
-            .next()
-            .with_context(|| format!("{} resolves to nothing", target.address))?;
-        let bind: SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0_u16; 8], 0).into() };
-        let mut endpoint = hds::pki::client_endpoint(std::net::UdpSocket::bind(bind)?)?;
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(self.tls.clone())?;
-        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        let mut transport = quinn::TransportConfig::default();
-        transport.keep_alive_interval(Some(Duration::from_secs(5)));
-        transport.max_idle_timeout(Some(Duration::from_secs(15).try_into()?));
-        config.transport_config(Arc::new(transport));
-        endpoint.set_default_client_config(config);
-        let connection = endpoint.connect(addr, hds::client::host_of(&target.address))?.await?;
+        let standby = self.standby.take_if(|s| s.server.name == target.name && s.connection.close_reason().is_none());
+        if let Some(standby) = standby {
+            match self.register(standby.connection, target).await {
+                Ok(connected) => return Ok(connected),
+                Err(error) => debug!(hbs = %target.name, %error, "standby connection unusable; connecting anew"),
+            }
+        }
+        let connection = dial(&self.tls, target).await?;
+        self.register(connection, target).await
+    }
+
+    /// Sends the uplinks on a new control stream of `connection` and reads the server's answer.
+    async fn register(&self, connection: quinn::Connection, target: &HeartbeatServer) -> anyhow::Result<Connected> {
         let (mut send, mut recv) = connection.open_bi().await?;
         frame::write(&mut send, control::VERSION, &ToHbs::Register { uplinks: self.uplinks_for_hbs() }).await?;
         let first = frame::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME)
@@ -345,6 +356,7 @@ impl Agent {
         );
         let mut refresh: Option<oneshot::Receiver<Option<HeartbeatServer>>> =
             if backup.is_none() { Some(self.find_backup(target)) } else { None };
+        let mut dialing = self.prepare_standby(backup.as_ref());
         self.publish(target, backup.as_ref(), &session);
         let timer = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(timer);
@@ -354,6 +366,7 @@ impl Agent {
             if let Some(deadline) = self.responder.poll_timeout() {
                 timer.as_mut().reset(Instant::from_std(deadline));
             }
+            let standby = self.standby.as_ref().map(|s| s.connection.clone());
             tokio::select! {
                 () = shutdown.cancelled() => break Exit::Shutdown,
                 Some((index, bytes, from)) = self.datagrams.recv() => self.answer(index, &bytes, from).await,
@@ -389,11 +402,28 @@ impl Agent {
                     refresh = None;
                     if found.is_some() {
                         backup = found;
+                        dialing = self.prepare_standby(backup.as_ref());
                         self.publish(target, backup.as_ref(), &session);
                     }
                 }
-                _ = backup_retry.tick(), if backup.is_none() && refresh.is_none() => {
-                    refresh = Some(self.find_backup(target));
+                Some(ready) = async { match dialing.as_mut() { Some(rx) => rx.await.ok(), None => None } } => {
+                    dialing = None;
+                    // Kept only while it still leads to the backup.
+                    self.standby = ready.filter(|s| backup.as_ref().is_some_and(|b| b.name == s.server.name));
+                    self.publish(target, backup.as_ref(), &session);
+                }
+                () = closed(standby.as_ref()) => {
+                    info!(backup = ?backup.as_ref().map(|b| &b.name), "standby connection to the backup closed; will ask hds for another");
+                    self.standby = None;
+                    backup = None;
+                    self.publish(target, None, &session);
+                }
+                _ = backup_retry.tick() => {
+                    if backup.is_none() && refresh.is_none() {
+                        refresh = Some(self.find_backup(target));
+                    } else if dialing.is_none() {
+                        dialing = self.prepare_standby(backup.as_ref());
+                    }
                 }
                 _ = load_tick.tick() => self.load = load::current(),
             }
@@ -447,6 +477,37 @@ impl Agent {
         }
     }
 
+    /// Dials `backup` in the background unless the standby connection already leads there (a standby to another
+    /// server is dropped, which closes it). The receiver yields the new standby, or `None` when the dial failed.
+    fn prepare_standby(&mut self, backup: Option<&HeartbeatServer>) -> Option<oneshot::Receiver<Option<Standby>>> {
+        let open = |s: &Standby| s.connection.close_reason().is_none();
+        if self.standby.as_ref().is_some_and(|s| open(s) && backup.is_some_and(|b| b.name == s.server.name)) {
+            return None;
+        }
+        self.standby = None;
+        let server = backup?.clone();
+        let tls = self.tls.clone();
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let standby = match tokio::time::timeout(CONNECT_TIMEOUT, dial(&tls, &server)).await {
+                Ok(Ok(connection)) => {
+                    debug!(backup = %server.name, "standby connection ready");
+                    Some(Standby { server, connection })
+                }
+                Ok(Err(error)) => {
+                    debug!(backup = %server.name, error = %format!("{error:#}"), "no standby connection");
+                    None
+                }
+                Err(_) => {
+                    debug!(backup = %server.name, "no standby connection within {CONNECT_TIMEOUT:?}");
+                    None
+                }
+            };
+            let _ = tx.send(standby);
+        });
+        Some(rx)
+    }
+
     /// Asks hds, in the background, for a backup other than `current`.
     fn find_backup(&self, current: &HeartbeatServer) -> oneshot::Receiver<Option<HeartbeatServer>> {
         let (tx, rx) = oneshot::channel();
@@ -472,7 +533,18 @@ impl Agent {
             backup: backup.map(|b| b.name.clone()),
             session: Some(session.session),
             registered: session.accepted.clone(),
+            standby: self.standby.as_ref().map(|s| s.server.name.clone()),
         });
+    }
+}
+
+/// Resolves when `connection` closes; never without one.
+async fn closed(connection: Option<&quinn::Connection>) {
+    match connection {
+        Some(connection) => {
+            connection.closed().await;
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -490,6 +562,25 @@ async fn read_uplink(index: u8, socket: Arc<UdpSocket>, tx: mpsc::Sender<Datagra
             }
         }
     }
+}
+
+/// A QUIC connection to `target` with the NCU's identity: keep-alives every 5 s, closed after 15 s of silence.
+async fn dial(tls: &Arc<rustls::ClientConfig>, target: &HeartbeatServer) -> anyhow::Result<quinn::Connection> {
+    let addr = tokio::net::lookup_host(&target.address)
+        .await
+        .with_context(|| format!("resolving {}", target.address))?
+        .next()
+        .with_context(|| format!("{} resolves to nothing", target.address))?;
+    let bind: SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0_u16; 8], 0).into() };
+    let mut endpoint = hds::pki::client_endpoint(std::net::UdpSocket::bind(bind)?)?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls.clone())?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(5)));
+    transport.max_idle_timeout(Some(Duration::from_secs(15).try_into()?));
+    config.transport_config(Arc::new(transport));
+    endpoint.set_default_client_config(config);
+    Ok(endpoint.connect(addr, hds::client::host_of(&target.address))?.await?)
 }
 
 /// A UDP socket on the uplink's address, bound to its interface when known (SO_BINDTODEVICE).

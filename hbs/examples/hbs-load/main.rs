@@ -3,8 +3,9 @@
 //! one UDP socket answers every uplink's pings with the real `Responder` from the pinged address. Loopback only.
 //!
 //! `capacity`: one hbs (pinned with taskset) carries more and more addresses; per step, its CPU and the addresses
-//! wrongly marked dead. `storm`: every NCU sits on hbs-a with hbs-b as backup (from hds, in-process here); hbs-a is
-//! SIGKILLed; how long until every NCU is registered on hbs-b, and how many addresses were marked dead meanwhile.
+//! wrongly marked dead. `storm`: every NCU sits on hbs-a with hbs-b as backup (from hds, in-process here) and, as
+//! ncu does, an idle standby connection to hbs-b; hbs-a is SIGKILLed; how long until every NCU is registered on
+//! hbs-b, and how many addresses were marked dead meanwhile.
 
 #![allow(clippy::print_stdout)]
 
@@ -280,6 +281,8 @@ struct Rehome {
     registered: Duration,
     /// Where it ended up.
     server: String,
+    /// Whether it moved over its standby connection (no handshake at the move).
+    over_standby: bool,
 }
 
 async fn storm(
@@ -336,7 +339,12 @@ async fn storm(
         .map(|(primary, backup)| [Some(primary), backup].into_iter().flatten().find(|s| s.name != "hbs-a"))
         .collect();
     let with_backup = backups.iter().filter(|b| b.is_some()).count();
-    eprintln!("{with_backup} of {count} NCUs have hbs-b as backup; settling 5 s");
+    eprintln!("{with_backup} of {count} NCUs have hbs-b as backup");
+    // As ncu does once it knows its backup: an idle connection to it, handshake done, ready for a move.
+    let dialled = Instant::now();
+    let mut standbys = dial_all(&ncus, &backups, &endpoints, args.concurrency).await;
+    let ready = standbys.iter().filter(|s| s.is_some()).count();
+    eprintln!("{ready} standby connections to the backup open after {:.1?}; settling 5 s", dialled.elapsed());
     tokio::time::sleep(Duration::from_secs(5)).await;
     hbs_a.check()?;
     hbs_b.check()?;
@@ -355,6 +363,7 @@ async fn storm(
         let killed = killed.clone();
         let premature = premature.clone();
         let hds_addr = hds_addr.clone();
+        let mut standby = standbys[i].take();
         tasks.spawn(async move {
             loop {
                 let _session = rx.recv().await.context("farm gone")?;
@@ -371,7 +380,20 @@ async fn storm(
                         Some(server) => server,
                         None => assign_patiently(&hds_addr, ncu, &failed).await?,
                     };
-                    match ncu::register(&endpoint, ncu, farm.port, &server.address, CONNECT_TIMEOUT).await {
+                    // The standby connection first, as ncu does; a new connection when it is gone or fails.
+                    let standby = standby.take().filter(|c| c.close_reason().is_none());
+                    let over_standby = standby.is_some();
+                    let attempt = match standby {
+                        Some(connection) => {
+                            let registering = ncu::register_on(connection, ncu, farm.port);
+                            match tokio::time::timeout(CONNECT_TIMEOUT, registering).await {
+                                Ok(result) => result,
+                                Err(_) => Err(anyhow::anyhow!("no registration within {CONNECT_TIMEOUT:?}")),
+                            }
+                        }
+                        None => ncu::register(&endpoint, ncu, farm.port, &server.address, CONNECT_TIMEOUT).await,
+                    };
+                    match attempt {
                         Ok(session) => {
                             let registered = at.elapsed();
                             let _ = farm.tx.send(ToFarm::Session {
@@ -387,7 +409,7 @@ async fn storm(
                                 let _ = ncu::assign(&hds_addr, &ncus[i], &[]).await;
                             });
                             return Ok::<_, anyhow::Error>((
-                                Rehome { detected, registered, server: server.name },
+                                Rehome { detected, registered, server: server.name, over_standby },
                                 session,
                             ));
                         }
@@ -450,11 +472,15 @@ async fn storm(
     registered.sort();
     detected.sort();
     let on_b = rehomed.iter().filter(|r| r.server == "hbs-b").count();
+    let over_standby = rehomed.iter().filter(|r| r.over_standby).count();
     let ms = |d: Option<&Duration>| d.map_or("-".to_owned(), |d| format!("{:.0} ms", d.as_secs_f64() * 1000.0));
     println!("| measure | value |");
     println!("| --- | --- |");
     println!("| NCUs (addresses) | {count} ({addresses}) |");
-    println!("| re-homed | {} ({on_b} on hbs-b), {failures} failed |", rehomed.len());
+    println!(
+        "| re-homed | {} ({on_b} on hbs-b, {over_standby} over their standby connection), {failures} failed |",
+        rehomed.len()
+    );
     println!("| all re-homed (kill → last Registered) | {} |", ms(registered.last()));
     println!(
         "| per NCU, p50 / p99 / max | {} / {} / {} |",
@@ -477,6 +503,41 @@ async fn storm(
     shutdown.cancel();
     let _ = hds_task.await;
     Ok(())
+}
+
+/// Opens each NCU's standby connection to its backup (none without a backup or when the handshake fails),
+/// `concurrency` at a time.
+async fn dial_all(
+    ncus: &Arc<Vec<SimNcu>>,
+    backups: &[Option<hds::proto::HeartbeatServer>],
+    endpoints: &[quinn::Endpoint],
+    concurrency: usize,
+) -> Vec<Option<quinn::Connection>> {
+    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+    let mut tasks = JoinSet::new();
+    for (i, backup) in backups.iter().enumerate() {
+        let Some(backup) = backup.clone() else { continue };
+        let ncus = ncus.clone();
+        let endpoint = endpoints[i % endpoints.len()].clone();
+        let permits = permits.clone();
+        tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await.ok()?;
+            match ncu::dial(&endpoint, &ncus[i], &backup.address, CONNECT_TIMEOUT).await {
+                Ok(connection) => Some((i, connection)),
+                Err(error) => {
+                    tracing::warn!(ncu = i, error = %format!("{error:#}"), "no standby connection");
+                    None
+                }
+            }
+        });
+    }
+    let mut standbys: Vec<Option<quinn::Connection>> = (0..ncus.len()).map(|_| None).collect();
+    while let Some(joined) = tasks.join_next().await {
+        if let Ok(Some((i, connection))) = joined {
+            standbys[i] = Some(connection);
+        }
+    }
+    standbys
 }
 
 /// Asks hds for a primary, retrying with backoff while none is available, as ncu does (bounded here: 60 s).

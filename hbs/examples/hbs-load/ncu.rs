@@ -53,9 +53,29 @@ pub(crate) async fn register(
 }
 
 async fn register_inner(endpoint: &quinn::Endpoint, ncu: &SimNcu, port: u16, server: &str) -> anyhow::Result<Session> {
+    let connection = dial_inner(endpoint, ncu, server).await?;
+    register_on(connection, ncu, port).await
+}
+
+/// Connects to `server` without registering: the standby connection `ncu run` keeps to its backup.
+pub(crate) async fn dial(
+    endpoint: &quinn::Endpoint,
+    ncu: &SimNcu,
+    server: &str,
+    timeout: Duration,
+) -> anyhow::Result<quinn::Connection> {
+    tokio::time::timeout(timeout, dial_inner(endpoint, ncu, server))
+        .await
+        .with_context(|| format!("no handshake with {server} within {timeout:?}"))?
+}
+
+async fn dial_inner(endpoint: &quinn::Endpoint, ncu: &SimNcu, server: &str) -> anyhow::Result<quinn::Connection> {
     let addr: SocketAddr = server.parse().with_context(|| format!("bad server address {server}"))?;
-    let connection =
-        endpoint.connect_with(client_config(ncu.tls.clone())?, addr, hds::client::host_of(server))?.await?;
+    Ok(endpoint.connect_with(client_config(ncu.tls.clone())?, addr, hds::client::host_of(server))?.await?)
+}
+
+/// Registers the NCU's uplinks on a new stream of an open connection (a standby one, when moving).
+pub(crate) async fn register_on(connection: quinn::Connection, ncu: &SimNcu, port: u16) -> anyhow::Result<Session> {
     let (mut send, mut recv) = connection.open_bi().await?;
     let uplinks: Vec<Uplink> = ncu
         .ips

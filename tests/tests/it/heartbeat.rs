@@ -183,14 +183,18 @@ async fn killing_the_primary_moves_the_ncu_to_the_backup_and_the_answer_never_em
     let mut world = World::new(2).await?;
     let mut agent = world.agent(&[("wan1", "127.0.0.2"), ("wan2", "127.0.0.3")]);
     world.answers_become(&["127.0.0.2", "127.0.0.3"], Duration::from_secs(10)).await?;
-    let primary =
-        agent.status.wait_for(|s| s.hbs.is_some() && s.backup.is_some()).await?.hbs.clone().unwrap_or_default();
+    // The NCU holds an idle connection to its backup (handshake done) before anything fails.
+    let ready = agent.status.wait_for(|s| s.hbs.is_some() && s.backup.is_some() && s.standby == s.backup).await?;
+    let primary = ready.hbs.clone().unwrap_or_default();
+    let standby = ready.standby.clone().unwrap_or_default();
+    drop(ready);
     let (stop, empties, asked) = watch_for_empty_answers(&world);
 
     let index = world.hbs.iter().position(|h| h.name == primary).unwrap_or(0);
     world.hbs.remove(index).kill().await;
     let moved = agent.status.wait_for(|s| s.hbs.as_ref().is_some_and(|h| h != &primary)).await?.hbs.clone();
     let backup = moved.unwrap_or_default();
+    assert_eq!(backup, standby, "the NCU moved to the server its standby connection led to");
     eventually(Duration::from_secs(10), "rows owned by the backup", || async {
         (world.hbs_of_rows().await.ok()? == BTreeSet::from([backup.clone()])).then_some(())
     })
