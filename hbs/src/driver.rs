@@ -1,27 +1,44 @@
 //! The heartbeat driver: one task owning the UDP socket and the [`Monitor`]. Each turn it feeds commands,
 //! datagrams or the timer into the machine, sends what it asks to send, passes its events on, and re-arms the one
 //! timer at `poll_timeout()`.
+//!
+//! Datagrams go both ways in batches, one system call per [`BATCH`]: `recvmmsg` reads what has queued up, and the
+//! pings a turn produces (every target due in the same millisecond) leave together through `sendmmsg`. The socket's
+//! buffers are raised to [`SOCKET_BUFFER`] so that a second's worth of bursts at 100,000 targets is not dropped.
 
 use std::{
+    io::{self, IoSlice, IoSliceMut},
     net::SocketAddr,
+    os::fd::AsRawFd,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
 };
 
+use nix::sys::socket::{
+    ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg, setsockopt, sockopt,
+};
 use rand::SeedableRng;
-use tokio::{net::UdpSocket, sync::mpsc, time::Instant};
+use tokio::{io::Interest, net::UdpSocket, sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::heartbeat::{
-    monitor::{Event, Liveness, Monitor, Policy, TargetId},
-    packet::Key,
+    monitor::{Event, Liveness, Monitor, Policy, TargetId, Transmit},
+    packet::{Key, PACKET_LEN},
 };
 
-/// Most datagrams handled per turn before the timer gets a look in.
-const RECV_BUDGET: usize = 256;
+/// Datagrams read or written per system call.
+pub const BATCH: usize = 64;
+/// Receive batches handled per turn before the timer and the commands get a look in.
+const RECV_BATCHES: usize = 8;
+/// Commands applied per turn.
+const COMMAND_BUDGET: usize = 1024;
+/// Bytes of each receive slot: room for a heartbeat packet; anything longer is cut here, and so malformed.
+const SLOT: usize = PACKET_LEN + 9;
+/// SO_RCVBUF and SO_SNDBUF asked for (the kernel caps them at net.core.rmem_max / wmem_max).
+pub const SOCKET_BUFFER: usize = 4 << 20;
 
 /// What the control side asks of the driver.
 #[derive(Debug)]
@@ -75,42 +92,47 @@ pub async fn run(
     counters: Arc<Counters>,
     shutdown: CancellationToken,
 ) {
+    size_buffers(&socket);
     let mut monitor = Monitor::new(policy);
     let mut rng = rand::rngs::StdRng::from_os_rng();
-    let mut buf = vec![0_u8; 2048];
+    let mut io = Batches::new();
     let timer = tokio::time::sleep(std::time::Duration::from_secs(3600));
     tokio::pin!(timer);
+    // The deadline the timer is set to; None once it has fired.
+    let mut armed = None;
     loop {
-        if let Some(deadline) = monitor.poll_timeout() {
-            timer.as_mut().reset(Instant::from_std(deadline));
+        let next = monitor.poll_timeout();
+        if next != armed {
+            if let Some(deadline) = next {
+                timer.as_mut().reset(Instant::from_std(deadline));
+            }
+            armed = next;
         }
-        let armed = monitor.poll_timeout().is_some();
         tokio::select! {
             () = shutdown.cancelled() => return,
             command = commands.recv() => match command {
-                Some(command) => apply(&mut monitor, command, std::time::Instant::now()),
-                None => return,
-            },
-            received = socket.recv_from(&mut buf) => match received {
-                Ok((n, from)) => {
+                Some(command) => {
                     let now = std::time::Instant::now();
-                    monitor.handle_datagram(&buf[..n], from, now);
-                    for _ in 1..RECV_BUDGET {
-                        match socket.try_recv_from(&mut buf) {
-                            Ok((n, from)) => monitor.handle_datagram(&buf[..n], from, now),
-                            Err(_) => break,
-                        }
+                    apply(&mut monitor, command, now);
+                    for _ in 1..COMMAND_BUDGET {
+                        let Ok(command) = commands.try_recv() else { break };
+                        apply(&mut monitor, command, now);
                     }
                 }
-                // ICMP port unreachable from a previous send surfaces here on Linux; nothing to do.
-                Err(error) => debug!(%error, "heartbeat socket receive error"),
+                None => return,
             },
-            () = &mut timer, if armed => monitor.handle_timeout(std::time::Instant::now(), &mut rng),
-        }
-        while let Some(transmit) = monitor.poll_transmit() {
-            if let Err(error) = socket.send_to(&transmit.payload, transmit.dest).await {
-                debug!(%error, dest = %transmit.dest, "ping not sent");
+            ready = socket.readable() => match ready {
+                Ok(()) => io.receive(&socket, &mut monitor),
+                Err(error) => debug!(%error, "heartbeat socket not readable"),
+            },
+            () = &mut timer, if armed.is_some() => {
+                armed = None;
+                monitor.handle_timeout(std::time::Instant::now(), &mut rng);
             }
+        }
+        io.take_transmits(&mut monitor);
+        if !io.send(&socket, &shutdown).await {
+            return;
         }
         while let Some(event) = monitor.poll_event() {
             if events.send(event).is_err() {
@@ -120,6 +142,127 @@ pub async fn run(
         }
         publish(&monitor, &counters);
     }
+}
+
+/// Raises the socket's buffers, so that bursts of pongs wait in the kernel rather than being dropped.
+fn size_buffers(socket: &UdpSocket) {
+    if let Err(error) = setsockopt(socket, sockopt::RcvBuf, &SOCKET_BUFFER) {
+        warn!(%error, "cannot raise the heartbeat socket's receive buffer");
+    }
+    if let Err(error) = setsockopt(socket, sockopt::SndBuf, &SOCKET_BUFFER) {
+        warn!(%error, "cannot raise the heartbeat socket's send buffer");
+    }
+}
+
+/// The receive buffers, and the transmits of the turn. (nix's `MultiHeaders` holds raw pointers, so is not `Send`:
+/// each system call gets its own, which costs two small allocations per batch.)
+struct Batches {
+    slots: Box<[[u8; SLOT]; BATCH]>,
+    /// The monitor's transmits, in order, waiting for `sendmmsg`.
+    pending: Vec<Transmit>,
+}
+
+impl Batches {
+    fn new() -> Self {
+        Self { slots: Box::new([[0; SLOT]; BATCH]), pending: Vec::with_capacity(BATCH) }
+    }
+
+    /// Feeds the monitor what has queued up on the socket, up to [`RECV_BATCHES`] system calls' worth.
+    fn receive(&mut self, socket: &UdpSocket, monitor: &mut Monitor) {
+        for _ in 0..RECV_BATCHES {
+            let mut received = [(0_usize, None::<SocketAddr>); BATCH];
+            let slots = &mut *self.slots;
+            let count = socket.try_io(Interest::READABLE, || {
+                let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+                let mut iovs = slots.each_mut().map(|slot| [IoSliceMut::new(slot)]);
+                let results =
+                    recvmmsg(socket.as_raw_fd(), &mut headers, iovs.iter_mut(), MsgFlags::MSG_DONTWAIT, None)?;
+                let mut count = 0;
+                for (entry, message) in received.iter_mut().zip(results) {
+                    *entry = (message.bytes.min(SLOT), message.address.as_ref().and_then(std_addr));
+                    count += 1;
+                }
+                Ok(count)
+            });
+            let count = match count {
+                Ok(count) => count,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
+                // ICMP errors of earlier sends can surface here; nothing to do but read on.
+                Err(error) => {
+                    debug!(%error, "heartbeat socket receive error");
+                    continue;
+                }
+            };
+            let now = std::time::Instant::now();
+            for (slot, &(len, from)) in self.slots.iter().zip(&received).take(count) {
+                if let Some(from) = from {
+                    monitor.handle_datagram(&slot[..len], from, now);
+                }
+            }
+            if count < BATCH {
+                return;
+            }
+        }
+    }
+
+    /// Moves every transmit the monitor has into the pending batch.
+    fn take_transmits(&mut self, monitor: &mut Monitor) {
+        while let Some(transmit) = monitor.poll_transmit() {
+            self.pending.push(transmit);
+        }
+    }
+
+    /// Sends every pending transmit, [`BATCH`] per system call, waiting for room in the socket's buffer when it is
+    /// full. A datagram the kernel refuses is skipped. False when `shutdown` came first.
+    async fn send(&mut self, socket: &UdpSocket, shutdown: &CancellationToken) -> bool {
+        let mut done = 0;
+        while done < self.pending.len() {
+            let chunk = &self.pending[done..self.pending.len().min(done + BATCH)];
+            let sent = socket.try_io(Interest::WRITABLE, || send_batch(socket, chunk));
+            match sent {
+                Ok(sent) => done += sent.max(1),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return false,
+                        writable = socket.writable() => {
+                            if let Err(error) = writable {
+                                debug!(%error, "heartbeat socket not writable; pings dropped");
+                                break;
+                            }
+                        }
+                    }
+                }
+                // `sendmmsg` fails only when its first datagram does: skip that one.
+                Err(error) => {
+                    debug!(%error, dest = %chunk[0].dest, "ping not sent");
+                    done += 1;
+                }
+            }
+        }
+        self.pending.clear();
+        true
+    }
+}
+
+/// One `sendmmsg` of up to [`BATCH`] transmits; how many the kernel took.
+fn send_batch(socket: &UdpSocket, chunk: &[Transmit]) -> io::Result<usize> {
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+    let count = chunk.len().min(BATCH);
+    let iovs: [[IoSlice<'_>; 1]; BATCH] =
+        std::array::from_fn(|i| [IoSlice::new(chunk.get(i).map_or(&[][..], |transmit| &transmit.payload[..]))]);
+    let addrs: [Option<SockaddrStorage>; BATCH] =
+        std::array::from_fn(|i| chunk.get(i).map(|transmit| SockaddrStorage::from(transmit.dest)));
+    let no_control: [ControlMessage<'_>; 0] = [];
+    let results =
+        sendmmsg(socket.as_raw_fd(), &mut headers, iovs[..count].iter(), addrs, no_control, MsgFlags::MSG_DONTWAIT)?;
+    Ok(results.count())
+}
+
+fn std_addr(storage: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = storage.as_sockaddr_in() {
+        return Some(SocketAddr::from(*v4));
+    }
+    storage.as_sockaddr_in6().map(|v6| SocketAddr::from(*v6))
 }
 
 fn apply(monitor: &mut Monitor, command: Command, now: std::time::Instant) {
@@ -141,4 +284,58 @@ fn publish(monitor: &Monitor, counters: &Counters) {
     counters.unknown.store(stats.unknown, Ordering::Relaxed);
     counters.pings.store(stats.pings, Ordering::Relaxed);
     counters.pongs.store(stats.pongs, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every datagram a batch send is handed arrives, in order, whatever the batch boundaries.
+    #[tokio::test]
+    async fn batched_sends_and_receives_keep_every_datagram() {
+        let a = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let b = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        size_buffers(&a);
+        size_buffers(&b);
+        let to = b.local_addr().expect("addr");
+        let mut batches = Batches::new();
+        let total = BATCH * 3 + 7;
+        for i in 0..total {
+            let mut payload = [0_u8; PACKET_LEN];
+            payload[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            batches.pending.push(Transmit { dest: to, payload });
+        }
+        assert!(batches.send(&a, &CancellationToken::new()).await);
+        assert!(batches.pending.is_empty());
+        let mut buf = [0_u8; 128];
+        for i in 0..total {
+            let (n, from) = b.recv_from(&mut buf).await.expect("datagram");
+            assert_eq!((n, from), (PACKET_LEN, a.local_addr().expect("addr")));
+            assert_eq!(u64::from_be_bytes(buf[..8].try_into().expect("8 bytes")), i as u64);
+        }
+    }
+
+    /// Batched receives hand the monitor every datagram, however many system calls that takes.
+    #[tokio::test]
+    async fn batched_receives_feed_every_datagram_to_the_monitor() {
+        let a = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let b = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        size_buffers(&a);
+        let to = a.local_addr().expect("addr");
+        let total = BATCH * RECV_BATCHES + BATCH + 5;
+        for i in 0..total {
+            // Not heartbeat packets: too short, or too long for a receive slot.
+            let len = if i % 2 == 0 { 10 } else { 200 };
+            b.send_to(&vec![0xff; len], to).await.expect("sent");
+        }
+        let mut monitor = Monitor::new(Policy::default());
+        let mut batches = Batches::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while monitor.stats().malformed < total as u64 {
+            assert!(std::time::Instant::now() < deadline, "{:?}", monitor.stats());
+            a.readable().await.expect("readable");
+            batches.receive(&a, &mut monitor);
+        }
+        assert_eq!(monitor.stats().malformed, total as u64);
+    }
 }

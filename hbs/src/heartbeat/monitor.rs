@@ -1,7 +1,6 @@
 //! The HBS side: pings every registered address, re-probes on silence, and declares addresses alive or dead.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -133,8 +132,8 @@ impl Monitor {
             targets: HashMap::new(),
             by_uplink: HashMap::new(),
             out: Output {
-                timers: BinaryHeap::new(),
-                next_generation: 0,
+                timers: Wheel::new(policy),
+                due: Vec::new(),
                 transmits: VecDeque::new(),
                 events: VecDeque::new(),
                 stats: Stats::default(),
@@ -183,18 +182,18 @@ impl Monitor {
             phase: Phase::Waiting,
             reprobes_sent: 0,
             next_ping: now,
-            generation: 0,
+            timer: None,
         };
         self.out.schedule(&mut target, id, now);
         self.targets.insert(id, target);
         self.by_uplink.insert((session, uplink), id);
-        self.out.prune(&self.targets);
+        self.out.timers.settle();
     }
 
     /// Stops watching a target.
     pub fn remove(&mut self, id: TargetId) {
         self.remove_target(id);
-        self.out.prune(&self.targets);
+        self.out.timers.settle();
     }
 
     /// Removes every target of a session.
@@ -204,7 +203,7 @@ impl Monitor {
                 self.remove_target(id);
             }
         }
-        self.out.prune(&self.targets);
+        self.out.timers.settle();
     }
 
     /// What the monitor believes about a target, if it watches it.
@@ -259,23 +258,25 @@ impl Monitor {
             Kind::Hello => target.on_hello(id, &packet, from, &mut self.out.stats),
             Kind::Ping => {}
         }
-        self.out.prune(&self.targets);
+        self.out.timers.settle();
     }
 
     /// Sends due pings/re-probes (nonces from `rng`), declares deaths.
     pub fn handle_timeout(&mut self, now: Instant, rng: &mut impl RngCore) {
-        while let Some(&Reverse((deadline, id, generation))) = self.out.timers.peek() {
-            if deadline > now {
+        let mut due = std::mem::take(&mut self.out.due);
+        loop {
+            self.out.timers.take_due(now, &mut due);
+            if due.is_empty() {
                 break;
             }
-            self.out.timers.pop();
-            let Some(target) = self.targets.get_mut(&id) else { continue };
-            if target.generation != generation {
-                continue;
+            for entry in &due {
+                let Some(target) = self.targets.get_mut(&entry.id) else { continue };
+                target.timer = None;
+                target.on_deadline(entry.id, entry.deadline, now, &self.policy, rng, &mut self.out);
             }
-            target.on_deadline(id, deadline, now, &self.policy, rng, &mut self.out);
         }
-        self.out.prune(&self.targets);
+        self.out.due = due;
+        self.out.timers.settle();
     }
 
     /// The next datagram to send.
@@ -290,7 +291,7 @@ impl Monitor {
 
     /// When [`Monitor::handle_timeout`] must next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.out.timers.peek().map(|Reverse((deadline, _, _))| *deadline)
+        self.out.timers.next()
     }
 
     /// Counters since creation.
@@ -299,7 +300,10 @@ impl Monitor {
     }
 
     fn remove_target(&mut self, id: TargetId) -> Option<Target> {
-        let target = self.targets.remove(&id)?;
+        let mut target = self.targets.remove(&id)?;
+        if let Some(slot) = target.timer.take() {
+            self.out.timers.cancel(slot, id);
+        }
         let key = (target.session, target.uplink);
         if self.by_uplink.get(&key) == Some(&id) {
             self.by_uplink.remove(&key);
@@ -310,30 +314,167 @@ impl Monitor {
 
 /// Everything a target's handlers write to, apart from the target itself.
 struct Output {
-    /// Deadlines as (deadline, target, generation); an entry whose generation is not the target's is stale.
-    timers: BinaryHeap<Reverse<(Instant, TargetId, u64)>>,
-    next_generation: u64,
+    /// Every target's one deadline.
+    timers: Wheel,
+    /// The entries [`Monitor::handle_timeout`] is working through (kept for its allocation).
+    due: Vec<Entry>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     stats: Stats,
 }
 
 impl Output {
-    /// Makes `at` the target's only live deadline.
+    /// Makes `at` the target's only deadline.
     fn schedule(&mut self, target: &mut Target, id: TargetId, at: Instant) {
-        self.next_generation += 1;
-        target.generation = self.next_generation;
-        self.timers.push(Reverse((at, id, self.next_generation)));
+        if let Some(slot) = target.timer.take() {
+            self.timers.cancel(slot, id);
+        }
+        target.timer = Some(self.timers.insert(at, id));
+    }
+}
+
+/// A target's deadline on the [`Wheel`].
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    deadline: Instant,
+    id: TargetId,
+    /// The millisecond (since the wheel's origin) whose slot holds it.
+    tick: u64,
+}
+
+/// The deadlines of every target, one each, in slots of one millisecond on a wheel that spans at least twice a
+/// probe cycle (a deadline further out waits in its slot for later turns of the wheel).
+///
+/// A binary heap of 100,000 deadlines, rescheduled twice a cycle each, spends most of its time on cache misses; here
+/// scheduling is a push onto the deadline's slot, rescheduling also a short search of the old slot (the target knows
+/// which), and the next deadline is cached, recomputed from the first slot with anything in it when it is taken or
+/// cancelled.
+struct Wheel {
+    /// The instant of tick 0: the first deadline ever scheduled.
+    origin: Option<Instant>,
+    slots: Vec<Vec<Entry>>,
+    /// `slots.len() - 1` (a power of two).
+    mask: u64,
+    /// Every tick before this one has been emptied of due entries; no entry's tick is earlier.
+    cursor: u64,
+    len: usize,
+    /// The earliest deadline, unless `stale`.
+    next: Option<Instant>,
+    stale: bool,
+}
+
+impl Wheel {
+    /// The fewest and most slots a wheel has.
+    const SLOTS: (usize, usize) = (1 << 10, 1 << 16);
+
+    fn new(policy: Policy) -> Self {
+        let cycle = policy.interval
+            + policy.reply_timeout
+            + policy.reprobe_interval.saturating_mul(u32::from(policy.reprobes) + 1);
+        let wanted = usize::try_from(cycle.as_millis().saturating_mul(2)).unwrap_or(usize::MAX);
+        let slots = wanted.clamp(Self::SLOTS.0, Self::SLOTS.1).next_power_of_two();
+        Self {
+            origin: None,
+            slots: vec![Vec::new(); slots],
+            mask: slots as u64 - 1,
+            cursor: 0,
+            len: 0,
+            next: None,
+            stale: false,
+        }
     }
 
-    /// Drops stale entries from the top of the heap, so that its top is the true next deadline.
-    fn prune(&mut self, targets: &HashMap<TargetId, Target>) {
-        while let Some(&Reverse((_, id, generation))) = self.timers.peek() {
-            if targets.get(&id).is_some_and(|target| target.generation == generation) {
-                break;
-            }
-            self.timers.pop();
+    fn tick(origin: Instant, at: Instant) -> u64 {
+        let since = at.saturating_duration_since(origin);
+        since.as_secs().saturating_mul(1_000).saturating_add(u64::from(since.subsec_millis()))
+    }
+
+    fn slot(&self, tick: u64) -> usize {
+        (tick & self.mask) as usize
+    }
+
+    /// Adds a deadline; returns its slot, which [`Wheel::cancel`] needs.
+    fn insert(&mut self, at: Instant, id: TargetId) -> usize {
+        let origin = *self.origin.get_or_insert(at);
+        // A deadline already past is due at the next look, like any other in the cursor's tick.
+        let tick = Self::tick(origin, at).max(self.cursor);
+        let slot = self.slot(tick);
+        self.slots[slot].push(Entry { deadline: at, id, tick });
+        self.len += 1;
+        if !self.stale && self.next.is_none_or(|next| at < next) {
+            self.next = Some(at);
         }
+        slot
+    }
+
+    /// Removes a target's deadline from `slot`.
+    fn cancel(&mut self, slot: usize, id: TargetId) {
+        let entries = &mut self.slots[slot];
+        let Some(index) = entries.iter().position(|entry| entry.id == id) else { return };
+        let entry = entries.swap_remove(index);
+        self.len -= 1;
+        if self.next == Some(entry.deadline) {
+            self.stale = true;
+        }
+    }
+
+    /// Moves into `due` the entries due at `now` of the earliest tick that has any, in (deadline, id) order;
+    /// leaves it empty when nothing is due.
+    fn take_due(&mut self, now: Instant, due: &mut Vec<Entry>) {
+        due.clear();
+        let Some(origin) = self.origin else { return };
+        let now_tick = Self::tick(origin, now);
+        loop {
+            let tick = self.cursor;
+            let slot = self.slot(tick);
+            let entries = &mut self.slots[slot];
+            let mut index = 0;
+            while index < entries.len() {
+                if entries[index].tick == tick && entries[index].deadline <= now {
+                    due.push(entries.swap_remove(index));
+                } else {
+                    index += 1;
+                }
+            }
+            if !due.is_empty() {
+                self.len -= due.len();
+                self.stale = true;
+                due.sort_unstable_by_key(|entry| (entry.deadline, entry.id));
+                return;
+            }
+            if tick >= now_tick {
+                return;
+            }
+            self.cursor += 1;
+        }
+    }
+
+    /// Brings the cached next deadline up to date.
+    fn settle(&mut self) {
+        if self.stale {
+            self.next = self.earliest();
+            self.stale = false;
+        }
+    }
+
+    /// The earliest deadline as of the last [`Wheel::settle`].
+    fn next(&self) -> Option<Instant> {
+        self.next
+    }
+
+    fn earliest(&self) -> Option<Instant> {
+        if self.len == 0 {
+            return None;
+        }
+        for tick in self.cursor..=self.cursor + self.mask {
+            let entries = &self.slots[self.slot(tick)];
+            let earliest = entries.iter().filter(|entry| entry.tick == tick).map(|entry| entry.deadline).min();
+            if earliest.is_some() {
+                return earliest;
+            }
+        }
+        // Nothing within a turn of the wheel: only deadlines further out than its span.
+        self.slots.iter().flatten().map(|entry| entry.deadline).min()
     }
 }
 
@@ -364,7 +505,8 @@ struct Target {
     phase: Phase,
     reprobes_sent: u8,
     next_ping: Instant,
-    generation: u64,
+    /// The slot of its deadline on the wheel; None only while the deadline is being handled.
+    timer: Option<usize>,
 }
 
 impl Target {
@@ -499,7 +641,8 @@ impl Target {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::cmp::Reverse;
+    use std::collections::{BTreeMap, BinaryHeap};
 
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
@@ -1128,6 +1271,88 @@ mod tests {
         let pong = Packet { kind: Kind::Pong, session: 7, uplink: 1, seq: 1, nonce: [0; 16], load: 0 };
         monitor.handle_datagram(&encode(&pong, &KEY), addr("192.0.2.11:5000"), base);
         assert_eq!(monitor.stats().unknown, 1);
+    }
+
+    /// The wheel against a sorted set: the same next deadline after every change, and entries taken in order.
+    #[test]
+    fn wheel_agrees_with_a_sorted_set() {
+        use std::collections::BTreeSet;
+        let mut rng = StdRng::seed_from_u64(19);
+        let base = Instant::now();
+        // A small span (1024 slots), so that deadlines up to 5 s out go round the wheel several times.
+        let policy = Policy { interval: ms(10), reply_timeout: ms(1), reprobe_interval: ms(1), ..Policy::default() };
+        let mut wheel = Wheel::new(policy);
+        assert_eq!(wheel.slots.len(), 1024);
+        let mut model: BTreeSet<(Instant, TargetId)> = BTreeSet::new();
+        let mut slots: HashMap<TargetId, (usize, Instant)> = HashMap::new();
+        let mut now = base;
+        let mut due = Vec::new();
+        let mut taken = 0;
+        for _ in 0..20_000 {
+            match rng.random_range(0..10) {
+                0..5 => {
+                    let id = rng.random_range(0..500);
+                    let at = now + Duration::from_micros(rng.random_range(0..5_000_000));
+                    if let Some((slot, old)) = slots.remove(&id) {
+                        wheel.cancel(slot, id);
+                        model.remove(&(old, id));
+                    }
+                    slots.insert(id, (wheel.insert(at, id), at));
+                    model.insert((at, id));
+                }
+                5 => {
+                    let id = rng.random_range(0..500);
+                    if let Some((slot, old)) = slots.remove(&id) {
+                        wheel.cancel(slot, id);
+                        model.remove(&(old, id));
+                    }
+                }
+                _ => {
+                    now += Duration::from_micros(rng.random_range(0..300_000));
+                    loop {
+                        wheel.take_due(now, &mut due);
+                        if due.is_empty() {
+                            break;
+                        }
+                        for entry in &due {
+                            let first = model.pop_first().expect("the model has it too");
+                            assert_eq!((entry.deadline, entry.id), first);
+                            slots.remove(&entry.id);
+                            taken += 1;
+                        }
+                    }
+                    assert!(model.first().is_none_or(|&(at, _)| at > now), "everything due was taken");
+                }
+            }
+            wheel.settle();
+            assert_eq!(wheel.next(), model.first().map(|&(at, _)| at));
+            assert_eq!(wheel.len, model.len());
+        }
+        assert!(taken > 1_000, "{taken}");
+    }
+
+    /// An interval longer than the wheel's span still pings once per interval.
+    #[test]
+    fn intervals_longer_than_the_wheel_are_kept() {
+        let mut rng = StdRng::seed_from_u64(20);
+        let base = Instant::now();
+        let policy = Policy { interval: Duration::from_secs(100), ..Policy::default() };
+        let mut monitor = Monitor::new(policy);
+        assert!(monitor.out.timers.slots.len() < 100_000, "the wheel is shorter than the interval");
+        monitor.add(1, 7, 0, KEY, addr("192.0.2.10:5000"), Liveness::Pending, base);
+        let mut pings = Vec::new();
+        let mut now = base;
+        while now < base + Duration::from_secs(350) {
+            monitor.handle_timeout(now, &mut rng);
+            while let Some(transmit) = monitor.poll_transmit() {
+                let ping = decode(&transmit.payload, &KEY).expect("authentic");
+                let pong = encode(&Packet { kind: Kind::Pong, ..ping }, &KEY);
+                monitor.handle_datagram(&pong, transmit.dest, now);
+                pings.push(now - base);
+            }
+            now = monitor.poll_timeout().expect("a target");
+        }
+        assert_eq!(pings, [0, 100, 200, 300].map(Duration::from_secs));
     }
 
     #[test]
