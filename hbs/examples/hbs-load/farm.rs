@@ -15,7 +15,7 @@ use std::{
 };
 
 use hbs::heartbeat::{
-    packet::Key,
+    packet::{Key, PACKET_LEN},
     responder::{Responder, ResponderEvent, ResponderPolicy},
 };
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
@@ -23,6 +23,9 @@ use tokio::{io::Interest, net::UdpSocket, sync::mpsc};
 
 /// Datagrams read per system call.
 const BATCH: usize = 32;
+/// How old a ping that arrived before its session may be and still be answered when the session turns up: within
+/// the cycle of hbs's default policy (ping, four re-probes 80 ms apart, 420 ms in all), whose probes it accepts.
+const EARLY_FOR: Duration = Duration::from_millis(400);
 
 /// What the NCU side asks of the farm.
 pub(crate) enum ToFarm {
@@ -61,6 +64,8 @@ pub(crate) struct FarmStats {
     pub(crate) unknown: AtomicU64,
     /// Sends that failed.
     pub(crate) send_errors: AtomicU64,
+    /// Pings that arrived before their session was known and were answered once it was.
+    pub(crate) early: AtomicU64,
 }
 
 /// Handle to a running farm.
@@ -105,6 +110,8 @@ impl Farm {
             timers: BinaryHeap::new(),
             lost,
             stats: stats.clone(),
+            early: HashMap::new(),
+            early_reported: (0, Instant::now()),
         };
         tokio::spawn(inner.run(rx));
         Ok(Self { tx, stats, port })
@@ -121,6 +128,18 @@ struct Inner {
     timers: BinaryHeap<Reverse<(Instant, usize)>>,
     lost: mpsc::UnboundedSender<Lost>,
     stats: Arc<FarmStats>,
+    /// The latest unanswered ping of each uplink, answered if its session turns up within [`EARLY_FOR`].
+    early: HashMap<(usize, u8), Early>,
+    /// `stats.early` when last reported, and when.
+    early_reported: (u64, Instant),
+}
+
+/// A ping the farm could not answer when it arrived.
+struct Early {
+    bytes: [u8; PACKET_LEN],
+    from: SocketAddr,
+    dst: Option<IpAddr>,
+    at: Instant,
 }
 
 impl Inner {
@@ -131,17 +150,15 @@ impl Inner {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                command = rx.recv() => match command {
-                    Some(ToFarm::Session { ncu, session, key, hbs }) => {
-                        let Some(responder) = self.responders.get_mut(ncu) else { continue };
-                        let indexes: Vec<u8> = (0..self.uplinks[ncu].len()).filter_map(|i| u8::try_from(i).ok()).collect();
-                        let now = Instant::now();
-                        responder.set_session(session, key, hbs, &indexes, now);
-                        self.flush(ncu);
-                        self.arm(ncu);
+                // Sessions first: a ping of a session the farm does not know yet goes unanswered until it does.
+                biased;
+                command = rx.recv() => {
+                    let Some(command) = command else { return };
+                    self.on_command(command);
+                    while let Ok(command) = rx.try_recv() {
+                        self.on_command(command);
                     }
-                    None => return,
-                },
+                }
                 ready = self.socket.readable() => {
                     if ready.is_err() {
                         return;
@@ -167,22 +184,65 @@ impl Inner {
         }
     }
 
+    fn on_command(&mut self, command: ToFarm) {
+        let ToFarm::Session { ncu, session, key, hbs } = command;
+        let Some(responder) = self.responders.get_mut(ncu) else { return };
+        let indexes: Vec<u8> = (0..self.uplinks[ncu].len()).filter_map(|i| u8::try_from(i).ok()).collect();
+        let now = Instant::now();
+        responder.set_session(session, key, hbs, &indexes, now);
+        self.flush(ncu);
+        self.arm(ncu);
+        // hbs pings a new address as soon as it has written the registration, before `Registered` has reached the
+        // simulated NCU (and, on a busy generator, well before this task hears of it): answer the latest such ping
+        // of each uplink now, as an NCU reading its `Registered` when that ping arrives would have.
+        for uplink in 0..u8::try_from(indexes.len()).unwrap_or(u8::MAX) {
+            let Some(early) = self.early.remove(&(ncu, uplink)) else { continue };
+            if now.saturating_duration_since(early.at) < EARLY_FOR {
+                self.stats.early.fetch_add(1, Ordering::Relaxed);
+                self.answer(ncu, uplink, &early.bytes, early.from, early.dst, now);
+            }
+        }
+    }
+
     fn on_ping(&mut self, bytes: &[u8], from: SocketAddr, dst: Option<IpAddr>, now: Instant) {
         self.stats.pings.fetch_add(1, Ordering::Relaxed);
         let Some(&(ncu, uplink)) = dst.and_then(|dst| self.by_ip.get(&dst)) else {
             self.stats.unknown.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let Some(pong) = self.responders[ncu].handle_datagram(uplink, bytes, from, 5, now) else { return };
+        if !self.answer(ncu, uplink, bytes, from, dst, now)
+            && let Ok(bytes) = <[u8; PACKET_LEN]>::try_from(bytes)
+        {
+            self.early.insert((ncu, uplink), Early { bytes, from, dst, at: now });
+        }
+    }
+
+    /// Has the responder answer a ping; false when it would not (unknown session, forged, malformed).
+    fn answer(
+        &mut self,
+        ncu: usize,
+        uplink: u8,
+        bytes: &[u8],
+        from: SocketAddr,
+        dst: Option<IpAddr>,
+        now: Instant,
+    ) -> bool {
+        let Some(pong) = self.responders[ncu].handle_datagram(uplink, bytes, from, 5, now) else { return false };
         let transmit = Transmit { destination: from, ecn: None, contents: &pong, segment_size: None, src_ip: dst };
         match self.state.try_send((&self.socket).into(), &transmit) {
             Ok(()) => self.stats.pongs.fetch_add(1, Ordering::Relaxed),
             Err(_) => self.stats.send_errors.fetch_add(1, Ordering::Relaxed),
         };
+        true
     }
 
     fn on_tick(&mut self) {
         let now = Instant::now();
+        let early = self.stats.early.load(Ordering::Relaxed);
+        if early != self.early_reported.0 && now >= self.early_reported.1 + Duration::from_secs(5) {
+            eprintln!("farm: {early} pings answered late, once their session was known");
+            self.early_reported = (early, now);
+        }
         while let Some(&Reverse((deadline, ncu))) = self.timers.peek() {
             if deadline > now {
                 break;
