@@ -43,6 +43,11 @@ pub struct Settings {
 /// Wait after a netlink event before re-reading, so a burst (address + route) is read once.
 const DEBOUNCE: Duration = Duration::from_millis(2);
 
+/// Longest a changed uplink's old address stays withdrawn-but-unannounced while its new address is validated. The
+/// two normally go out as one change (one registration, one transaction on the server); a slow validation does
+/// not keep the change from the agent longer than this.
+const REPLACE_HOLD: Duration = Duration::from_millis(200);
+
 /// Runs until `shutdown`, publishing the validated uplinks into `publish`.
 pub async fn run(
     settings: Settings,
@@ -52,8 +57,9 @@ pub async fn run(
     let (connection, handle, mut events) = rtnetlink::new_multicast_connection(&netlink::GROUPS)?;
     tokio::spawn(connection);
     let mut routes = settings.manage_routes.map(|metric| RouteManager::new(handle.clone(), metric));
-    let weight = |c: &Candidate| settings.weights.get(&c.interface).copied().unwrap_or(1);
     let mut published: BTreeMap<String, Candidate> = BTreeMap::new();
+    // Changed uplinks withdrawn from `published` but not announced yet, with the time they must be by.
+    let mut held: BTreeMap<String, Instant> = BTreeMap::new();
     let mut retries: BTreeMap<String, Retry> = BTreeMap::new();
     let mut checks: JoinSet<(Candidate, Result<(), String>)> = JoinSet::new();
     let mut checking: Vec<String> = Vec::new();
@@ -77,6 +83,11 @@ pub async fn run(
                 info!(uplink = %name, "uplink gone or changed; withdrawn");
                 changed = true;
             }
+            for name in &plan.replace {
+                published.remove(name);
+                held.entry(name.clone()).or_insert_with(|| Instant::now() + REPLACE_HOLD);
+                info!(uplink = %name, "uplink's address changed; withdrawn together with its replacement");
+            }
             for name in &plan.forget {
                 retries.remove(name);
             }
@@ -91,13 +102,12 @@ pub async fn run(
                 });
             }
             if changed {
-                publish.send_replace(specs(&published, &settings));
-                if let Some(routes) = routes.as_mut() {
-                    routes.apply(&published.values().cloned().collect::<Vec<_>>(), weight).await;
-                }
+                announce(&publish, &published, &settings, &mut routes).await;
+                held.clear();
             }
         }
         let next_retry = retries.values().map(|r| r.due).min();
+        let hold_ends = held.values().min().copied();
         tokio::select! {
             () = shutdown.cancelled() => {
                 if let Some(routes) = routes.as_mut() {
@@ -115,18 +125,24 @@ pub async fn run(
             }
             _ = rescan.tick() => dirty = true,
             () = sleep_until(next_retry) => dirty = true,
+            () = sleep_until(hold_ends) => {
+                debug!(uplinks = ?held.keys().collect::<Vec<_>>(), "replacement still validating; announcing the withdrawal");
+                announce(&publish, &published, &settings, &mut routes).await;
+                held.clear();
+            }
             Some(joined) = checks.join_next() => {
                 let Ok((candidate, result)) = joined else { continue };
                 checking.retain(|n| n != &candidate.name);
+                let name = candidate.name.clone();
                 match result {
                     Ok(()) if offered.contains(&candidate) => {
                         info!(uplink = %candidate.name, address = %candidate.address, "uplink validated");
                         retries.remove(&candidate.name);
                         published.insert(candidate.name.clone(), candidate);
-                        publish.send_replace(specs(&published, &settings));
-                        if let Some(routes) = routes.as_mut() {
-                            routes.apply(&published.values().cloned().collect::<Vec<_>>(), weight).await;
-                        }
+                        announce(&publish, &published, &settings, &mut routes).await;
+                        held.clear();
+                        dirty = true;
+                        continue;
                     }
                     Ok(()) => debug!(uplink = %candidate.name, "validated, but it changed meanwhile"),
                     Err(reason) => {
@@ -139,6 +155,11 @@ pub async fn run(
                         );
                     }
                 }
+                if held.remove(&name).is_some() {
+                    // The replacement did not make it: the old address's withdrawal goes out now.
+                    announce(&publish, &published, &settings, &mut routes).await;
+                    held.clear();
+                }
                 dirty = true;
             }
         }
@@ -149,6 +170,20 @@ async fn sleep_until(when: Option<Instant>) {
     match when {
         Some(when) => tokio::time::sleep_until(tokio::time::Instant::from_std(when)).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Publishes the uplink set to the agent and, when managed, points the multipath default route at it.
+async fn announce(
+    publish: &watch::Sender<Vec<UplinkSpec>>,
+    published: &BTreeMap<String, Candidate>,
+    settings: &Settings,
+    routes: &mut Option<RouteManager>,
+) {
+    publish.send_replace(specs(published, settings));
+    if let Some(routes) = routes.as_mut() {
+        let weight = |c: &Candidate| settings.weights.get(&c.interface).copied().unwrap_or(1);
+        routes.apply(&published.values().cloned().collect::<Vec<_>>(), weight).await;
     }
 }
 

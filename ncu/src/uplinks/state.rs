@@ -131,8 +131,11 @@ pub struct Retry {
 /// What to do to bring the published uplinks in line with the kernel.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
-    /// Published uplinks that vanished or changed: withdraw at once.
+    /// Published uplinks that vanished, or changed with nothing to validate in their place: withdraw at once.
     pub withdraw: Vec<String>,
+    /// Published uplinks whose address changed and whose new address is validated now: withdrawn together with
+    /// the replacement's publication, so the server sees one registration (one transaction) for the change.
+    pub replace: Vec<String>,
     /// Uplinks to validate now (new, changed, or a retry that is due).
     pub validate: Vec<Candidate>,
     /// Retries whose uplink vanished: forget them.
@@ -148,11 +151,6 @@ pub fn reconcile(
     now: Instant,
 ) -> Plan {
     let mut plan = Plan::default();
-    for (name, current) in published {
-        if !offered.contains(current) {
-            plan.withdraw.push(name.clone());
-        }
-    }
     for (name, retry) in retries {
         if !offered.contains(&retry.candidate) {
             plan.forget.push(name.clone());
@@ -165,6 +163,15 @@ pub fn reconcile(
         match retries.get(&candidate.name) {
             Some(retry) if retry.candidate == *candidate && retry.due > now => {}
             _ => plan.validate.push(candidate.clone()),
+        }
+    }
+    for (name, current) in published {
+        if !offered.contains(current) {
+            if plan.validate.iter().any(|c| &c.name == name) {
+                plan.replace.push(name.clone());
+            } else {
+                plan.withdraw.push(name.clone());
+            }
         }
     }
     plan
@@ -253,9 +260,23 @@ mod tests {
         };
         published.insert("wan9".to_owned(), gone);
         let plan = reconcile(&offered, &published, &BTreeMap::new(), &[], now);
-        assert_eq!(plan.withdraw, ["wan2", "wan9"]);
+        assert_eq!(plan.withdraw, ["wan9"], "vanished: withdrawn at once");
+        assert_eq!(plan.replace, ["wan2"], "a new address on wan2: withdrawn with its replacement");
         let validate: Vec<&str> = plan.validate.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(validate, ["wan1-6", "wan2", "wan2#1"]);
+        // While the new address is being checked already, the old one goes at once.
+        let plan = reconcile(&offered, &published, &BTreeMap::new(), &["wan2".to_owned()], now);
+        assert_eq!(plan.withdraw, ["wan2", "wan9"]);
+        assert!(plan.replace.is_empty());
+        // A new address still waiting for its retry is not validated now: the old one goes at once.
+        let mut retries = BTreeMap::new();
+        let waiting = offered.iter().find(|c| c.name == "wan2").expect("wan2").clone();
+        retries.insert(
+            "wan2".to_owned(),
+            Retry { candidate: waiting, due: now + Duration::from_secs(5), backoff: Duration::from_secs(2) },
+        );
+        let plan = reconcile(&offered, &published, &retries, &[], now);
+        assert_eq!(plan.withdraw, ["wan2", "wan9"]);
     }
 
     #[test]
