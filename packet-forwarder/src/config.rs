@@ -23,7 +23,8 @@ pub struct Config {
     /// Longest wait for a site's server to accept a TCP connection before the next address is tried.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Bytes buffered per direction of a TCP flow.
+    /// Bytes buffered per direction of a TCP flow: its pipe's size (the kernel rounds it up to a power of two pages),
+    /// or its buffer's where the kernel cannot splice.
     #[serde(default = "default_tcp_buffer")]
     pub tcp_buffer: usize,
     /// Longest wait between two attempts to reach Postgres.

@@ -66,6 +66,8 @@ pub struct Shared {
     pub udp_idle_timeout: Duration,
     /// See [`Config::tcp_buffer`].
     pub tcp_buffer: usize,
+    /// Pipes of `tcp_buffer` bytes, lent to TCP flows while they splice.
+    pub pipes: splice::Pipes,
     changed: watch::Sender<()>,
 }
 
@@ -81,6 +83,7 @@ impl Shared {
             connect_timeout: config.connect_timeout,
             udp_idle_timeout: config.udp_idle_timeout,
             tcp_buffer: config.tcp_buffer,
+            pipes: splice::Pipes::new(config.tcp_buffer),
             changed: watch::Sender::new(()),
         }
     }

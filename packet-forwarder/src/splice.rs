@@ -4,10 +4,15 @@
 //! inside `try_io`, so an EAGAIN clears the readiness of the socket it concerns. Bytes in the pipe are always
 //! written out before the socket is read again: a splice into the pipe then finds it empty, so its EAGAIN can only
 //! mean the socket has nothing, and a slow writer stalls the reader (backpressure, at most one pipe per direction).
+//!
+//! A direction holds a pipe only while bytes are in it: it borrows an empty one from [`Pipes`] when its socket
+//! turns readable and gives it back once drained. Idle flows hold none, so they cost no descriptors beyond their
+//! sockets and nothing of the user's pipe quota, and short flows skip creating pipes.
 
 use std::{
     io,
     os::fd::{AsFd, OwnedFd},
+    sync::Mutex,
 };
 
 use nix::{
@@ -17,6 +22,13 @@ use nix::{
 };
 use prometheus_client::metrics::counter::Counter;
 use tokio::{io::Interest, net::TcpStream};
+
+/// Empty pipes of one size, lent to the directions that have bytes to move.
+#[derive(Debug)]
+pub struct Pipes {
+    size: usize,
+    idle: Mutex<Vec<Pipe>>,
+}
 
 /// A kernel pipe carrying one direction of a flow.
 #[derive(Debug)]
@@ -33,6 +45,35 @@ pub enum Spliced {
     Eof,
     /// The kernel cannot splice these sockets (EINVAL, ENOSYS); nothing was moved.
     Unsupported,
+}
+
+impl Pipes {
+    /// No pipes yet; those made will hold about `size` bytes.
+    pub fn new(size: usize) -> Self {
+        Self { size, idle: Mutex::new(Vec::new()) }
+    }
+
+    /// Pipes idle in the pool.
+    pub fn idle(&self) -> usize {
+        self.idle.lock().map_or(0, |idle| idle.len())
+    }
+
+    /// An empty pipe: an idle one, or a new one.
+    fn take(&self) -> io::Result<Pipe> {
+        match self.idle.lock().ok().and_then(|mut idle| idle.pop()) {
+            Some(pipe) => Ok(pipe),
+            None => Pipe::new(self.size),
+        }
+    }
+
+    /// Takes back an empty pipe, or closes it when enough are idle.
+    fn give(&self, pipe: Pipe) {
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < MAX_IDLE
+        {
+            idle.push(pipe);
+        }
+    }
 }
 
 impl Pipe {
@@ -58,21 +99,32 @@ pub fn unsupported(error: &io::Error) -> bool {
     matches!(error.raw_os_error().map(Errno::from_raw), Some(Errno::EINVAL | Errno::ENOSYS))
 }
 
-/// Moves bytes from `from` to `to` through `pipe` until `from`'s EOF, counting them in `counter` as they reach
-/// `to`. The caller half-closes `to` afterwards.
-pub async fn forward(from: &TcpStream, to: &TcpStream, pipe: &Pipe, counter: &Counter) -> io::Result<Spliced> {
+/// Moves bytes from `from` to `to` through pipes borrowed from `pipes` until `from`'s EOF, counting them in
+/// `counter` as they reach `to`. The caller half-closes `to` afterwards.
+pub async fn forward(from: &TcpStream, to: &TcpStream, pipes: &Pipes, counter: &Counter) -> io::Result<Spliced> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut moved_any = false;
     loop {
-        // The pipe is empty here: fill it from the socket.
         from.readable().await?;
+        let pipe = match pipes.take() {
+            Ok(pipe) => pipe,
+            Err(error) if !moved_any && unsupported(&error) => return Ok(Spliced::Unsupported),
+            Err(error) => return Err(error),
+        };
+        // The pipe is empty: fill it from the socket.
         let filled = from.try_io(Interest::READABLE, || {
             splice(from.as_fd(), None, pipe.write.as_fd(), None, pipe.size, flags).map_err(io::Error::from)
         });
         let mut in_pipe = match filled {
-            Ok(0) => return Ok(Spliced::Eof),
+            Ok(0) => {
+                pipes.give(pipe);
+                return Ok(Spliced::Eof);
+            }
             Ok(n) => n,
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                pipes.give(pipe);
+                continue;
+            }
             Err(error) if !moved_any && unsupported(&error) => return Ok(Spliced::Unsupported),
             Err(error) => return Err(error),
         };
@@ -90,14 +142,18 @@ pub async fn forward(from: &TcpStream, to: &TcpStream, pipe: &Pipe, counter: &Co
                     counter.inc_by(n as u64);
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                // A pipe dropped with bytes in it is closed, never lent again.
                 Err(error) => return Err(error),
             }
         }
+        pipes.give(pipe);
     }
 }
 
 /// Linux's default pipe size.
 const DEFAULT_PIPE: usize = 64 << 10;
+/// Most pipes kept idle; more are closed when given back.
+const MAX_IDLE: usize = 64;
 
 #[cfg(test)]
 mod tests {
@@ -120,8 +176,8 @@ mod tests {
         let (mut client, from) = connected().await?;
         let (to, mut server) = connected().await?;
         // One page: many fills and drains, and the reader's pauses fill the socket buffers (EAGAIN on the writer).
-        let pipe = Pipe::new(4096)?;
-        assert_eq!(pipe.size(), 4096);
+        assert_eq!(Pipe::new(4096)?.size(), 4096);
+        let pipes = Pipes::new(4096);
         let data: Vec<u8> = (0..8_u32 << 20).map(|i| (i ^ (i >> 9)) as u8).collect();
         let counter = Counter::default();
         let send = async {
@@ -144,13 +200,15 @@ mod tests {
             io::Result::Ok(got)
         };
         let relay = async {
-            let spliced = forward(&from, &to, &pipe, &counter).await?;
+            let spliced = forward(&from, &to, &pipes, &counter).await?;
             // As the relay does on EOF: half-close the writer, so the reader sees the end.
             nix::sys::socket::shutdown(std::os::fd::AsRawFd::as_raw_fd(&to), nix::sys::socket::Shutdown::Write)?;
             io::Result::Ok(spliced)
         };
         let ((), got, spliced) = tokio::try_join!(send, receive, relay)?;
         assert_eq!(spliced, Spliced::Eof);
+        // The one pipe went back to the pool, empty, each time the bytes in it were written out.
+        assert_eq!(pipes.idle(), 1);
         assert_eq!(counter.get(), data.len() as u64);
         assert!(got == data, "{} bytes arrived, changed or in part", got.len());
         Ok(())

@@ -1,13 +1,14 @@
 //! The TCP relay: per connection, choose a live address, connect (the next address when refused), send the PROXY
 //! header if the domain wants one, then relay both ways until both sides are done or the address dies.
 //!
-//! Each direction moves its bytes with splice(2) through a pipe of its own ([`splice`]): socket → pipe → socket,
-//! never through user space, with one pipe's worth in flight, so a slow reader stalls its writer (backpressure) and
-//! the kernel memory per flow is bounded. An EOF is passed on as a half-close (`shutdown(SHUT_WR)`) while the other
-//! direction goes on. A flow costs four descriptors more than its two sockets (a pipe per direction); past the
-//! user's pipe quota (`fs.pipe-user-pages-soft`, when not running as root) the kernel makes new pipes small, which
-//! costs system calls, not correctness. Where the kernel cannot splice (EINVAL or ENOSYS before any byte moved) the
-//! direction falls back to copying through a buffer of `tcp_buffer` bytes, read then written out in full.
+//! Each direction moves its bytes with splice(2) ([`splice`]): socket → pipe → socket, never through user space,
+//! with at most one pipe's worth (`tcp_buffer`) in flight, so a slow reader stalls its writer (backpressure) and the
+//! kernel memory per flow is bounded. An EOF is passed on as a half-close (`shutdown(SHUT_WR)`) while the other
+//! direction goes on. Pipes are lent from a shared pool only while bytes are in them, so an idle flow costs its two
+//! sockets and nothing more; past the user's pipe quota (`fs.pipe-user-pages-soft`, when running neither as root nor
+//! with CAP_SYS_RESOURCE) the kernel makes new pipes small, which costs system calls, not correctness. Where the
+//! kernel cannot splice (EINVAL or ENOSYS before any byte moved) the direction falls back to copying through a
+//! buffer of `tcp_buffer` bytes, read then written out in full.
 
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -28,7 +29,7 @@ use crate::{
     limits::Caps,
     metrics::{FlowMetrics, Refusal},
     proxy,
-    splice::{self, Pipe, Spliced},
+    splice::{self, Pipes, Spliced},
     table::{Domain, Entry, Key, Protocol, TargetState},
 };
 
@@ -104,7 +105,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, key: Key, shared: Arc<S
     tokio::select! {
         () = token.cancelled() => debug!(domain = %domain.row.name, "address left the live set; flow closed"),
         () = shared.cut.cancelled() => {}
-        result = relay(&mut client, &mut upstream, shared.tcp_buffer, &metrics) => if let Err(error) = result {
+        result = relay(&mut client, &mut upstream, &shared, &metrics) => if let Err(error) = result {
             metrics.error("relay");
             debug!(%error, domain = %domain.row.name, "relay ended with an error");
         },
@@ -151,25 +152,32 @@ async fn connect(
 }
 
 /// Relays both ways until both directions reached EOF; an error in either ends both.
-async fn relay(client: &mut TcpStream, upstream: &mut TcpStream, size: usize, metrics: &FlowMetrics) -> io::Result<()> {
+async fn relay(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    shared: &Shared,
+    metrics: &FlowMetrics,
+) -> io::Result<()> {
     let (mut client_read, mut client_write) = client.split();
     let (mut upstream_read, mut upstream_write) = upstream.split();
+    let (pipes, size) = (&shared.pipes, shared.tcp_buffer);
     tokio::try_join!(
-        pump(&mut client_read, &mut upstream_write, size, &metrics.bytes_up),
-        pump(&mut upstream_read, &mut client_write, size, &metrics.bytes_down),
+        pump(&mut client_read, &mut upstream_write, pipes, size, &metrics.bytes_up),
+        pump(&mut upstream_read, &mut client_write, pipes, size, &metrics.bytes_down),
     )?;
     Ok(())
 }
 
-/// One direction, spliced through a pipe of `size` bytes (copied when the kernel cannot splice); EOF becomes a
-/// half-close of the writer.
-async fn pump(reader: &mut ReadHalf<'_>, writer: &mut WriteHalf<'_>, size: usize, counter: &Counter) -> io::Result<()> {
-    let spliced = match Pipe::new(size) {
-        Ok(pipe) => splice::forward(reader.as_ref(), writer.as_ref(), &pipe, counter).await?,
-        Err(error) if splice::unsupported(&error) => Spliced::Unsupported,
-        Err(error) => return Err(error),
-    };
-    if spliced == Spliced::Unsupported {
+/// One direction, spliced through `pipes` (copied through a buffer of `size` bytes when the kernel cannot splice);
+/// EOF becomes a half-close of the writer.
+async fn pump(
+    reader: &mut ReadHalf<'_>,
+    writer: &mut WriteHalf<'_>,
+    pipes: &Pipes,
+    size: usize,
+    counter: &Counter,
+) -> io::Result<()> {
+    if splice::forward(reader.as_ref(), writer.as_ref(), pipes, counter).await? == Spliced::Unsupported {
         debug!("splice unavailable; copying this direction through user space");
         copy(reader, writer, size, counter).await?;
     }
