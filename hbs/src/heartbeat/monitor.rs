@@ -27,6 +27,9 @@ pub struct Policy {
     pub load_step: u16,
     /// The shortest time between two load reports of one target.
     pub load_every: Duration,
+    /// The least time between the first pings of targets added together: a batch of registrations is spread over
+    /// the interval instead of being pinged (and answered) in one burst every cycle from then on.
+    pub first_ping_spacing: Duration,
 }
 
 impl Default for Policy {
@@ -39,6 +42,8 @@ impl Default for Policy {
             clock_jump: Duration::from_secs(2),
             load_step: 10,
             load_every: Duration::from_secs(5),
+            // 100,000 first pings a second.
+            first_ping_spacing: Duration::from_micros(10),
         }
     }
 }
@@ -118,6 +123,8 @@ pub struct Monitor {
     policy: Policy,
     targets: HashMap<TargetId, Target>,
     by_uplink: HashMap<(u64, u8), TargetId>,
+    /// When the latest target was added, and when its first ping was scheduled.
+    last_first_ping: Option<(Instant, Instant)>,
     out: Output,
 }
 
@@ -131,6 +138,7 @@ impl Monitor {
             policy,
             targets: HashMap::new(),
             by_uplink: HashMap::new(),
+            last_first_ping: None,
             out: Output {
                 timers: Wheel::new(policy),
                 due: Vec::new(),
@@ -141,7 +149,8 @@ impl Monitor {
         }
     }
 
-    /// Adds (or replaces) a target; its first ping is due at `now`.
+    /// Adds (or replaces) a target; its first ping is due at `now`, or [`Policy::first_ping_spacing`] after the
+    /// previous target's first ping if that is later.
     ///
     /// `initial` = Live is used when taking over an address another server proved (handover): no Alive event on the
     /// first pong, but the normal miss policy applies, so a silent one becomes Dead. A target already watching the
@@ -167,6 +176,12 @@ impl Monitor {
                 last_hello = last_hello.max(old.last_hello);
             }
         }
+        // Paced after the previous add's first ping, unless the caller's clock went back (tests add in any order).
+        let first_ping = match self.last_first_ping {
+            Some((added, first)) if now >= added => now.max(first + self.policy.first_ping_spacing),
+            _ => now,
+        };
+        self.last_first_ping = Some((now, first_ping));
         let mut target = Target {
             session,
             uplink,
@@ -181,10 +196,10 @@ impl Monitor {
             probes: Vec::with_capacity(usize::from(self.policy.reprobes) + 1),
             phase: Phase::Waiting,
             reprobes_sent: 0,
-            next_ping: now,
+            next_ping: first_ping,
             timer: None,
         };
-        self.out.schedule(&mut target, id, now);
+        self.out.schedule(&mut target, id, first_ping);
         self.targets.insert(id, target);
         self.by_uplink.insert((session, uplink), id);
         self.out.timers.settle();
@@ -358,9 +373,11 @@ struct Wheel {
     /// Every tick before this one has been emptied of due entries; no entry's tick is earlier.
     cursor: u64,
     len: usize,
-    /// The earliest deadline, unless `stale`.
+    /// The earliest deadline, unless `stale`; never later than it.
     next: Option<Instant>,
     stale: bool,
+    /// When `stale` only because entries at `next` were cancelled, from this slot: where to look for another.
+    hint: Option<usize>,
 }
 
 impl Wheel {
@@ -381,6 +398,7 @@ impl Wheel {
             len: 0,
             next: None,
             stale: false,
+            hint: None,
         }
     }
 
@@ -401,8 +419,11 @@ impl Wheel {
         let slot = self.slot(tick);
         self.slots[slot].push(Entry { deadline: at, id, tick });
         self.len += 1;
-        if !self.stale && self.next.is_none_or(|next| at < next) {
+        // Every other entry is at `next` or later, so an earlier one is the earliest, stale or not.
+        if self.next.is_none_or(|next| at < next) {
             self.next = Some(at);
+            self.stale = false;
+            self.hint = None;
         }
         slot
     }
@@ -414,6 +435,8 @@ impl Wheel {
         let entry = entries.swap_remove(index);
         self.len -= 1;
         if self.next == Some(entry.deadline) {
+            // Targets handled in one turn share their reply deadline: usually another is left at the same instant.
+            self.hint = if self.stale && self.hint != Some(slot) { None } else { Some(slot) };
             self.stale = true;
         }
     }
@@ -439,6 +462,7 @@ impl Wheel {
             if !due.is_empty() {
                 self.len -= due.len();
                 self.stale = true;
+                self.hint = None;
                 due.sort_unstable_by_key(|entry| (entry.deadline, entry.id));
                 return;
             }
@@ -451,10 +475,18 @@ impl Wheel {
 
     /// Brings the cached next deadline up to date.
     fn settle(&mut self) {
-        if self.stale {
-            self.next = self.earliest();
-            self.stale = false;
+        if !self.stale {
+            return;
         }
+        let same = match (self.hint, self.next) {
+            (Some(slot), Some(next)) => self.slots[slot].iter().any(|entry| entry.deadline == next),
+            _ => false,
+        };
+        if !same {
+            self.next = self.earliest();
+        }
+        self.stale = false;
+        self.hint = None;
     }
 
     /// The earliest deadline as of the last [`Wheel::settle`].
@@ -1292,7 +1324,12 @@ mod tests {
             match rng.random_range(0..10) {
                 0..5 => {
                     let id = rng.random_range(0..500);
-                    let at = now + Duration::from_micros(rng.random_range(0..5_000_000));
+                    // Half on whole milliseconds of a short range, so that many share a deadline.
+                    let at = if rng.random_bool(0.5) {
+                        now + Duration::from_micros(rng.random_range(0..5_000_000))
+                    } else {
+                        now + ms(rng.random_range(0..20))
+                    };
                     if let Some((slot, old)) = slots.remove(&id) {
                         wheel.cancel(slot, id);
                         model.remove(&(old, id));
@@ -1329,6 +1366,40 @@ mod tests {
             assert_eq!(wheel.len, model.len());
         }
         assert!(taken > 1_000, "{taken}");
+    }
+
+    /// Targets added together ping `first_ping_spacing` apart, and keep that spread in later cycles.
+    #[test]
+    fn a_burst_of_targets_is_spread() {
+        let mut rng = StdRng::seed_from_u64(21);
+        let base = Instant::now();
+        let mut monitor = Monitor::new(Policy::default());
+        for id in 0..1_000 {
+            monitor.add(id, 100 + id.unsigned_abs(), 0, KEY, addr("192.0.2.10:5000"), Liveness::Pending, base);
+        }
+        // A target added later than the spacing pings at once.
+        monitor.add(5_000, 7, 1, KEY, addr("192.0.2.11:5000"), Liveness::Pending, base + ms(50));
+        let mut pings: Vec<(Duration, SocketAddr)> = Vec::new();
+        let mut now = base;
+        while now < base + ms(1_900) {
+            monitor.handle_timeout(now, &mut rng);
+            while let Some(transmit) = monitor.poll_transmit() {
+                let ping = decode(&transmit.payload, &KEY).expect("authentic");
+                monitor.handle_datagram(&encode(&Packet { kind: Kind::Pong, ..ping }, &KEY), transmit.dest, now);
+                pings.push((now - base, transmit.dest));
+            }
+            now = monitor.poll_timeout().expect("targets");
+        }
+        let spacing = Policy::default().first_ping_spacing;
+        let times = |ip: &str| -> Vec<Duration> {
+            pings.iter().filter(|(_, to)| to.ip().to_string() == ip).map(|(at, _)| *at).collect()
+        };
+        let cycle: Vec<Duration> = (0..1_000).map(|k| spacing * k).collect();
+        let two_cycles: Vec<Duration> =
+            cycle.iter().chain(&cycle.iter().map(|at| *at + ms(1_000)).collect::<Vec<_>>()).copied().collect();
+        assert_eq!(times("192.0.2.10"), two_cycles);
+        assert_eq!(times("192.0.2.11"), [ms(50), ms(1_050)]);
+        assert_eq!(monitor.stats().pongs, 2_002);
     }
 
     /// An interval longer than the wheel's span still pings once per interval.
