@@ -355,19 +355,9 @@ impl Data {
 pub(crate) async fn echo_transfer(stream: TcpStream, len: usize, seed: u64) -> Result<([u8; 32], [u8; 32])> {
     let (mut reader, mut writer) = stream.into_split();
     let send = tokio::spawn(async move {
-        let mut data = Data::new(seed);
-        let mut hash = Sha256::new();
-        let mut buf = vec![0_u8; 64 << 10];
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(buf.len());
-            data.fill(&mut buf[..n]);
-            hash.update(&buf[..n]);
-            writer.write_all(&buf[..n]).await?;
-            left -= n;
-        }
+        let hash = send_data_open(&mut writer, len, seed).await?;
         writer.shutdown().await?;
-        anyhow::Ok(<[u8; 32]>::from(hash.finalize()))
+        anyhow::Ok(hash)
     });
     let mut hash = Sha256::new();
     let mut buf = vec![0_u8; 64 << 10];
@@ -383,4 +373,24 @@ pub(crate) async fn echo_transfer(stream: TcpStream, len: usize, seed: u64) -> R
     anyhow::ensure!(received == len, "received {received} of {len} bytes");
     let sent = send.await??;
     Ok((sent, hash.finalize().into()))
+}
+
+/// Writes `len` bytes of [`Data`] from `seed`, leaving the stream open; the SHA-256 of what was written.
+pub(crate) async fn send_data_open(
+    writer: &mut tokio::net::tcp::OwnedWriteHalf,
+    len: usize,
+    seed: u64,
+) -> Result<[u8; 32]> {
+    let mut data = Data::new(seed);
+    let mut hash = Sha256::new();
+    let mut buf = vec![0_u8; 64 << 10];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len());
+        data.fill(&mut buf[..n]);
+        hash.update(&buf[..n]);
+        writer.write_all(&buf[..n]).await?;
+        left -= n;
+    }
+    Ok(hash.finalize().into())
 }

@@ -21,7 +21,7 @@ use tokio::{
     },
 };
 
-use crate::common::{Data, SOON, Setup, Site, connect, echo_transfer, ip, parse_proxy};
+use crate::common::{Data, SOON, Setup, Site, connect, echo_transfer, ip, parse_proxy, send_data_open};
 
 const MIB: usize = 1 << 20;
 
@@ -414,22 +414,6 @@ async fn send_data(writer: &mut OwnedWriteHalf, len: usize, seed: u64) -> Result
     let hash = send_data_open(writer, len, seed).await?;
     writer.shutdown().await?;
     Ok(hash)
-}
-
-/// Writes `len` bytes of [`Data`] from `seed`, leaving the stream open; the SHA-256 of what was written.
-async fn send_data_open(writer: &mut OwnedWriteHalf, len: usize, seed: u64) -> Result<[u8; 32]> {
-    let mut data = Data::new(seed);
-    let mut hash = Sha256::new();
-    let mut buf = vec![0_u8; 64 << 10];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(buf.len());
-        data.fill(&mut buf[..n]);
-        hash.update(&buf[..n]);
-        writer.write_all(&buf[..n]).await?;
-        left -= n;
-    }
-    Ok(hash.finalize().into())
 }
 
 /// Reads to EOF; the SHA-256 of what came.
