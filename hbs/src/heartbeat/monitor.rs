@@ -316,8 +316,8 @@ impl Monitor {
 
     fn remove_target(&mut self, id: TargetId) -> Option<Target> {
         let mut target = self.targets.remove(&id)?;
-        if let Some(slot) = target.timer.take() {
-            self.out.timers.cancel(slot, id);
+        if let Some(place) = target.timer.take() {
+            self.out.timers.cancel(place, id);
         }
         let key = (target.session, target.uplink);
         if self.by_uplink.get(&key) == Some(&id) {
@@ -341,8 +341,8 @@ struct Output {
 impl Output {
     /// Makes `at` the target's only deadline.
     fn schedule(&mut self, target: &mut Target, id: TargetId, at: Instant) {
-        if let Some(slot) = target.timer.take() {
-            self.timers.cancel(slot, id);
+        if let Some(place) = target.timer.take() {
+            self.timers.cancel(place, id);
         }
         target.timer = Some(self.timers.insert(at, id));
     }
@@ -357,13 +357,20 @@ struct Entry {
     tick: u64,
 }
 
+/// Where a deadline sits on the [`Wheel`]: its slot, and its index there (which only moves, rarely, when the slot
+/// is compacted with deadlines of later turns in it; then it is searched for).
+#[derive(Debug, Clone, Copy)]
+struct Place {
+    slot: usize,
+    index: usize,
+}
+
 /// The deadlines of every target, one each, in slots of one millisecond on a wheel that spans at least twice a
 /// probe cycle (a deadline further out waits in its slot for later turns of the wheel).
 ///
 /// A binary heap of 100,000 deadlines, rescheduled twice a cycle each, spends most of its time on cache misses; here
-/// scheduling is a push onto the deadline's slot, rescheduling also a short search of the old slot (the target knows
-/// which), and the next deadline is cached, recomputed from the first slot with anything in it when it is taken or
-/// cancelled.
+/// scheduling is a push onto the deadline's slot, cancelling marks the entry where it is (the target knows), and the
+/// next deadline is cached, recomputed from the first slot with anything in it when it is taken or cancelled.
 struct Wheel {
     /// The instant of tick 0: the first deadline ever scheduled.
     origin: Option<Instant>,
@@ -381,6 +388,8 @@ struct Wheel {
 }
 
 impl Wheel {
+    /// The id of a cancelled or taken entry, left in its slot until the cursor passes it.
+    const GONE: TargetId = TargetId::MIN;
     /// The fewest and most slots a wheel has.
     const SLOTS: (usize, usize) = (1 << 10, 1 << 16);
 
@@ -411,12 +420,13 @@ impl Wheel {
         (tick & self.mask) as usize
     }
 
-    /// Adds a deadline; returns its slot, which [`Wheel::cancel`] needs.
-    fn insert(&mut self, at: Instant, id: TargetId) -> usize {
+    /// Adds a deadline; returns its place, which [`Wheel::cancel`] needs.
+    fn insert(&mut self, at: Instant, id: TargetId) -> Place {
         let origin = *self.origin.get_or_insert(at);
         // A deadline already past is due at the next look, like any other in the cursor's tick.
         let tick = Self::tick(origin, at).max(self.cursor);
         let slot = self.slot(tick);
+        let index = self.slots[slot].len();
         self.slots[slot].push(Entry { deadline: at, id, tick });
         self.len += 1;
         // Every other entry is at `next` or later, so an earlier one is the earliest, stale or not.
@@ -425,14 +435,21 @@ impl Wheel {
             self.stale = false;
             self.hint = None;
         }
-        slot
+        Place { slot, index }
     }
 
-    /// Removes a target's deadline from `slot`.
-    fn cancel(&mut self, slot: usize, id: TargetId) {
+    /// Removes a target's deadline.
+    fn cancel(&mut self, place: Place, id: TargetId) {
+        let slot = place.slot;
         let entries = &mut self.slots[slot];
-        let Some(index) = entries.iter().position(|entry| entry.id == id) else { return };
-        let entry = entries.swap_remove(index);
+        let index = if entries.get(place.index).is_some_and(|entry| entry.id == id) {
+            place.index
+        } else {
+            let Some(index) = entries.iter().position(|entry| entry.id == id) else { return };
+            index
+        };
+        let entry = entries[index];
+        entries[index].id = Self::GONE;
         self.len -= 1;
         if self.next == Some(entry.deadline) {
             // Targets handled in one turn share their reply deadline: usually another is left at the same instant.
@@ -451,12 +468,10 @@ impl Wheel {
             let tick = self.cursor;
             let slot = self.slot(tick);
             let entries = &mut self.slots[slot];
-            let mut index = 0;
-            while index < entries.len() {
-                if entries[index].tick == tick && entries[index].deadline <= now {
-                    due.push(entries.swap_remove(index));
-                } else {
-                    index += 1;
+            for entry in entries.iter_mut() {
+                if entry.id != Self::GONE && entry.tick == tick && entry.deadline <= now {
+                    due.push(*entry);
+                    entry.id = Self::GONE;
                 }
             }
             if !due.is_empty() {
@@ -469,6 +484,8 @@ impl Wheel {
             if tick >= now_tick {
                 return;
             }
+            // Passed: only deadlines of later turns are left (usually none).
+            entries.retain(|entry| entry.id != Self::GONE);
             self.cursor += 1;
         }
     }
@@ -479,7 +496,9 @@ impl Wheel {
             return;
         }
         let same = match (self.hint, self.next) {
-            (Some(slot), Some(next)) => self.slots[slot].iter().any(|entry| entry.deadline == next),
+            (Some(slot), Some(next)) => {
+                self.slots[slot].iter().any(|entry| entry.id != Self::GONE && entry.deadline == next)
+            }
             _ => false,
         };
         if !same {
@@ -500,13 +519,17 @@ impl Wheel {
         }
         for tick in self.cursor..=self.cursor + self.mask {
             let entries = &self.slots[self.slot(tick)];
-            let earliest = entries.iter().filter(|entry| entry.tick == tick).map(|entry| entry.deadline).min();
+            let earliest = entries
+                .iter()
+                .filter(|entry| entry.id != Self::GONE && entry.tick == tick)
+                .map(|entry| entry.deadline)
+                .min();
             if earliest.is_some() {
                 return earliest;
             }
         }
         // Nothing within a turn of the wheel: only deadlines further out than its span.
-        self.slots.iter().flatten().map(|entry| entry.deadline).min()
+        self.slots.iter().flatten().filter(|entry| entry.id != Self::GONE).map(|entry| entry.deadline).min()
     }
 }
 
@@ -537,8 +560,8 @@ struct Target {
     phase: Phase,
     reprobes_sent: u8,
     next_ping: Instant,
-    /// The slot of its deadline on the wheel; None only while the deadline is being handled.
-    timer: Option<usize>,
+    /// Where its deadline is on the wheel; None only while the deadline is being handled.
+    timer: Option<Place>,
 }
 
 impl Target {
@@ -1316,7 +1339,7 @@ mod tests {
         let mut wheel = Wheel::new(policy);
         assert_eq!(wheel.slots.len(), 1024);
         let mut model: BTreeSet<(Instant, TargetId)> = BTreeSet::new();
-        let mut slots: HashMap<TargetId, (usize, Instant)> = HashMap::new();
+        let mut slots: HashMap<TargetId, (Place, Instant)> = HashMap::new();
         let mut now = base;
         let mut due = Vec::new();
         let mut taken = 0;
