@@ -75,6 +75,10 @@ pub struct Status {
 const ASSIGN_PATIENCE: Duration = Duration::from_secs(3600 * 24 * 365);
 /// How long one connection attempt to a heartbeat server may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a registration over the standby connection may take. No handshake is at stake: a slow answer means a
+/// server busy with a storm of moves, and giving up would only add a handshake to its queue. A dead server closes
+/// the connection (idle timeout) before this.
+const STANDBY_TIMEOUT: Duration = Duration::from_secs(15);
 
 impl Drill {
     /// Stops (or resumes) answering heartbeats on `uplink`.
@@ -287,23 +291,23 @@ impl Agent {
             .collect()
     }
 
-    async fn connect(&mut self, target: &HeartbeatServer) -> anyhow::Result<Connected> {
-        tokio::time::timeout(CONNECT_TIMEOUT, self.connect_inner(target))
-            .await
-            .with_context(|| format!("no answer from {} within {CONNECT_TIMEOUT:?}", target.address))?
-    }
-
     /// Registers on the standby connection when it leads to `target` and is still open, else on a new one.
-    async fn connect_inner(&mut self, target: &HeartbeatServer) -> anyhow::Result<Connected> {
+    async fn connect(&mut self, target: &HeartbeatServer) -> anyhow::Result<Connected> {
         let standby = self.standby.take_if(|s| s.server.name == target.name && s.connection.close_reason().is_none());
         if let Some(standby) = standby {
-            match self.register(standby.connection, target).await {
-                Ok(connected) => return Ok(connected),
-                Err(error) => debug!(hbs = %target.name, %error, "standby connection unusable; connecting anew"),
+            match tokio::time::timeout(STANDBY_TIMEOUT, self.register(standby.connection, target)).await {
+                Ok(Ok(connected)) => return Ok(connected),
+                Ok(Err(error)) => debug!(hbs = %target.name, %error, "standby connection unusable; connecting anew"),
+                Err(_) => debug!(hbs = %target.name, "no answer over the standby connection; connecting anew"),
             }
         }
-        let connection = dial(&self.tls, target).await?;
-        self.register(connection, target).await
+        let fresh = async {
+            let connection = dial(&self.tls, target).await?;
+            self.register(connection, target).await
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, fresh)
+            .await
+            .with_context(|| format!("no answer from {} within {CONNECT_TIMEOUT:?}", target.address))?
     }
 
     /// Sends the uplinks on a new control stream of `connection` and reads the server's answer.

@@ -39,6 +39,8 @@ use crate::{
 
 /// How long `ncu run` waits for one registration.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `ncu run` waits for a registration over its standby connection.
+const STANDBY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Client endpoints (UDP sockets) the simulated NCUs share.
 const ENDPOINTS: usize = 16;
 
@@ -386,9 +388,9 @@ async fn storm(
                     let attempt = match standby {
                         Some(connection) => {
                             let registering = ncu::register_on(connection, ncu, farm.port);
-                            match tokio::time::timeout(CONNECT_TIMEOUT, registering).await {
+                            match tokio::time::timeout(STANDBY_TIMEOUT, registering).await {
                                 Ok(result) => result,
-                                Err(_) => Err(anyhow::anyhow!("no registration within {CONNECT_TIMEOUT:?}")),
+                                Err(_) => Err(anyhow::anyhow!("no registration within {STANDBY_TIMEOUT:?}")),
                             }
                         }
                         None => ncu::register(&endpoint, ncu, farm.port, &server.address, CONNECT_TIMEOUT).await,

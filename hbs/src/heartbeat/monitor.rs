@@ -153,7 +153,9 @@ impl Monitor {
     /// previous target's first ping if that is later.
     ///
     /// `initial` = Live is used when taking over an address another server proved (handover): no Alive event on the
-    /// first pong, but the normal miss policy applies, so a silent one becomes Dead. A target already watching the
+    /// first pong, and one cycle of grace: the NCU learns the session key from the reply to its registration, which
+    /// races the first ping (and may be retransmitted, or processed late by a busy NCU), so an unanswered first cycle
+    /// is not a death; from the second cycle on the normal miss policy applies. A target already watching the
     /// same session and uplink is replaced too; the replacement keeps its sequence numbers so the NCU sees no replay.
     #[allow(clippy::too_many_arguments)]
     pub fn add(
@@ -189,6 +191,7 @@ impl Monitor {
             dest,
             liveness: initial,
             observed: (initial == Liveness::Live).then_some(dest),
+            handover: initial == Liveness::Live,
             reported_load: None,
             load_reported_at: None,
             next_seq,
@@ -551,6 +554,8 @@ struct Target {
     liveness: Liveness,
     /// The source address last reported in an [`Event::Alive`] (or the destination, for a handover).
     observed: Option<SocketAddr>,
+    /// Taken over live and not yet answered in this session: its first cycle may go unanswered.
+    handover: bool,
     reported_load: Option<u16>,
     load_reported_at: Option<Instant>,
     next_seq: u64,
@@ -595,7 +600,10 @@ impl Target {
                     out.schedule(self, id, now + policy.reprobe_interval);
                     return;
                 }
-                if self.liveness != Liveness::Dead {
+                if self.handover {
+                    self.handover = false;
+                    tracing::debug!(id, "first cycle after a handover unanswered; the next one decides");
+                } else if self.liveness != Liveness::Dead {
                     self.liveness = Liveness::Dead;
                     tracing::debug!(id, "target dead");
                     out.events.push_back(Event::Dead { id });
@@ -652,6 +660,7 @@ impl Target {
         };
         self.probes.swap_remove(index);
         out.stats.pongs += 1;
+        self.handover = false;
         if self.phase == Phase::Probing {
             self.phase = Phase::Waiting;
             let next_ping = self.next_ping.max(now);
@@ -1197,6 +1206,30 @@ mod tests {
         sim.ncus[0].silent = true;
         sim.run_until(ms(6_000));
         assert_eq!(sim.events_since(ms(3_500)), [(ms(4_420), Event::Dead { id: 1 })]);
+    }
+
+    #[test]
+    fn handover_target_whose_ncu_answers_only_from_the_second_cycle_stays_live() {
+        // The NCU has not got the new session's key in time for the first cycle.
+        let mut sim = one_target(12, Liveness::Live);
+        sim.ncus[0].silent = true;
+        sim.run_until(ms(900));
+        sim.ncus[0].silent = false;
+        sim.run_until(ms(3_500));
+        assert!(!sim.events_since(ms(0)).iter().any(|(_, e)| matches!(e, Event::Dead { .. })));
+        assert_eq!(sim.monitor.liveness(1), Some(Liveness::Live));
+        // The grace is spent: a later silence kills as usual.
+        sim.ncus[0].silent = true;
+        sim.run_until(ms(6_000));
+        assert_eq!(sim.events_since(ms(3_500)), [(ms(4_420), Event::Dead { id: 1 })]);
+    }
+
+    #[test]
+    fn handover_target_that_never_answers_dies_after_its_second_cycle() {
+        let mut sim = one_target(13, Liveness::Live);
+        sim.ncus[0].silent = true;
+        sim.run_until(ms(5_000));
+        assert_eq!(sim.events_since(ms(0)), [(ms(1_420), Event::Dead { id: 1 })]);
     }
 
     #[test]
