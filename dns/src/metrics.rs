@@ -21,6 +21,8 @@ pub struct Metrics {
     pub notifications: Counter,
     /// Failed attempts to reach or read Postgres.
     pub sync_errors: Counter,
+    /// UDP queries dropped unanswered because the catalog was at its bound of queries in flight.
+    pub udp_shed: Counter,
     /// 1 while the change listener is connected.
     pub database_connected: Gauge,
     /// Domains in the current view.
@@ -56,6 +58,7 @@ impl Metrics {
             partial_reloads: Counter::default(),
             notifications: Counter::default(),
             sync_errors: Counter::default(),
+            udp_shed: Counter::default(),
             database_connected: Gauge::default(),
             domains: Gauge::default(),
             zones: Gauge::default(),
@@ -71,6 +74,11 @@ impl Metrics {
         );
         registry.register("notifications", "Change notifications received", metrics.notifications.clone());
         registry.register("sync_errors", "Failed attempts to reach or read Postgres", metrics.sync_errors.clone());
+        registry.register(
+            "udp_shed",
+            "UDP queries dropped while the catalog had its most queries in flight",
+            metrics.udp_shed.clone(),
+        );
         registry.register(
             "database_connected",
             "1 while the change listener is connected",

@@ -25,12 +25,15 @@ use tokio::{net::UdpSocket, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::{server::Handler, wire};
+use crate::{server::Handler, view::View, wire};
 
 /// Datagrams handled per wake-up before other tasks get a turn.
 const BUDGET: usize = 64;
 /// Largest query read; longer datagrams are cut, as hickory's server does.
 const RECEIVE_BUFFER: usize = 4096;
+/// Most queries the catalog works on at once. Past this a query is dropped (and counted), as a full socket buffer
+/// would drop it: a flood of queries off the fast path (random names, say) cannot grow the set of tasks without end.
+const MAX_SLOW: usize = 1024;
 /// Socket buffers asked for (as NSD does): the default (~200 KiB) overflows when a burst of a few hundred queries
 /// arrives while the server is not on a CPU, and every query lost costs the resolver a timeout.
 const SOCKET_BUFFER: usize = 1 << 20;
@@ -55,6 +58,8 @@ pub async fn serve(socket: UdpSocket, handler: Arc<Handler>, shutdown: Cancellat
             ready = socket.readable() => if let Err(error) = ready { break Err(error) },
         }
         let mut drained = false;
+        // One view for the batch: a change lands in the next one.
+        let view = handler.shared().view.load_full();
         for _ in 0..BUDGET {
             let (len, src) = match socket.try_recv_from(&mut buf) {
                 Ok(received) => received,
@@ -72,8 +77,16 @@ pub async fn serve(socket: UdpSocket, handler: Arc<Handler>, shutdown: Cancellat
                 continue;
             }
             let packet = &buf[..len];
-            if answer_prebuilt(&handler, packet, &mut answers) {
+            if answer_prebuilt(&handler, &view, packet, &mut answers) {
                 sends.push((src, answers.len()));
+                continue;
+            }
+            if slow.len() >= MAX_SLOW {
+                while slow.try_join_next().is_some() {}
+            }
+            if slow.len() >= MAX_SLOW {
+                handler.shared().metrics.udp_shed.inc();
+                debug!(%src, "catalog busy; query dropped");
                 continue;
             }
             let responder = UdpResponder { socket: socket.clone(), dst: src };
@@ -95,11 +108,10 @@ pub async fn serve(socket: UdpSocket, handler: Arc<Handler>, shutdown: Cancellat
 }
 
 /// The fast path: a plain query for a name with a prebuilt answer, appended to `out`.
-fn answer_prebuilt(handler: &Handler, packet: &[u8], out: &mut Vec<u8>) -> bool {
+fn answer_prebuilt(handler: &Handler, view: &View, packet: &[u8], out: &mut Vec<u8>) -> bool {
     let Some(query) = wire::parse(packet) else {
         return false;
     };
-    let view = handler.shared().view.load();
     let Some(prebuilt) = view.prebuilt_answer(query.qname, query.qtype) else {
         return false;
     };
@@ -320,7 +332,7 @@ mod tests {
 
     fn by_fast_path(handler: &Handler, packet: &[u8]) -> Option<Vec<u8>> {
         let mut out = Vec::new();
-        answer_prebuilt(handler, packet, &mut out).then_some(out)
+        answer_prebuilt(handler, &handler.shared().view.load_full(), packet, &mut out).then_some(out)
     }
 
     #[tokio::test]
