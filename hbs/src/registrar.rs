@@ -78,9 +78,10 @@ fn next_batch(waiting: &mut VecDeque<Job>) -> Vec<Job> {
 
 async fn write(pool: &PgPool, me: &str, batch: Vec<Job>) {
     let registrations: Vec<Registration> = batch.iter().map(|job| job.registration.clone()).collect();
+    let started = std::time::Instant::now();
     match store::register_batch(pool, me, &registrations).await {
         Ok(outcomes) => {
-            debug!(registrations = batch.len(), "registrations written");
+            debug!(registrations = batch.len(), elapsed = ?started.elapsed(), "registrations written");
             for (job, outcome) in batch.into_iter().zip(outcomes) {
                 let _ = job.reply.send(Ok(outcome));
             }

@@ -79,6 +79,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// server busy with a storm of moves, and giving up would only add a handshake to its queue. A dead server closes
 /// the connection (idle timeout) before this.
 const STANDBY_TIMEOUT: Duration = Duration::from_secs(15);
+/// An NCU without a backup asks hds for one after a random delay below this. After a heartbeat server dies, its
+/// NCUs all move within seconds: spread, their requests reach hds as a few hundred handshakes a second rather than
+/// as one burst of thousands (which would also compete with the moves themselves). Should the new server fail
+/// meanwhile, the NCU simply asks hds for a whole new assignment.
+pub const BACKUP_SPREAD: Duration = Duration::from_secs(30);
 
 impl Drill {
     /// Stops (or resumes) answering heartbeats on `uplink`.
@@ -152,11 +157,14 @@ pub async fn run(
     agent.sync_sockets().await;
     let mut next: Option<Assignment> = None;
     let mut failed: Vec<String> = Vec::new();
+    // Set after a failover: the backup search is then spread out (see BACKUP_SPREAD).
+    let mut moved = false;
     loop {
         let pair = match next.take() {
             Some(pair) => pair,
             None => {
                 let request = hds_client::assign(&agent.hds, &agent.identity, &failed, ASSIGN_PATIENCE);
+                moved = false;
                 tokio::select! {
                     () = shutdown.cancelled() => return Ok(()),
                     pair = request => pair.context("asking hds for heartbeat servers")?,
@@ -171,7 +179,8 @@ pub async fn run(
         match connected {
             Ok(session) => {
                 failed.clear();
-                let (exit, backup) = agent.serve(session, &target, pair.backup, &shutdown).await;
+                let backup_delay = if moved { BACKUP_SPREAD.mul_f64(rand::random()) } else { Duration::ZERO };
+                let (exit, backup) = agent.serve(session, &target, pair.backup, backup_delay, &shutdown).await;
                 match exit {
                     Exit::Shutdown => return Ok(()),
                     Exit::PrimaryLost | Exit::Closed(_) => {
@@ -182,10 +191,12 @@ pub async fn run(
                         }
                         failed = vec![target.name.clone()];
                         next = backup.map(|primary| Assignment { primary, backup: None });
+                        moved = next.is_some();
                     }
                     Exit::Drain => {
                         info!(hbs = %target.name, "server draining; asking hds for another");
                         next = None;
+                        moved = false;
                     }
                 }
             }
@@ -348,6 +359,7 @@ impl Agent {
         mut session: Connected,
         target: &HeartbeatServer,
         mut backup: Option<HeartbeatServer>,
+        backup_delay: Duration,
         shutdown: &CancellationToken,
     ) -> (Exit, Option<HeartbeatServer>) {
         let indexes: Vec<u8> = self.sockets.values().map(|s| s.index).collect();
@@ -359,7 +371,7 @@ impl Agent {
             Instant::now().into_std(),
         );
         let mut refresh: Option<oneshot::Receiver<Option<HeartbeatServer>>> =
-            if backup.is_none() { Some(self.find_backup(target)) } else { None };
+            if backup.is_none() { Some(self.find_backup(target, backup_delay)) } else { None };
         let mut dialing = self.prepare_standby(backup.as_ref());
         self.publish(target, backup.as_ref(), &session);
         let timer = tokio::time::sleep(Duration::from_secs(3600));
@@ -424,7 +436,7 @@ impl Agent {
                 }
                 _ = backup_retry.tick() => {
                     if backup.is_none() && refresh.is_none() {
-                        refresh = Some(self.find_backup(target));
+                        refresh = Some(self.find_backup(target, Duration::ZERO));
                     } else if dialing.is_none() {
                         dialing = self.prepare_standby(backup.as_ref());
                     }
@@ -512,13 +524,14 @@ impl Agent {
         Some(rx)
     }
 
-    /// Asks hds, in the background, for a backup other than `current`.
-    fn find_backup(&self, current: &HeartbeatServer) -> oneshot::Receiver<Option<HeartbeatServer>> {
+    /// Asks hds, in the background and after `delay`, for a backup other than `current`.
+    fn find_backup(&self, current: &HeartbeatServer, delay: Duration) -> oneshot::Receiver<Option<HeartbeatServer>> {
         let (tx, rx) = oneshot::channel();
         let hds = self.hds.clone();
         let identity = self.identity.clone();
         let current = current.clone();
         tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
             let found = match hds_client::assign(&hds, &identity, &[], Duration::from_secs(5)).await {
                 Ok(pair) => [Some(pair.primary), pair.backup].into_iter().flatten().find(|s| s.name != current.name),
                 Err(error) => {

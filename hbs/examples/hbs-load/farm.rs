@@ -88,10 +88,9 @@ impl Farm {
         let std_socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
         std_socket.set_nonblocking(true)?;
         let port = std_socket.local_addr()?.port();
-        let socket = UdpSocket::from_std(std_socket)?;
-        let state = UdpSocketState::new((&socket).into())?;
-        state.set_recv_buffer_size((&socket).into(), 4 << 20)?;
-        state.set_send_buffer_size((&socket).into(), 4 << 20)?;
+        let state = UdpSocketState::new((&std_socket).into())?;
+        state.set_recv_buffer_size((&std_socket).into(), 4 << 20)?;
+        state.set_send_buffer_size((&std_socket).into(), 4 << 20)?;
         let mut by_ip = HashMap::new();
         for (ncu, ips) in uplinks.iter().enumerate() {
             for (index, ip) in ips.iter().enumerate() {
@@ -101,19 +100,36 @@ impl Farm {
         let policy = ResponderPolicy { failover_after, ..ResponderPolicy::default() };
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(FarmStats::default());
-        let inner = Inner {
-            socket,
-            state,
-            responders: uplinks.iter().map(|_| Responder::new(policy)).collect(),
-            uplinks: uplinks.to_vec(),
-            by_ip,
-            timers: BinaryHeap::new(),
-            lost,
-            stats: stats.clone(),
-            early: HashMap::new(),
-            early_reported: (0, Instant::now()),
-        };
-        tokio::spawn(inner.run(rx));
+        let responders = uplinks.iter().map(|_| Responder::new(policy)).collect();
+        let uplinks = uplinks.to_vec();
+        let farm_stats = stats.clone();
+        // A thread of its own: thousands of real NCUs each answer their heartbeats on their own router, so the
+        // farm must not wait behind the generator's QUIC tasks (handshakes, registrations) on the shared runtime.
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        std::thread::Builder::new().name("farm".into()).spawn(move || {
+            runtime.block_on(async move {
+                let socket = match UdpSocket::from_std(std_socket) {
+                    Ok(socket) => socket,
+                    Err(error) => {
+                        eprintln!("farm: cannot register its socket: {error}");
+                        return;
+                    }
+                };
+                let inner = Inner {
+                    socket,
+                    state,
+                    responders,
+                    uplinks,
+                    by_ip,
+                    timers: BinaryHeap::new(),
+                    lost,
+                    stats: farm_stats,
+                    early: HashMap::new(),
+                    early_reported: (0, Instant::now()),
+                };
+                inner.run(rx).await;
+            });
+        })?;
         Ok(Self { tx, stats, port })
     }
 }

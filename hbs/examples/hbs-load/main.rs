@@ -43,6 +43,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const STANDBY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Client endpoints (UDP sockets) the simulated NCUs share.
 const ENDPOINTS: usize = 16;
+/// ncu's spread of the backup search after a move (`ncu::agent::BACKUP_SPREAD`).
+const BACKUP_SPREAD: Duration = Duration::from_secs(30);
 
 #[derive(Parser)]
 struct Args {
@@ -271,8 +273,20 @@ async fn wait_live(pool: &PgPool, hbs: &str, addresses: i64, limit: Duration) ->
     }
 }
 
+/// The generator's QUIC client endpoints. Each stands for hundreds of NCUs (a real one has a socket of its own), so
+/// each gets socket buffers as large as the servers': with the default 208 KiB, a storm's answers overflowed them and
+/// the registrations waited out QUIC's retransmission timers.
 fn client_endpoints(ip: IpAddr) -> anyhow::Result<Vec<quinn::Endpoint>> {
-    (0..ENDPOINTS).map(|_| Ok(quinn::Endpoint::client(SocketAddr::new(ip, 0))?)).collect()
+    let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
+    (0..ENDPOINTS)
+        .map(|_| {
+            let socket = std::net::UdpSocket::bind(SocketAddr::new(ip, 0))?;
+            let state = quinn_udp::UdpSocketState::new((&socket).into())?;
+            state.set_recv_buffer_size((&socket).into(), 8 << 20)?;
+            state.set_send_buffer_size((&socket).into(), 8 << 20)?;
+            Ok(quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime.clone())?)
+        })
+        .collect()
 }
 
 /// One NCU's failover, timed from the kill.
@@ -380,7 +394,7 @@ async fn storm(
                 loop {
                     let server = match target.take() {
                         Some(server) => server,
-                        None => assign_patiently(&hds_addr, ncu, &failed).await?,
+                        None => assign_patiently(&hds_addr, ncu, &failed).await?.0,
                     };
                     // The standby connection first, as ncu does; a new connection when it is gone or fails.
                     let standby = standby.take().filter(|c| c.close_reason().is_none());
@@ -404,10 +418,12 @@ async fn storm(
                                 key: session.key,
                                 hbs: session.heartbeat,
                             });
-                            // As ncu does once it has no backup: ask hds for one, in the background.
+                            // As ncu does after a move: ask hds for a new backup, in the background, after a
+                            // random share of ncu's BACKUP_SPREAD.
                             let hds_addr = hds_addr.clone();
                             let ncus = ncus.clone();
                             tokio::spawn(async move {
+                                tokio::time::sleep(BACKUP_SPREAD.mul_f64(rand::random())).await;
                                 let _ = ncu::assign(&hds_addr, &ncus[i], &[]).await;
                             });
                             return Ok::<_, anyhow::Error>((
@@ -437,7 +453,10 @@ async fn storm(
     let at = Instant::now();
     let _ = killed.set(at);
     hbs_a.kill()?;
-    eprintln!("hbs-a killed (SIGKILL)");
+    eprintln!(
+        "hbs-a killed (SIGKILL) at {:.3} (Unix time)",
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+    );
     let mut rehomed = Vec::with_capacity(count);
     let mut failures = 0;
     let mut kept = Vec::with_capacity(count);
@@ -469,6 +488,16 @@ async fn storm(
     let (live, pending, dead) = setup::address_states(pool, "hbs-b").await?;
     let (a_live, a_pending, a_dead) = setup::address_states(pool, "hbs-a").await?;
 
+    if let Ok(path) = std::env::var("STORM_CSV") {
+        let rows: Vec<String> = rehomed
+            .iter()
+            .zip(&kept)
+            .map(|(r, s)| {
+                format!("{:.3},{:.3},{},{}", r.detected.as_secs_f64(), r.registered.as_secs_f64(), r.over_standby, s.id)
+            })
+            .collect();
+        std::fs::write(path, rows.join("\n"))?;
+    }
     let mut registered: Vec<Duration> = rehomed.iter().map(|r| r.registered).collect();
     let mut detected: Vec<Duration> = rehomed.iter().map(|r| r.detected).collect();
     registered.sort();
@@ -542,15 +571,20 @@ async fn dial_all(
     standbys
 }
 
-/// Asks hds for a primary, retrying with backoff while none is available, as ncu does (bounded here: 60 s).
-async fn assign_patiently(hds: &str, ncu: &SimNcu, failed: &[String]) -> anyhow::Result<hds::proto::HeartbeatServer> {
+/// Asks hds for a primary and a backup, retrying with backoff while none is available or hds is slow to answer, as
+/// ncu does (bounded here: 60 s).
+async fn assign_patiently(
+    hds: &str,
+    ncu: &SimNcu,
+    failed: &[String],
+) -> anyhow::Result<(hds::proto::HeartbeatServer, Option<hds::proto::HeartbeatServer>)> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut delay = Duration::from_millis(200);
     loop {
         match ncu::assign(hds, ncu, failed).await {
-            Ok((primary, _)) => return Ok(primary),
+            Ok(pair) => return Ok(pair),
             Err(error) if Instant::now() + delay < deadline => {
-                tracing::debug!(error = %format!("{error:#}"), "no server from hds yet");
+                tracing::debug!(error = %format!("{error:#}"), "no answer from hds yet; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
@@ -575,7 +609,7 @@ async fn assign_all(
         let failed = failed.to_vec();
         tasks.spawn(async move {
             let _permit = permits.acquire_owned().await?;
-            let pair = ncu::assign(&hds, &ncus[i], &failed).await.with_context(|| format!("assigning NCU {i}"))?;
+            let pair = assign_patiently(&hds, &ncus[i], &failed).await.with_context(|| format!("assigning NCU {i}"))?;
             Ok::<_, anyhow::Error>((i, pair))
         });
     }

@@ -30,6 +30,10 @@ pub struct Policy {
     /// The least time between the first pings of targets added together: a batch of registrations is spread over
     /// the interval instead of being pinged (and answered) in one burst every cycle from then on.
     pub first_ping_spacing: Duration,
+    /// How long an address taken over live (a handover) may go unanswered before the miss policy applies to it.
+    /// The NCU learns the new session's key from the answer to its registration, which races the first pings: in a
+    /// failover storm that answer can take seconds to reach it.
+    pub handover_grace: Duration,
 }
 
 impl Default for Policy {
@@ -44,6 +48,7 @@ impl Default for Policy {
             load_every: Duration::from_secs(5),
             // 100,000 first pings a second.
             first_ping_spacing: Duration::from_micros(10),
+            handover_grace: Duration::from_secs(5),
         }
     }
 }
@@ -153,9 +158,10 @@ impl Monitor {
     /// previous target's first ping if that is later.
     ///
     /// `initial` = Live is used when taking over an address another server proved (handover): no Alive event on the
-    /// first pong, and one cycle of grace: the NCU learns the session key from the reply to its registration, which
-    /// races the first ping (and may be retransmitted, or processed late by a busy NCU), so an unanswered first cycle
-    /// is not a death; from the second cycle on the normal miss policy applies. A target already watching the
+    /// first pong, and [`Policy::handover_grace`]: the NCU learns the session key from the reply to its registration,
+    /// which races the first pings (and may be retransmitted, or processed late by a busy NCU), so cycles unanswered
+    /// until its first pong, within the grace, are not a death; after either the normal miss policy applies. A
+    /// target already watching the
     /// same session and uplink is replaced too; the replacement keeps its sequence numbers so the NCU sees no replay.
     #[allow(clippy::too_many_arguments)]
     pub fn add(
@@ -191,7 +197,7 @@ impl Monitor {
             dest,
             liveness: initial,
             observed: (initial == Liveness::Live).then_some(dest),
-            handover: initial == Liveness::Live,
+            handover: (initial == Liveness::Live).then(|| first_ping + self.policy.handover_grace),
             reported_load: None,
             load_reported_at: None,
             next_seq,
@@ -554,8 +560,8 @@ struct Target {
     liveness: Liveness,
     /// The source address last reported in an [`Event::Alive`] (or the destination, for a handover).
     observed: Option<SocketAddr>,
-    /// Taken over live and not yet answered in this session: its first cycle may go unanswered.
-    handover: bool,
+    /// Taken over live and not yet answered in this session: cycles ending before this instant may go unanswered.
+    handover: Option<Instant>,
     reported_load: Option<u16>,
     load_reported_at: Option<Instant>,
     next_seq: u64,
@@ -600,9 +606,8 @@ impl Target {
                     out.schedule(self, id, now + policy.reprobe_interval);
                     return;
                 }
-                if self.handover {
-                    self.handover = false;
-                    tracing::debug!(id, "first cycle after a handover unanswered; the next one decides");
+                if self.handover.is_some_and(|until| now < until) {
+                    tracing::debug!(id, "cycle after a handover unanswered; within the grace");
                 } else if self.liveness != Liveness::Dead {
                     self.liveness = Liveness::Dead;
                     tracing::debug!(id, "target dead");
@@ -660,7 +665,7 @@ impl Target {
         };
         self.probes.swap_remove(index);
         out.stats.pongs += 1;
-        self.handover = false;
+        self.handover = None;
         if self.phase == Phase::Probing {
             self.phase = Phase::Waiting;
             let next_ping = self.next_ping.max(now);
@@ -1209,27 +1214,35 @@ mod tests {
     }
 
     #[test]
-    fn handover_target_whose_ncu_answers_only_from_the_second_cycle_stays_live() {
-        // The NCU has not got the new session's key in time for the first cycle.
+    fn handover_target_whose_ncu_answers_only_within_the_grace_stays_live() {
+        // The NCU gets the new session's key late, as in a failover storm: four cycles go unanswered.
         let mut sim = one_target(12, Liveness::Live);
         sim.ncus[0].silent = true;
-        sim.run_until(ms(900));
+        sim.run_until(ms(3_900));
         sim.ncus[0].silent = false;
-        sim.run_until(ms(3_500));
+        sim.run_until(ms(7_500));
         assert!(!sim.events_since(ms(0)).iter().any(|(_, e)| matches!(e, Event::Dead { .. })));
         assert_eq!(sim.monitor.liveness(1), Some(Liveness::Live));
-        // The grace is spent: a later silence kills as usual.
-        sim.ncus[0].silent = true;
-        sim.run_until(ms(6_000));
-        assert_eq!(sim.events_since(ms(3_500)), [(ms(4_420), Event::Dead { id: 1 })]);
+        // Answered once, the grace is over even though its time is not: a silence kills as usual.
+        let mut late = one_target(12, Liveness::Live);
+        late.ncus[0].silent = true;
+        late.run_until(ms(900));
+        late.ncus[0].silent = false;
+        late.run_until(ms(1_500));
+        late.ncus[0].silent = true;
+        late.run_until(ms(4_000));
+        let deaths: Vec<_> =
+            late.events_since(ms(0)).into_iter().filter(|(_, e)| matches!(e, Event::Dead { .. })).collect();
+        assert_eq!(deaths, [(ms(2_420), Event::Dead { id: 1 })]);
     }
 
     #[test]
-    fn handover_target_that_never_answers_dies_after_its_second_cycle() {
+    fn handover_target_that_never_answers_dies_with_the_first_cycle_past_the_grace() {
         let mut sim = one_target(13, Liveness::Live);
         sim.ncus[0].silent = true;
-        sim.run_until(ms(5_000));
-        assert_eq!(sim.events_since(ms(0)), [(ms(1_420), Event::Dead { id: 1 })]);
+        sim.run_until(ms(8_000));
+        // Cycles end 420 ms after each ping (0, 1 s, …): the one pinged at 5 s is the first to end past the grace.
+        assert_eq!(sim.events_since(ms(0)), [(ms(5_420), Event::Dead { id: 1 })]);
     }
 
     #[test]
