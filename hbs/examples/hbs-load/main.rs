@@ -453,10 +453,9 @@ async fn storm(
     let at = Instant::now();
     let _ = killed.set(at);
     hbs_a.kill()?;
-    eprintln!(
-        "hbs-a killed (SIGKILL) at {:.3} (Unix time)",
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64()
-    );
+    let killed_at =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+    eprintln!("hbs-a killed (SIGKILL) at {killed_at:.3} (Unix time)");
     let mut rehomed = Vec::with_capacity(count);
     let mut failures = 0;
     let mut kept = Vec::with_capacity(count);
@@ -485,6 +484,7 @@ async fn storm(
     hbs_b.check()?;
     let deaths_after = setup::deaths(pool).await?;
     let wrongly_dead = (deaths_after.0 - deaths_before.0, deaths_after.1 - deaths_before.1);
+    let death_times = setup::death_times(pool, killed_at).await?;
     let (live, pending, dead) = setup::address_states(pool, "hbs-b").await?;
     let (a_live, a_pending, a_dead) = setup::address_states(pool, "hbs-a").await?;
 
@@ -525,6 +525,13 @@ async fn storm(
         watch.as_secs(),
         wrongly_dead.0,
         wrongly_dead.1
+    );
+    let secs = |i: usize| death_times.get(i).map_or("-".to_owned(), |t| format!("{t:.1} s"));
+    println!(
+        "| live → dead, seconds after the kill: first / median / last | {} / {} / {} |",
+        secs(0),
+        secs(death_times.len() / 2),
+        secs(death_times.len().saturating_sub(1))
     );
     println!("| addresses on hbs-b: live / pending / dead | {live} / {pending} / {dead} |");
     println!("| left on hbs-a: live / pending / dead | {a_live} / {a_pending} / {a_dead} |");

@@ -121,6 +121,17 @@ pub(crate) async fn deaths(pool: &PgPool) -> anyhow::Result<(i64, i64)> {
     .await?)
 }
 
+/// Seconds from `since` (Unix time) to each death of a live address logged after it, in order.
+pub(crate) async fn death_times(pool: &PgPool, since: f64) -> anyhow::Result<Vec<f64>> {
+    Ok(sqlx::query_scalar(
+        "SELECT (extract(epoch FROM at) - $1)::float8 FROM bench_deaths \
+         WHERE was = 'live' AND extract(epoch FROM at) >= $1 ORDER BY at",
+    )
+    .bind(since)
+    .fetch_all(pool)
+    .await?)
+}
+
 /// NCU addresses by (server, state).
 pub(crate) async fn address_states(pool: &PgPool, hbs: &str) -> anyhow::Result<(i64, i64, i64)> {
     let row: (i64, i64, i64) = sqlx::query_as(

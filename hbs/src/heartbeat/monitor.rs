@@ -32,7 +32,9 @@ pub struct Policy {
     pub first_ping_spacing: Duration,
     /// How long an address taken over live (a handover) may go unanswered before the miss policy applies to it.
     /// The NCU learns the new session's key from the answer to its registration, which races the first pings: in a
-    /// failover storm that answer can take seconds to reach it.
+    /// failover storm that answer can take seconds to reach it. The grace ends sooner, one interval after the NCU's
+    /// first authentic hello (proof that it holds the key), or at its first pong. An NCU waits as long for that
+    /// answer over its standby connection before it tries another.
     pub handover_grace: Duration,
 }
 
@@ -48,7 +50,7 @@ impl Default for Policy {
             load_every: Duration::from_secs(5),
             // 100,000 first pings a second.
             first_ping_spacing: Duration::from_micros(10),
-            handover_grace: Duration::from_secs(5),
+            handover_grace: Duration::from_secs(15),
         }
     }
 }
@@ -160,8 +162,8 @@ impl Monitor {
     /// `initial` = Live is used when taking over an address another server proved (handover): no Alive event on the
     /// first pong, and [`Policy::handover_grace`]: the NCU learns the session key from the reply to its registration,
     /// which races the first pings (and may be retransmitted, or processed late by a busy NCU), so cycles unanswered
-    /// until its first pong, within the grace, are not a death; after either the normal miss policy applies. A
-    /// target already watching the
+    /// before its first pong (or a cycle after its first hello), within the grace, are not a death; after that the
+    /// normal miss policy applies. A target already watching the
     /// same session and uplink is replaced too; the replacement keeps its sequence numbers so the NCU sees no replay.
     #[allow(clippy::too_many_arguments)]
     pub fn add(
@@ -279,7 +281,7 @@ impl Monitor {
         };
         match kind {
             Kind::Pong => target.on_pong(id, &packet, from, now, &self.policy, &mut self.out),
-            Kind::Hello => target.on_hello(id, &packet, from, &mut self.out.stats),
+            Kind::Hello => target.on_hello(id, &packet, from, now, &self.policy, &mut self.out.stats),
             Kind::Ping => {}
         }
         self.out.timers.settle();
@@ -693,13 +695,25 @@ impl Target {
         self.load_reported_at = Some(now);
     }
 
-    fn on_hello(&mut self, id: TargetId, hello: &Packet, from: SocketAddr, stats: &mut Stats) {
+    fn on_hello(
+        &mut self,
+        id: TargetId,
+        hello: &Packet,
+        from: SocketAddr,
+        now: Instant,
+        policy: &Policy,
+        stats: &mut Stats,
+    ) {
         if self.last_hello.is_some_and(|last| hello.seq <= last) {
             stats.stale += 1;
             tracing::trace!(id, seq = hello.seq, "stale hello");
             return;
         }
         self.last_hello = Some(hello.seq);
+        // The NCU holds the session's key now: the cycle under way (its re-probes get answered) and one more.
+        if let Some(until) = self.handover {
+            self.handover = Some(until.min(now + policy.interval));
+        }
         if self.dest != from {
             tracing::debug!(id, dest = %from, "hello moved the ping destination");
         }
@@ -859,6 +873,14 @@ mod tests {
             index
         }
 
+        /// The NCU learns its session's key (the answer to its registration arrives): it answers that session now.
+        fn give_key(&mut self, index: usize) {
+            let ncu = &mut self.ncus[index];
+            let uplinks: Vec<u8> = ncu.links.keys().copied().collect();
+            ncu.responder.set_session(ncu.session, ncu.key, HBS, &uplinks, self.now);
+            self.pump_ncu(index);
+        }
+
         /// Has the monitor watch an NCU uplink as target `id`, pinging `dest` (by default the uplink's listen address).
         fn watch(&mut self, id: TargetId, ncu: usize, uplink: u8, dest: Option<SocketAddr>, initial: Liveness) {
             let ncu = &self.ncus[ncu];
@@ -963,6 +985,10 @@ mod tests {
 
         fn pump_ncu(&mut self, index: usize) {
             while let Some(hello) = self.ncus[index].responder.poll_transmit() {
+                // A silent NCU's links are down: its hellos are lost too.
+                if self.ncus[index].silent {
+                    continue;
+                }
                 let source = self.ncus[index].links[&hello.uplink].source;
                 self.send(source, hello.dest, hello.payload);
             }
@@ -1213,36 +1239,61 @@ mod tests {
         assert_eq!(sim.events_since(ms(3_500)), [(ms(4_420), Event::Dead { id: 1 })]);
     }
 
+    /// A taken-over target (session 7) whose NCU does not hold the new session's key yet: it answers session 6.
+    fn handover_before_the_key(seed: u64) -> Sim {
+        let mut sim = Sim::new(seed);
+        let ncu = sim.add_ncu(6, &[(0, "192.0.2.10:5000", "192.0.2.10:5000")]);
+        sim.ncus[ncu].session = 7;
+        sim.watch(1, ncu, 0, None, Liveness::Live);
+        sim
+    }
+
+    fn deaths(sim: &Sim) -> Vec<(Duration, Event)> {
+        sim.events_since(ms(0)).into_iter().filter(|(_, e)| matches!(e, Event::Dead { .. })).collect()
+    }
+
     #[test]
-    fn handover_target_whose_ncu_answers_only_within_the_grace_stays_live() {
-        // The NCU gets the new session's key late, as in a failover storm: four cycles go unanswered.
-        let mut sim = one_target(12, Liveness::Live);
-        sim.ncus[0].silent = true;
+    fn handover_target_whose_ncu_gets_the_key_late_stays_live() {
+        // As in a failover storm: the answer to the registration reaches the NCU after four cycles.
+        let mut sim = handover_before_the_key(12);
         sim.run_until(ms(3_900));
-        sim.ncus[0].silent = false;
+        sim.give_key(0);
         sim.run_until(ms(7_500));
-        assert!(!sim.events_since(ms(0)).iter().any(|(_, e)| matches!(e, Event::Dead { .. })));
+        assert_eq!(deaths(&sim), []);
         assert_eq!(sim.monitor.liveness(1), Some(Liveness::Live));
-        // Answered once, the grace is over even though its time is not: a silence kills as usual.
-        let mut late = one_target(12, Liveness::Live);
-        late.ncus[0].silent = true;
-        late.run_until(ms(900));
-        late.ncus[0].silent = false;
-        late.run_until(ms(1_500));
-        late.ncus[0].silent = true;
-        late.run_until(ms(4_000));
-        let deaths: Vec<_> =
-            late.events_since(ms(0)).into_iter().filter(|(_, e)| matches!(e, Event::Dead { .. })).collect();
-        assert_eq!(deaths, [(ms(2_420), Event::Dead { id: 1 })]);
+    }
+
+    #[test]
+    fn handover_grace_ends_at_the_first_pong() {
+        let mut sim = handover_before_the_key(12);
+        sim.run_until(ms(900));
+        sim.give_key(0);
+        sim.run_until(ms(1_500));
+        sim.ncus[0].silent = true;
+        sim.run_until(ms(4_000));
+        assert_eq!(deaths(&sim), [(ms(2_420), Event::Dead { id: 1 })]);
+    }
+
+    #[test]
+    fn handover_grace_ends_a_cycle_after_the_first_hello() {
+        // The NCU gets the key between two cycles (its hello arrives), then its links fail before any ping.
+        let mut sim = handover_before_the_key(12);
+        sim.run_until(ms(2_500));
+        sim.give_key(0);
+        sim.run_until(ms(2_600));
+        sim.ncus[0].silent = true;
+        sim.run_until(ms(6_000));
+        assert_eq!(sim.monitor.stats().hellos, 1);
+        // The cycle at 3 s ends within a second of the hello; the one at 4 s does not.
+        assert_eq!(deaths(&sim), [(ms(4_420), Event::Dead { id: 1 })]);
     }
 
     #[test]
     fn handover_target_that_never_answers_dies_with_the_first_cycle_past_the_grace() {
-        let mut sim = one_target(13, Liveness::Live);
-        sim.ncus[0].silent = true;
-        sim.run_until(ms(8_000));
-        // Cycles end 420 ms after each ping (0, 1 s, …): the one pinged at 5 s is the first to end past the grace.
-        assert_eq!(sim.events_since(ms(0)), [(ms(5_420), Event::Dead { id: 1 })]);
+        let mut sim = handover_before_the_key(13);
+        sim.run_until(ms(18_000));
+        // Cycles end 420 ms after each ping (0, 1 s, …): the one pinged at 15 s is the first to end past the grace.
+        assert_eq!(sim.events_since(ms(0)), [(ms(15_420), Event::Dead { id: 1 })]);
     }
 
     #[test]
