@@ -55,7 +55,9 @@ pub struct Config {
     /// How often the fleet row is refreshed.
     #[serde(default = "default_fleet_every", with = "humantime_serde")]
     pub fleet_every: Duration,
-    /// Addresses of an NCU whose heartbeat server vanished, and that did not re-home within this, become dead.
+    /// Addresses of an NCU whose heartbeat server vanished, and that did not re-home within this, become dead. Longer
+    /// than an NCU may take to move: silence for its failover_after (3 s), then up to 15 s for a registration over
+    /// its standby connection when the backup is busy with a storm, and a fleet refresh.
     #[serde(default = "default_rehome_grace", with = "humantime_serde")]
     pub rehome_grace: Duration,
     /// A session whose control connection closed keeps being pinged this long (the NCU may be moving).
@@ -154,7 +156,7 @@ fn default_fleet_every() -> Duration {
     Duration::from_secs(2)
 }
 fn default_rehome_grace() -> Duration {
-    Duration::from_secs(10)
+    Duration::from_secs(20)
 }
 fn default_session_grace() -> Duration {
     Duration::from_secs(10)

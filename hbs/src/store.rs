@@ -323,11 +323,15 @@ pub async fn fleet_upsert(
 
 /// Marks dead the NCU addresses whose heartbeat server has not refreshed its row within `grace` (it died and the
 /// NCU did not re-home). Returns how many.
+///
+/// Rows locked by a registration in flight are skipped: their NCU is re-homing this very moment. Waiting for them
+/// instead would deadlock with a batch that takes over many rows in another order, and a failover storm is exactly
+/// when both run.
 pub async fn expire_orphans(pool: &PgPool, grace: Duration) -> Result<u64, StoreError> {
     let done = sqlx::query(
-        "UPDATE addresses SET state = 'dead', changed_at = now() WHERE source = 'ncu' AND state <> 'dead' \
-         AND (hbs IS NULL OR hbs NOT IN (SELECT name FROM heartbeat_servers \
-         WHERE last_seen > now() - make_interval(secs => $1)))",
+        "UPDATE addresses SET state = 'dead', changed_at = now() WHERE id IN (SELECT id FROM addresses \
+         WHERE source = 'ncu' AND state <> 'dead' AND (hbs IS NULL OR hbs NOT IN (SELECT name FROM heartbeat_servers \
+         WHERE last_seen > now() - make_interval(secs => $1))) FOR UPDATE SKIP LOCKED)",
     )
     .bind(grace.as_secs_f64())
     .execute(pool)

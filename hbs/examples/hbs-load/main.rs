@@ -86,7 +86,7 @@ enum Mode {
         /// The NCUs' failover timer (ncu's `failover_after`).
         #[arg(long, default_value_t = 3.0)]
         failover_after: f64,
-        /// Seconds to keep watching for deaths once all have re-homed (past hbs's rehome_grace of 10 s).
+        /// Seconds to keep watching for deaths once all have re-homed (past hbs's rehome_grace of 20 s).
         #[arg(long, default_value_t = 15)]
         watch: u64,
     },
@@ -479,7 +479,7 @@ async fn storm(
         }
     }
     let all = at.elapsed();
-    eprintln!("{} NCUs re-homed in {all:.1?}; watching {watch:?} for deaths (hbs rehome_grace is 10 s)", rehomed.len());
+    eprintln!("{} NCUs re-homed in {all:.1?}; watching {watch:?} for deaths (hbs rehome_grace is 20 s)", rehomed.len());
     tokio::time::sleep(watch).await;
     hbs_b.check()?;
     let deaths_after = setup::deaths(pool).await?;

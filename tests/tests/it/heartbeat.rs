@@ -257,6 +257,33 @@ async fn addresses_of_an_ncu_that_never_re_homes_become_dead() -> Result<()> {
 }
 
 #[tokio::test]
+async fn orphan_expiry_skips_an_address_a_registration_is_taking_over() -> Result<()> {
+    let mut world = World::new(1).await?;
+    let agent = world.agent(&[("wan1", "127.0.0.2")]);
+    world.answers_become(&["127.0.0.2"], Duration::from_secs(10)).await?;
+    world.hbs.remove(0).kill().await;
+    agent.stop().await?;
+    let db = world.stack.pg.pool().await?;
+    // A registration in flight holds the row, as a batch taking it over in a failover storm does.
+    let mut taking_over = db.begin().await?;
+    let id: i64 = sqlx::query_scalar("SELECT id FROM addresses WHERE source = 'ncu' FOR UPDATE")
+        .fetch_one(&mut *taking_over)
+        .await?;
+    let expired = tokio::time::timeout(Duration::from_secs(5), hbs::store::expire_orphans(&db, Duration::ZERO))
+        .await
+        .map_err(|_| anyhow::anyhow!("expiry waited for the registration's lock"))??;
+    assert_eq!(expired, 0, "the row being taken over is skipped");
+    let state =
+        |db| sqlx::query_scalar::<_, String>("SELECT state::text FROM addresses WHERE id = $1").bind(id).fetch_one(db);
+    assert_eq!(state(&db).await?, "live");
+    taking_over.rollback().await?;
+    // Left orphaned after all, it is expired by the next round.
+    assert_eq!(hbs::store::expire_orphans(&db, Duration::ZERO).await?, 1);
+    assert_eq!(state(&db).await?, "dead");
+    Ok(())
+}
+
+#[tokio::test]
 async fn bad_input_is_refused_and_the_server_stays_up() -> Result<()> {
     let world = World::new(1).await?;
     let hbs = &world.hbs[0];
