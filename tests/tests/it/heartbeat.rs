@@ -241,14 +241,20 @@ async fn draining_moves_the_ncu_with_no_dns_change() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn addresses_of_an_ncu_that_never_re_homes_become_dead() -> Result<()> {
+/// One live address whose server died first (so it cannot mark the address dead itself), and whose NCU then went
+/// away for good: an orphan.
+async fn orphaned_address() -> Result<World> {
     let mut world = World::new(1).await?;
     let agent = world.agent(&[("wan1", "127.0.0.2")]);
     world.answers_become(&["127.0.0.2"], Duration::from_secs(10)).await?;
-    // The server dies first, so it cannot mark the address dead itself; then the NCU goes away for good.
     world.hbs.remove(0).kill().await;
     agent.stop().await?;
+    Ok(world)
+}
+
+#[tokio::test]
+async fn addresses_of_an_ncu_that_never_re_homes_become_dead() -> Result<()> {
+    let world = orphaned_address().await?;
     // Once the dead server's row is older than the re-home grace, another server's janitor marks it dead.
     let fresh = HbsServer::start(&world.stack.pg.url(), &world.pki, "hbs-fresh").await?;
     world.answers_become(&[], Duration::from_secs(10)).await?;
@@ -258,11 +264,7 @@ async fn addresses_of_an_ncu_that_never_re_homes_become_dead() -> Result<()> {
 
 #[tokio::test]
 async fn orphan_expiry_skips_an_address_a_registration_is_taking_over() -> Result<()> {
-    let mut world = World::new(1).await?;
-    let agent = world.agent(&[("wan1", "127.0.0.2")]);
-    world.answers_become(&["127.0.0.2"], Duration::from_secs(10)).await?;
-    world.hbs.remove(0).kill().await;
-    agent.stop().await?;
+    let world = orphaned_address().await?;
     let db = world.stack.pg.pool().await?;
     // A registration in flight holds the row, as a batch taking it over in a failover storm does.
     let mut taking_over = db.begin().await?;
