@@ -164,7 +164,8 @@ impl Monitor {
     /// which races the first pings (and may be retransmitted, or processed late by a busy NCU), so cycles unanswered
     /// before its first pong (or a cycle after its first hello), within the grace, are not a death; after that the
     /// normal miss policy applies. A target already watching the
-    /// same session and uplink is replaced too; the replacement keeps its sequence numbers so the NCU sees no replay.
+    /// same session and uplink is replaced too; the replacement keeps its sequence numbers so the NCU sees no replay,
+    /// and gets no handover grace (the NCU holds that session's key already).
     #[allow(clippy::too_many_arguments)]
     pub fn add(
         &mut self,
@@ -178,10 +179,13 @@ impl Monitor {
     ) {
         let mut next_seq = 1;
         let mut last_hello = None;
+        // Replacing a target of the same session: the NCU holds that session's key already, so no handover.
+        let mut same_session = false;
         let same_uplink = self.by_uplink.get(&(session, uplink)).copied();
         for old_id in [Some(id), same_uplink].into_iter().flatten() {
             let Some(old) = self.remove_target(old_id) else { continue };
             if (old.session, old.uplink) == (session, uplink) {
+                same_session = true;
                 next_seq = next_seq.max(old.next_seq);
                 last_hello = last_hello.max(old.last_hello);
             }
@@ -199,7 +203,8 @@ impl Monitor {
             dest,
             liveness: initial,
             observed: (initial == Liveness::Live).then_some(dest),
-            handover: (initial == Liveness::Live).then(|| first_ping + self.policy.handover_grace),
+            handover: (initial == Liveness::Live && !same_session).then(|| first_ping + self.policy.handover_grace),
+            keyless: initial == Liveness::Live && !same_session,
             reported_load: None,
             load_reported_at: None,
             next_seq,
@@ -564,6 +569,8 @@ struct Target {
     observed: Option<SocketAddr>,
     /// Taken over live and not yet answered in this session: cycles ending before this instant may go unanswered.
     handover: Option<Instant>,
+    /// Taken over, and neither a hello nor a pong has come yet: the NCU may not hold the session's key.
+    keyless: bool,
     reported_load: Option<u16>,
     load_reported_at: Option<Instant>,
     next_seq: u64,
@@ -600,7 +607,10 @@ impl Target {
                 self.start_cycle(id, anchor, now, policy, rng, out);
             }
             Phase::Probing => {
-                let allowed = if self.liveness == Liveness::Dead { 0 } else { policy.reprobes };
+                // Re-probes find lost packets. A dead target, or one taken over whose NCU has not shown the key yet
+                // (within the grace), would not answer them: its next cycle's ping is enough.
+                let keyless = self.keyless && self.handover.is_some_and(|until| now < until);
+                let allowed = if self.liveness == Liveness::Dead || keyless { 0 } else { policy.reprobes };
                 if self.reprobes_sent < allowed {
                     self.reprobes_sent += 1;
                     out.stats.reprobes += 1;
@@ -668,6 +678,7 @@ impl Target {
         self.probes.swap_remove(index);
         out.stats.pongs += 1;
         self.handover = None;
+        self.keyless = false;
         if self.phase == Phase::Probing {
             self.phase = Phase::Waiting;
             let next_ping = self.next_ping.max(now);
@@ -714,6 +725,7 @@ impl Target {
         if let Some(until) = self.handover {
             self.handover = Some(until.min(now + policy.interval));
         }
+        self.keyless = false;
         if self.dest != from {
             tracing::debug!(id, dest = %from, "hello moved the ping destination");
         }
@@ -1261,6 +1273,21 @@ mod tests {
         sim.run_until(ms(7_500));
         assert_eq!(deaths(&sim), []);
         assert_eq!(sim.monitor.liveness(1), Some(Liveness::Live));
+    }
+
+    #[test]
+    fn handover_target_without_the_key_gets_one_ping_a_cycle_and_no_re_probes() {
+        let mut sim = handover_before_the_key(12);
+        sim.record = true;
+        sim.run_until(ms(3_900));
+        assert_eq!(sim.monitor.stats().reprobes, 0);
+        assert_eq!(sim.pings.len(), 4, "one ping at 0, 1, 2 and 3 s");
+        // Once the key is shown (its hello), a missed ping is re-probed as usual.
+        sim.give_key(0);
+        sim.run_until(ms(4_050));
+        sim.ncus[0].silent = true;
+        sim.run_until(ms(6_000));
+        assert!(sim.monitor.stats().reprobes >= 4, "{:?}", sim.monitor.stats());
     }
 
     #[test]
