@@ -247,7 +247,8 @@ pub fn server_endpoint(
 
 /// Socket buffers asked for a server's socket. A failover storm brings thousands of Initial packets (1,200 bytes
 /// each) within a second; with the kernel's default 208 KiB most would be dropped and each dropped one costs its
-/// client a retransmission timeout. The kernel caps the request at `net.core.rmem_max` / `wmem_max`.
+/// client a retransmission timeout. The kernel caps the request at `net.core.rmem_max` / `wmem_max`, which
+/// deploy/sysctl.d/90-tether.conf raises to match.
 const SERVER_SOCKET_BUFFER: usize = 32 << 20;
 
 /// Asks for [`SERVER_SOCKET_BUFFER`] each way; says once in the log when the kernel grants much less.

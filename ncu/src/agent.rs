@@ -157,17 +157,15 @@ pub async fn run(
     agent.sync_sockets().await;
     let mut next: Option<Assignment> = None;
     let mut failed: Vec<String> = Vec::new();
-    // Set after a failover: the backup search is then spread out (see BACKUP_SPREAD).
-    let mut moved = false;
     loop {
-        let pair = match next.take() {
-            Some(pair) => pair,
+        // `moved`: not from hds but a move to a backup, whose search for a new backup is spread (BACKUP_SPREAD).
+        let (pair, moved) = match next.take() {
+            Some(pair) => (pair, true),
             None => {
                 let request = hds_client::assign(&agent.hds, &agent.identity, &failed, ASSIGN_PATIENCE);
-                moved = false;
                 tokio::select! {
                     () = shutdown.cancelled() => return Ok(()),
-                    pair = request => pair.context("asking hds for heartbeat servers")?,
+                    pair = request => (pair.context("asking hds for heartbeat servers")?, false),
                 }
             }
         };
@@ -191,12 +189,10 @@ pub async fn run(
                         }
                         failed = vec![target.name.clone()];
                         next = backup.map(|primary| Assignment { primary, backup: None });
-                        moved = next.is_some();
                     }
                     Exit::Drain => {
                         info!(hbs = %target.name, "server draining; asking hds for another");
                         next = None;
-                        moved = false;
                     }
                 }
             }

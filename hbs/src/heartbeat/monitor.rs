@@ -163,9 +163,9 @@ impl Monitor {
     /// first pong, and [`Policy::handover_grace`]: the NCU learns the session key from the reply to its registration,
     /// which races the first pings (and may be retransmitted, or processed late by a busy NCU), so cycles unanswered
     /// before its first pong (or a cycle after its first hello), within the grace, are not a death; after that the
-    /// normal miss policy applies. A target already watching the
-    /// same session and uplink is replaced too; the replacement keeps its sequence numbers so the NCU sees no replay,
-    /// and gets no handover grace (the NCU holds that session's key already).
+    /// normal miss policy applies. A target already watching the same session and uplink is replaced too; the
+    /// replacement keeps its sequence numbers so the NCU sees no replay, and gets no handover grace (the NCU holds
+    /// that session's key already).
     #[allow(clippy::too_many_arguments)]
     pub fn add(
         &mut self,
@@ -203,8 +203,8 @@ impl Monitor {
             dest,
             liveness: initial,
             observed: (initial == Liveness::Live).then_some(dest),
-            handover: (initial == Liveness::Live && !same_session).then(|| first_ping + self.policy.handover_grace),
-            keyless: initial == Liveness::Live && !same_session,
+            handover: (initial == Liveness::Live && !same_session)
+                .then(|| Handover { until: first_ping + self.policy.handover_grace, key_shown: false }),
             reported_load: None,
             load_reported_at: None,
             next_seq,
@@ -558,6 +558,15 @@ enum Phase {
     Probing,
 }
 
+/// The grace of an address taken over live, until its first pong.
+#[derive(Debug, Clone, Copy)]
+struct Handover {
+    /// Cycles ending before this may go unanswered.
+    until: Instant,
+    /// An authentic hello came: the NCU holds the session's key, so misses are re-probed again.
+    key_shown: bool,
+}
+
 /// One watched address and where it is in its probe cycle.
 struct Target {
     session: u64,
@@ -567,10 +576,8 @@ struct Target {
     liveness: Liveness,
     /// The source address last reported in an [`Event::Alive`] (or the destination, for a handover).
     observed: Option<SocketAddr>,
-    /// Taken over live and not yet answered in this session: cycles ending before this instant may go unanswered.
-    handover: Option<Instant>,
-    /// Taken over, and neither a hello nor a pong has come yet: the NCU may not hold the session's key.
-    keyless: bool,
+    /// Taken over live and not yet answered in this session.
+    handover: Option<Handover>,
     reported_load: Option<u16>,
     load_reported_at: Option<Instant>,
     next_seq: u64,
@@ -607,9 +614,10 @@ impl Target {
                 self.start_cycle(id, anchor, now, policy, rng, out);
             }
             Phase::Probing => {
+                let grace = self.handover.filter(|handover| now < handover.until);
                 // Re-probes find lost packets. A dead target, or one taken over whose NCU has not shown the key yet
                 // (within the grace), would not answer them: its next cycle's ping is enough.
-                let keyless = self.keyless && self.handover.is_some_and(|until| now < until);
+                let keyless = grace.is_some_and(|handover| !handover.key_shown);
                 let allowed = if self.liveness == Liveness::Dead || keyless { 0 } else { policy.reprobes };
                 if self.reprobes_sent < allowed {
                     self.reprobes_sent += 1;
@@ -618,7 +626,7 @@ impl Target {
                     out.schedule(self, id, now + policy.reprobe_interval);
                     return;
                 }
-                if self.handover.is_some_and(|until| now < until) {
+                if grace.is_some() {
                     tracing::debug!(id, "cycle after a handover unanswered; within the grace");
                 } else if self.liveness != Liveness::Dead {
                     self.liveness = Liveness::Dead;
@@ -678,7 +686,6 @@ impl Target {
         self.probes.swap_remove(index);
         out.stats.pongs += 1;
         self.handover = None;
-        self.keyless = false;
         if self.phase == Phase::Probing {
             self.phase = Phase::Waiting;
             let next_ping = self.next_ping.max(now);
@@ -722,10 +729,10 @@ impl Target {
         }
         self.last_hello = Some(hello.seq);
         // The NCU holds the session's key now: the cycle under way (its re-probes get answered) and one more.
-        if let Some(until) = self.handover {
-            self.handover = Some(until.min(now + policy.interval));
+        if let Some(handover) = &mut self.handover {
+            handover.until = handover.until.min(now + policy.interval);
+            handover.key_shown = true;
         }
-        self.keyless = false;
         if self.dest != from {
             tracing::debug!(id, dest = %from, "hello moved the ping destination");
         }
