@@ -106,15 +106,12 @@ impl Farm {
         // A thread of its own: thousands of real NCUs each answer their heartbeats on their own router, so the
         // farm must not wait behind the generator's QUIC tasks (handshakes, registrations) on the shared runtime.
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let socket = {
+            let _farm_runtime = runtime.enter();
+            UdpSocket::from_std(std_socket)?
+        };
         std::thread::Builder::new().name("farm".into()).spawn(move || {
             runtime.block_on(async move {
-                let socket = match UdpSocket::from_std(std_socket) {
-                    Ok(socket) => socket,
-                    Err(error) => {
-                        eprintln!("farm: cannot register its socket: {error}");
-                        return;
-                    }
-                };
                 let inner = Inner {
                     socket,
                     state,

@@ -87,7 +87,7 @@ enum Mode {
         #[arg(long, default_value_t = 3.0)]
         failover_after: f64,
         /// Seconds to keep watching for deaths once all have re-homed (past hbs's rehome_grace of 20 s).
-        #[arg(long, default_value_t = 15)]
+        #[arg(long, default_value_t = 20)]
         watch: u64,
     },
 }
