@@ -79,11 +79,19 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// server busy with a storm of moves, and giving up would only add a handshake to its queue. A dead server closes
 /// the connection (idle timeout) before this.
 const STANDBY_TIMEOUT: Duration = Duration::from_secs(15);
-/// An NCU without a backup asks hds for one after a random delay below this. After a heartbeat server dies, its
-/// NCUs all move within seconds: spread, their requests reach hds as a few hundred handshakes a second rather than
-/// as one burst of thousands (which would also compete with the moves themselves). Should the new server fail
-/// meanwhile, the NCU simply asks hds for a whole new assignment.
+/// After a move, an NCU asks hds for a new backup only once the move's storm is over: its peers, which noticed the
+/// same server's silence within a second or so, have all registered within [`STANDBY_TIMEOUT`] (or given up on
+/// their standby). Until then, the new server, hds and their shared Postgres are busy with the moves themselves.
+pub const BACKUP_SETTLE: Duration = STANDBY_TIMEOUT;
+/// ... and then after a further random delay below this, so that the requests reach hds as a few hundred
+/// handshakes a second rather than as one burst of thousands. Should the new server fail meanwhile, the NCU simply
+/// asks hds for a whole new assignment.
 pub const BACKUP_SPREAD: Duration = Duration::from_secs(30);
+
+/// How long an NCU that has just moved waits before it asks hds for a new backup.
+pub fn backup_delay_after_move() -> Duration {
+    BACKUP_SETTLE + BACKUP_SPREAD.mul_f64(rand::random())
+}
 
 impl Drill {
     /// Stops (or resumes) answering heartbeats on `uplink`.
@@ -158,7 +166,7 @@ pub async fn run(
     let mut next: Option<Assignment> = None;
     let mut failed: Vec<String> = Vec::new();
     loop {
-        // `moved`: not from hds but a move to a backup, whose search for a new backup is spread (BACKUP_SPREAD).
+        // `moved`: not from hds but a move to a backup, whose search for a new backup waits (backup_delay_after_move).
         let (pair, moved) = match next.take() {
             Some(pair) => (pair, true),
             None => {
@@ -177,7 +185,7 @@ pub async fn run(
         match connected {
             Ok(session) => {
                 failed.clear();
-                let backup_delay = if moved { BACKUP_SPREAD.mul_f64(rand::random()) } else { Duration::ZERO };
+                let backup_delay = if moved { backup_delay_after_move() } else { Duration::ZERO };
                 let (exit, backup) = agent.serve(session, &target, pair.backup, backup_delay, &shutdown).await;
                 match exit {
                     Exit::Shutdown => return Ok(()),

@@ -43,7 +43,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const STANDBY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Client endpoints (UDP sockets) the simulated NCUs share.
 const ENDPOINTS: usize = 16;
-/// ncu's spread of the backup search after a move (`ncu::agent::BACKUP_SPREAD`).
+/// ncu's wait before the backup search after a move (`ncu::agent::BACKUP_SETTLE`), then its spread (`BACKUP_SPREAD`).
+const BACKUP_SETTLE: Duration = STANDBY_TIMEOUT;
 const BACKUP_SPREAD: Duration = Duration::from_secs(30);
 
 #[derive(Parser)]
@@ -418,12 +419,12 @@ async fn storm(
                                 key: session.key,
                                 hbs: session.heartbeat,
                             });
-                            // As ncu does after a move: ask hds for a new backup, in the background, after a
-                            // random share of ncu's BACKUP_SPREAD.
+                            // As ncu does after a move: ask hds for a new backup, in the background, once the
+                            // storm has settled and after a random share of ncu's BACKUP_SPREAD.
                             let hds_addr = hds_addr.clone();
                             let ncus = ncus.clone();
                             tokio::spawn(async move {
-                                tokio::time::sleep(BACKUP_SPREAD.mul_f64(rand::random())).await;
+                                tokio::time::sleep(BACKUP_SETTLE + BACKUP_SPREAD.mul_f64(rand::random())).await;
                                 let _ = ncu::assign(&hds_addr, &ncus[i], &[]).await;
                             });
                             return Ok::<_, anyhow::Error>((
