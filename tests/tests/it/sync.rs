@@ -161,3 +161,47 @@ async fn every_change_bumps_the_serial_in_the_same_transaction() -> Result<()> {
     assert_eq!(serial().await?, s3 + 1);
     Ok(())
 }
+
+#[tokio::test]
+async fn updates_that_change_no_answer_neither_bump_nor_notify() -> Result<()> {
+    let (stack, token) = Stack::with_acme().await?;
+    let db = stack.pg.pool().await?;
+    for name in ["quiet.tether.test", "loud.tether.test"] {
+        stack.domain(&token, json!({ "name": name })).await?;
+        stack.address(&token, name, json!({ "ip": "198.18.1.1" })).await?;
+    }
+    let domain = |name: &'static str| {
+        sqlx::query_scalar::<_, i64>("SELECT id FROM domains WHERE rtrim(fqdn, '.') = $1").bind(name).fetch_one(&db)
+    };
+    let (quiet, loud) = (domain("quiet.tether.test").await?, domain("loud.tether.test").await?);
+    let serial = || async { sqlx::query_scalar::<_, i64>("SELECT serial FROM zones").fetch_one(&db).await };
+    let mut listener = sqlx::postgres::PgListener::connect_with(&db).await?;
+    listener.listen(dns::store::CHANNEL).await?;
+    let s0 = serial().await?;
+
+    // A heartbeat server taking the row over, with bookkeeping alongside: nothing readers answer from.
+    let bookkeeping = "UPDATE addresses SET hbs = 'hbs-b', interface_ip = '198.18.9.9', changed_at = now() \
+                       WHERE domain_id = $1";
+    assert_eq!(sqlx::query(bookkeeping).bind(quiet).execute(&db).await?.rows_affected(), 1);
+    assert_eq!(serial().await?, s0, "a takeover changes no answer");
+    // Writing the same values again changes nothing either.
+    sqlx::query("UPDATE addresses SET state = state, load = load WHERE domain_id = $1")
+        .bind(quiet)
+        .execute(&db)
+        .await?;
+    assert_eq!(serial().await?, s0);
+
+    // One statement over both domains that changes only the loud one's load: one bump, one notification.
+    sqlx::query("UPDATE addresses SET load = CASE WHEN domain_id = $1 THEN 0.5 ELSE load END, hbs = 'hbs-c'")
+        .bind(loud)
+        .execute(&db)
+        .await?;
+    assert_eq!(serial().await?, s0 + 1);
+    // Notifications arrive in commit order: everything before the loud domain's came from these statements.
+    let mut heard = Vec::new();
+    while heard.last() != Some(&format!("domain:{loud}")) {
+        heard.push(tokio::time::timeout(Duration::from_secs(5), listener.recv()).await??.payload().to_owned());
+    }
+    assert!(!heard.contains(&format!("domain:{quiet}")), "nothing was said about the quiet domain: {heard:?}");
+    Ok(())
+}
