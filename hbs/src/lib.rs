@@ -70,8 +70,6 @@ mod run {
         }
         let control_addr = sockets.control.local_addr()?;
         let heartbeat_addr = sockets.heartbeat.local_addr()?;
-        sockets.heartbeat.set_nonblocking(true)?;
-        let heartbeat = tokio::net::UdpSocket::from_std(sockets.heartbeat)?;
         let endpoint = server::endpoint(sockets.control, tls)?;
 
         let (driver_tx, driver_rx) = mpsc::unbounded_channel();
@@ -88,7 +86,10 @@ mod run {
         };
         let mut tasks = tokio::task::JoinSet::new();
         let inner = shutdown.child_token();
-        tasks.spawn(driver::run(heartbeat, policy, driver_rx, events_tx, counters.clone(), inner.clone()));
+        let heartbeats =
+            driver::spawn(sockets.heartbeat, policy, driver_rx, events_tx, counters.clone(), inner.clone())
+                .context("starting the heartbeat thread")?;
+        tasks.spawn(heartbeats);
         tasks.spawn(writer::run(
             pool.clone(),
             config.name.clone(),
