@@ -1,4 +1,4 @@
-//! The heartbeat driver: one task owning the UDP socket and the [`Monitor`], on a thread of its own ([`spawn`]). Each turn it feeds commands,
+//! The heartbeat driver: one task owning the UDP socket and the [`Monitor`]. Each turn it feeds commands,
 //! datagrams or the timer into the machine, sends what it asks to send, passes its events on, and re-arms the one
 //! timer at `poll_timeout()`.
 //!
@@ -81,36 +81,6 @@ pub struct Counters {
     pub pings: AtomicU64,
     /// Valid replies.
     pub pongs: AtomicU64,
-}
-
-/// Starts [`run`] on a thread of its own, with a single-threaded runtime, so that heartbeats keep their rhythm
-/// however busy the control side is: in a failover storm, thousands of sessions' tasks and the QUIC endpoint's
-/// backlog crowd the main runtime at once, and a heartbeat socket left unread for half a second overflows and
-/// loses pongs. The returned future resolves once the driver has stopped.
-pub fn spawn(
-    socket: std::net::UdpSocket,
-    policy: Policy,
-    commands: mpsc::UnboundedReceiver<Command>,
-    events: mpsc::UnboundedSender<Event>,
-    counters: Arc<Counters>,
-    shutdown: CancellationToken,
-) -> io::Result<impl Future<Output = ()> + Send + 'static> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    socket.set_nonblocking(true)?;
-    // The socket registers with the reactor of the runtime that will poll it.
-    let socket = {
-        let _entered = runtime.enter();
-        UdpSocket::from_std(socket)?
-    };
-    let (stopped, done) = tokio::sync::oneshot::channel::<()>();
-    std::thread::Builder::new().name("heartbeat".into()).spawn(move || {
-        runtime.block_on(run(socket, policy, commands, events, counters, shutdown));
-        drop(stopped);
-    })?;
-    // Resolves when `stopped` is dropped: at the end of the thread, a panic included.
-    Ok(async move {
-        let _ = done.await;
-    })
 }
 
 /// Runs until `shutdown` or until every command sender is gone.

@@ -70,6 +70,8 @@ mod run {
         }
         let control_addr = sockets.control.local_addr()?;
         let heartbeat_addr = sockets.heartbeat.local_addr()?;
+        sockets.heartbeat.set_nonblocking(true)?;
+        let heartbeat = tokio::net::UdpSocket::from_std(sockets.heartbeat)?;
         let endpoint = server::endpoint(sockets.control, tls)?;
 
         let (driver_tx, driver_rx) = mpsc::unbounded_channel();
@@ -86,10 +88,7 @@ mod run {
         };
         let mut tasks = tokio::task::JoinSet::new();
         let inner = shutdown.child_token();
-        let heartbeats =
-            driver::spawn(sockets.heartbeat, policy, driver_rx, events_tx, counters.clone(), inner.clone())
-                .context("starting the heartbeat thread")?;
-        tasks.spawn(heartbeats);
+        tasks.spawn(driver::run(heartbeat, policy, driver_rx, events_tx, counters.clone(), inner.clone()));
         tasks.spawn(writer::run(
             pool.clone(),
             config.name.clone(),
