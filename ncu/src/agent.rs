@@ -89,7 +89,7 @@ pub const BACKUP_SETTLE: Duration = STANDBY_TIMEOUT;
 pub const BACKUP_SPREAD: Duration = Duration::from_secs(30);
 
 /// How long an NCU that has just moved waits before it asks hds for a new backup.
-pub fn backup_delay_after_move() -> Duration {
+fn backup_delay_after_move() -> Duration {
     BACKUP_SETTLE + BACKUP_SPREAD.mul_f64(rand::random())
 }
 
