@@ -33,6 +33,8 @@ use crate::heartbeat::{
 pub const BATCH: usize = 64;
 /// Receive batches handled per turn before the timer and the commands get a look in.
 const RECV_BATCHES: usize = 8;
+/// Receive batches read before deadlines are handled: more than a full [`SOCKET_BUFFER`] of heartbeat datagrams.
+const DRAIN_BATCHES: usize = 128;
 /// Commands applied per turn.
 const COMMAND_BUDGET: usize = 1024;
 /// Bytes of each receive slot: room for a heartbeat packet; anything longer is cut here, and so malformed.
@@ -127,7 +129,7 @@ pub async fn run(
             },
             () = &mut timer, if armed.is_some() => {
                 armed = None;
-                monitor.handle_timeout(std::time::Instant::now(), &mut rng);
+                io.on_timer(&socket, &mut monitor, &mut rng);
             }
         }
         io.take_transmits(&mut monitor);
@@ -167,23 +169,29 @@ impl Batches {
         Self { slots: Box::new([[0; SLOT]; BATCH]), pending: Vec::with_capacity(BATCH) }
     }
 
+    /// The timer fired: replies already queued on the socket are read first, then the deadlines handled. After this
+    /// task waited for a core (a busy host, a storm of registrations), pongs that arrived within their windows are
+    /// in the kernel's queue, and a deadline handled first would declare their targets dead. The kernel is asked
+    /// directly: the runtime may not have seen the socket turn readable yet.
+    fn on_timer(&mut self, socket: &UdpSocket, monitor: &mut Monitor, rng: &mut impl rand::RngCore) {
+        self.receive_up_to(socket, monitor, DRAIN_BATCHES, Ask::Kernel);
+        monitor.handle_timeout(std::time::Instant::now(), rng);
+    }
+
     /// Feeds the monitor what has queued up on the socket, up to [`RECV_BATCHES`] system calls' worth.
     fn receive(&mut self, socket: &UdpSocket, monitor: &mut Monitor) {
-        for _ in 0..RECV_BATCHES {
+        self.receive_up_to(socket, monitor, RECV_BATCHES, Ask::IfReady);
+    }
+
+    /// Feeds the monitor what has queued up on the socket, up to `batches` system calls' worth.
+    fn receive_up_to(&mut self, socket: &UdpSocket, monitor: &mut Monitor, batches: usize, ask: Ask) {
+        for _ in 0..batches {
             let mut received = [(0_usize, None::<SocketAddr>); BATCH];
             let slots = &mut *self.slots;
-            let count = socket.try_io(Interest::READABLE, || {
-                let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
-                let mut iovs = slots.each_mut().map(|slot| [IoSliceMut::new(slot)]);
-                let results =
-                    recvmmsg(socket.as_raw_fd(), &mut headers, iovs.iter_mut(), MsgFlags::MSG_DONTWAIT, None)?;
-                let mut count = 0;
-                for (entry, message) in received.iter_mut().zip(results) {
-                    *entry = (message.bytes.min(SLOT), message.address.as_ref().and_then(std_addr));
-                    count += 1;
-                }
-                Ok(count)
-            });
+            let count = match ask {
+                Ask::IfReady => socket.try_io(Interest::READABLE, || receive_batch(socket, slots, &mut received)),
+                Ask::Kernel => receive_batch(socket, slots, &mut received),
+            };
             let count = match count {
                 Ok(count) => count,
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
@@ -244,6 +252,32 @@ impl Batches {
     }
 }
 
+/// Whether a receive trusts the runtime's readiness or asks the kernel.
+#[derive(Debug, Clone, Copy)]
+enum Ask {
+    /// Only when the runtime saw the socket readable (clearing that readiness on `WouldBlock`).
+    IfReady,
+    /// Whatever the runtime saw.
+    Kernel,
+}
+
+/// One non-blocking `recvmmsg` into `slots`; each datagram's length (cut at [`SLOT`]) and source go to `received`.
+fn receive_batch(
+    socket: &UdpSocket,
+    slots: &mut [[u8; SLOT]; BATCH],
+    received: &mut [(usize, Option<SocketAddr>); BATCH],
+) -> io::Result<usize> {
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+    let mut iovs = slots.each_mut().map(|slot| [IoSliceMut::new(slot)]);
+    let results = recvmmsg(socket.as_raw_fd(), &mut headers, iovs.iter_mut(), MsgFlags::MSG_DONTWAIT, None)?;
+    let mut count = 0;
+    for (entry, message) in received.iter_mut().zip(results) {
+        *entry = (message.bytes.min(SLOT), message.address.as_ref().and_then(std_addr));
+        count += 1;
+    }
+    Ok(count)
+}
+
 /// One `sendmmsg` of up to [`BATCH`] transmits; how many the kernel took.
 fn send_batch(socket: &UdpSocket, chunk: &[Transmit]) -> io::Result<usize> {
     let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
@@ -288,6 +322,8 @@ fn publish(monitor: &Monitor, counters: &Counters) {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     /// Every datagram a batch send is handed arrives, in order, whatever the batch boundaries.
@@ -313,6 +349,61 @@ mod tests {
             assert_eq!((n, from), (PACKET_LEN, a.local_addr().expect("addr")));
             assert_eq!(u64::from_be_bytes(buf[..8].try_into().expect("8 bytes")), i as u64);
         }
+    }
+
+    /// A driver that waited for a core finds pongs queued in the kernel: the timer reads them before it handles the
+    /// deadlines they answer, so those targets are neither re-probed nor declared dead; a silent one still dies.
+    #[tokio::test]
+    async fn pongs_queued_while_the_driver_waited_count_before_their_deadlines() {
+        use crate::heartbeat::packet::{Kind, Packet, decode, encode};
+        const KEY: Key = [9; 32];
+        let hbs = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let ncu = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let (hbs_addr, ncu_addr) = (hbs.local_addr().expect("addr"), ncu.local_addr().expect("addr"));
+        let mut monitor = Monitor::new(Policy::default());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut io = Batches::new();
+        let shutdown = CancellationToken::new();
+        let start = std::time::Instant::now();
+        for id in 1..=3 {
+            monitor.add(id, 100 + id as u64, 0, KEY, ncu_addr, Liveness::Pending, start);
+        }
+        while monitor.stats().pings < 3 {
+            io.on_timer(&hbs, &mut monitor, &mut rng);
+            io.take_transmits(&mut monitor);
+            assert!(io.send(&hbs, &shutdown).await);
+        }
+        // Sessions 101 and 102 answer at once; 103 is silent.
+        let mut buf = [0_u8; 128];
+        for _ in 0..3 {
+            let (len, _) = ncu.recv_from(&mut buf).await.expect("ping");
+            let ping = decode(&buf[..len], &KEY).expect("authentic ping");
+            if ping.session != 103 {
+                let pong = Packet { kind: Kind::Pong, ..ping };
+                ncu.send_to(&encode(&pong, &KEY), hbs_addr).await.expect("pong sent");
+            }
+        }
+        // The driver gets no core until every first window has closed.
+        std::thread::sleep(monitor.poll_timeout().expect("windows open") - start + Duration::from_millis(300));
+        let mut events = Vec::new();
+        while !events.iter().any(|event| matches!(event, Event::Dead { id: 3 })) {
+            assert!(start.elapsed() < Duration::from_secs(10), "target 3 never declared dead: {events:?}");
+            let next = monitor.poll_timeout().expect("a deadline");
+            tokio::time::sleep_until(Instant::from_std(next)).await;
+            io.on_timer(&hbs, &mut monitor, &mut rng);
+            io.take_transmits(&mut monitor);
+            assert!(io.send(&hbs, &shutdown).await);
+            events.extend(std::iter::from_fn(|| monitor.poll_event()));
+        }
+        let alive: Vec<TargetId> = events
+            .iter()
+            .filter_map(|event| if let Event::Alive { id, .. } = event { Some(*id) } else { None })
+            .collect();
+        assert_eq!(alive, [1, 2], "{events:?}");
+        assert_eq!(monitor.liveness(1), Some(Liveness::Live));
+        assert_eq!(monitor.liveness(2), Some(Liveness::Live));
+        // Only the silent target was re-probed.
+        assert_eq!(monitor.stats().reprobes, u64::from(Policy::default().reprobes));
     }
 
     /// Batched receives hand the monitor every datagram, however many system calls that takes.
