@@ -61,6 +61,9 @@ struct Args {
     /// Registrations in flight at once.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// Keep the work directory (hbs logs and configs) by moving it here at exit, instead of deleting it.
+    #[arg(long, env = "HBS_LOAD_KEEP")]
+    keep: Option<PathBuf>,
     #[command(subcommand)]
     command: Mode,
 }
@@ -104,7 +107,17 @@ fn main() -> anyhow::Result<()> {
         let dir = std::env::temp_dir().join(format!("hbs-load-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let result = run(&args, &dir).await;
-        let _ = std::fs::remove_dir_all(&dir);
+        match &args.keep {
+            Some(keep) => match std::fs::rename(&dir, keep) {
+                Ok(()) => eprintln!("hbs-load: logs kept in {}", keep.display()),
+                Err(error) => {
+                    eprintln!("hbs-load: cannot keep logs in {}: {error}; left in {}", keep.display(), dir.display())
+                }
+            },
+            None => {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
         result
     })
 }
