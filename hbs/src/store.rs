@@ -280,18 +280,29 @@ pub async fn write_batch(pool: &PgPool, me: &str, changes: &[Change]) -> Result<
 }
 
 /// Records where replies come from when it differs from the interface address (NAT): the observed address is
-/// published, the interface address kept beside it.
-pub async fn set_observed(pool: &PgPool, me: &str, id: i64, observed: IpAddr) -> Result<(), StoreError> {
-    sqlx::query(
-        "UPDATE addresses SET interface_ip = CASE WHEN COALESCE(interface_ip, ip) = $2 THEN NULL \
-         ELSE COALESCE(interface_ip, ip) END, ip = $2 WHERE id = $1 AND hbs = $3 AND ip <> $2",
+/// published, the interface address kept beside it. One statement for the whole batch; only rows whose published
+/// address differs are written, so the usual case (no NAT) changes nothing. Returns how many rows changed.
+///
+/// An observed address that is already another address of the domain fails the statement: write each alone with
+/// [`set_observed`] then, so that only that row is refused.
+pub async fn set_observed_batch(pool: &PgPool, me: &str, observed: &[(i64, IpAddr)]) -> Result<u64, StoreError> {
+    let (ids, ips): (Vec<i64>, Vec<IpAddr>) = observed.iter().copied().unzip();
+    let done = sqlx::query(
+        "UPDATE addresses a SET interface_ip = CASE WHEN COALESCE(a.interface_ip, a.ip) = v.ip THEN NULL \
+         ELSE COALESCE(a.interface_ip, a.ip) END, ip = v.ip \
+         FROM UNNEST($1::bigint[], $2::inet[]) AS v(id, ip) WHERE a.id = v.id AND a.hbs = $3 AND a.ip <> v.ip",
     )
-    .bind(id)
-    .bind(observed)
+    .bind(&ids)
+    .bind(&ips)
     .bind(me)
     .execute(pool)
     .await?;
-    Ok(())
+    Ok(done.rows_affected())
+}
+
+/// [`set_observed_batch`] for one address.
+pub async fn set_observed(pool: &PgPool, me: &str, id: i64, observed: IpAddr) -> Result<u64, StoreError> {
+    set_observed_batch(pool, me, &[(id, observed)]).await
 }
 
 /// Upserts this server's fleet row and returns the state in force (an operator's `draining` is kept).

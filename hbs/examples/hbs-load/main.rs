@@ -279,8 +279,10 @@ async fn wait_live(pool: &PgPool, hbs: &str, addresses: i64, limit: Duration) ->
             return Ok(());
         }
         if Instant::now() > deadline {
+            let which = setup::pending_ncus(pool, hbs).await?;
             bail!(
-                "only {live} of {addresses} addresses live on {hbs} after {limit:?} ({pending} pending, {dead} dead)"
+                "only {live} of {addresses} addresses live on {hbs} after {limit:?} ({pending} pending, {dead} dead): \
+                 {which}"
             );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;

@@ -144,6 +144,28 @@ pub(crate) async fn address_states(pool: &PgPool, hbs: &str) -> anyhow::Result<(
     Ok(row)
 }
 
+/// Which NCUs have addresses still pending on `hbs`: how many NCUs, how many of them have every address pending,
+/// and the first few ids (to find in hbs's log).
+pub(crate) async fn pending_ncus(pool: &PgPool, hbs: &str) -> anyhow::Result<String> {
+    let row: (i64, i64, Option<Vec<i64>>) = sqlx::query_as(
+        "WITH p AS (SELECT ncu_id, count(*) FILTER (WHERE state = 'pending') AS pending, count(*) AS all_rows \
+         FROM addresses WHERE source = 'ncu' AND hbs = $1 GROUP BY ncu_id) \
+         SELECT count(*), count(*) FILTER (WHERE pending = all_rows), \
+         (SELECT array_agg(ncu_id ORDER BY ncu_id) \
+          FROM (SELECT ncu_id FROM p WHERE pending > 0 ORDER BY ncu_id LIMIT 10) AS f) \
+         FROM p WHERE pending > 0",
+    )
+    .bind(hbs)
+    .fetch_one(pool)
+    .await?;
+    Ok(format!(
+        "{} NCUs with pending addresses ({} with all pending), first: {:?}",
+        row.0,
+        row.1,
+        row.2.unwrap_or_default()
+    ))
+}
+
 /// A free UDP port on 127.0.0.1 (bound and released; the server binds it next).
 pub(crate) fn free_port(ip: IpAddr) -> anyhow::Result<SocketAddr> {
     Ok(std::net::UdpSocket::bind(SocketAddr::new(ip, 0))?.local_addr()?)

@@ -421,3 +421,72 @@ async fn static_addresses_are_checked_by_one_server_and_taken_over() -> Result<(
     world.answers_become(&[], Duration::from_secs(10)).await?;
     Ok(())
 }
+
+/// First proofs of many addresses reach the state writer together (a ramp, a storm): where their replies came from
+/// is written in one statement, which changes only the rows behind NAT. An observed address that is already another
+/// of the domain's is refused for that row alone, and rows of another server are not touched.
+#[tokio::test]
+async fn observed_addresses_are_written_together_and_a_collision_refuses_only_its_row() -> Result<()> {
+    use hbs::heartbeat::monitor::Event;
+    let (stack, token) = Stack::with_acme().await?;
+    let db = stack.pg.pool().await?;
+    stack.domain(&token, json!({ "name": "nat.tether.test" })).await?;
+    let mut ids = Vec::new();
+    for ip in ["198.18.0.1", "198.18.0.2", "198.18.0.3", "198.18.0.4"] {
+        stack.address(&token, "nat.tether.test", json!({ "ip": ip })).await?;
+        ids.push(
+            sqlx::query_scalar::<_, i64>("SELECT id FROM addresses WHERE ip = $1::inet")
+                .bind(ip)
+                .fetch_one(&db)
+                .await?,
+        );
+    }
+    // Taken over by heartbeat servers, not yet proven.
+    sqlx::query("UPDATE addresses SET state = 'pending', hbs = CASE WHEN id = $1 THEN 'hbs-other' ELSE 'hbs-me' END")
+        .bind(ids[3])
+        .execute(&db)
+        .await?;
+
+    let (events, heartbeat) = tokio::sync::mpsc::unbounded_channel();
+    let (_checks_tx, checks) = tokio::sync::mpsc::unbounded_channel();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let writer = tokio::spawn(hbs::writer::run(
+        db.clone(),
+        "hbs-me".into(),
+        Duration::from_millis(20),
+        heartbeat,
+        checks,
+        shutdown.clone(),
+    ));
+    let alive = |id: i64, ip: &str| Event::Alive { id, observed: format!("{ip}:9").parse().expect("addr"), load: 0 };
+    for event in [
+        alive(ids[0], "198.18.0.1"), // no NAT
+        alive(ids[1], "198.18.7.2"), // behind NAT
+        alive(ids[2], "198.18.0.4"), // another address of the domain: refused
+        alive(ids[3], "198.18.7.4"), // another server's row
+    ] {
+        events.send(event)?;
+    }
+    let row = |id: i64| {
+        sqlx::query_as::<_, (String, Option<String>, String)>(
+            "SELECT host(ip), host(interface_ip), state::text FROM addresses WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_one(&db)
+    };
+    eventually(Duration::from_secs(5), "the proofs written", || async {
+        let mut states = Vec::new();
+        for &id in &ids[..3] {
+            states.push(row(id).await.ok()?.2);
+        }
+        states.iter().all(|state| state == "live").then_some(())
+    })
+    .await?;
+    assert_eq!(row(ids[0]).await?, ("198.18.0.1".into(), None, "live".into()));
+    assert_eq!(row(ids[1]).await?, ("198.18.7.2".into(), Some("198.18.0.2".into()), "live".into()));
+    assert_eq!(row(ids[2]).await?, ("198.18.0.3".into(), None, "live".into()), "the collision is refused alone");
+    assert_eq!(row(ids[3]).await?, ("198.18.0.4".into(), None, "pending".into()), "another server's row is untouched");
+    shutdown.cancel();
+    writer.await?;
+    Ok(())
+}
