@@ -86,7 +86,7 @@ async fn write(pool: &PgPool, me: &str, batch: Vec<Job>) {
                 let _ = job.reply.send(Ok(outcome));
             }
         }
-        Err(error) if batch.len() > 1 && !is_unavailable(&error) => {
+        Err(error) if batch.len() > 1 && !store::is_unavailable(&error) => {
             // One registration may be at fault (the batch rolled back): write each alone so it fails alone.
             warn!(%error, registrations = batch.len(), "batch registration failed; writing one by one");
             for job in batch {
@@ -101,10 +101,6 @@ async fn write(pool: &PgPool, me: &str, batch: Vec<Job>) {
             }
         }
     }
-}
-
-fn is_unavailable(error: &StoreError) -> bool {
-    matches!(error, StoreError::Database(e) if hds::store::is_unavailable(e))
 }
 
 #[cfg(test)]

@@ -279,13 +279,18 @@ pub async fn write_batch(pool: &PgPool, me: &str, changes: &[Change]) -> Result<
     Ok(done.rows_affected())
 }
 
+/// Whether `error` means Postgres is out of reach (retry later), not that the statement was refused.
+pub fn is_unavailable(error: &StoreError) -> bool {
+    matches!(error, StoreError::Database(e) if hds::store::is_unavailable(e))
+}
+
 /// Records where replies come from when it differs from the interface address (NAT): the observed address is
 /// published, the interface address kept beside it. One statement for the whole batch; only rows whose published
 /// address differs are written, so the usual case (no NAT) changes nothing. Returns how many rows changed.
 ///
-/// An observed address that is already another address of the domain fails the statement: write each alone with
-/// [`set_observed`] then, so that only that row is refused.
-pub async fn set_observed_batch(pool: &PgPool, me: &str, observed: &[(i64, IpAddr)]) -> Result<u64, StoreError> {
+/// An observed address that is already another address of the domain fails the statement: write each alone then,
+/// so that only that row is refused.
+pub async fn set_observed(pool: &PgPool, me: &str, observed: &[(i64, IpAddr)]) -> Result<u64, StoreError> {
     let (ids, ips): (Vec<i64>, Vec<IpAddr>) = observed.iter().copied().unzip();
     let done = sqlx::query(
         "UPDATE addresses a SET interface_ip = CASE WHEN COALESCE(a.interface_ip, a.ip) = v.ip THEN NULL \
@@ -298,11 +303,6 @@ pub async fn set_observed_batch(pool: &PgPool, me: &str, observed: &[(i64, IpAdd
     .execute(pool)
     .await?;
     Ok(done.rows_affected())
-}
-
-/// [`set_observed_batch`] for one address.
-pub async fn set_observed(pool: &PgPool, me: &str, id: i64, observed: IpAddr) -> Result<u64, StoreError> {
-    set_observed_batch(pool, me, &[(id, observed)]).await
 }
 
 /// Upserts this server's fleet row and returns the state in force (an operator's `draining` is kept).

@@ -101,24 +101,23 @@ async fn flush(
     pending: &BTreeMap<i64, Change>,
     observed: &BTreeMap<i64, IpAddr>,
 ) -> Result<u64, hds::store::StoreError> {
-    let unavailable = |error: &hds::store::StoreError| matches!(error, hds::store::StoreError::Database(e) if hds::store::is_unavailable(e));
     // Every first proof reports where replies come from: a ramp or a storm brings thousands at once, so they go in
     // one statement, which touches only the rows behind NAT.
     let batch: Vec<(i64, IpAddr)> = observed.iter().map(|(id, ip)| (*id, *ip)).collect();
     if !batch.is_empty()
-        && let Err(error) = store::set_observed_batch(pool, me, &batch).await
+        && let Err(error) = store::set_observed(pool, me, &batch).await
     {
-        if unavailable(&error) {
+        if store::is_unavailable(&error) {
             return Err(error);
         }
         // An observed address taken by another of the domain's: write each alone so only that one is refused.
         warn!(%error, addresses = batch.len(), "cannot record observed addresses together; writing one by one");
-        for (id, ip) in batch {
-            if let Err(error) = store::set_observed(pool, me, id, ip).await {
-                if unavailable(&error) {
+        for one in batch.chunks(1) {
+            if let Err(error) = store::set_observed(pool, me, one).await {
+                if store::is_unavailable(&error) {
                     return Err(error);
                 }
-                warn!(%error, id, "cannot record the observed address");
+                warn!(%error, id = one[0].0, "cannot record the observed address");
             }
         }
     }
