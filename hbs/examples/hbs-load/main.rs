@@ -106,7 +106,13 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         let dir = std::env::temp_dir().join(format!("hbs-load-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
-        let result = run(&args, &dir).await;
+        // Ctrl-C or SIGTERM (the bench scripts' time limit) drops the run, and with it the hbs processes it started.
+        let stop = CancellationToken::new();
+        hds::settings::cancel_on_signal(stop.clone());
+        let result = tokio::select! {
+            result = run(&args, &dir) => result,
+            () = stop.cancelled() => Err(anyhow::anyhow!("interrupted; the hbs processes it started are stopped")),
+        };
         match &args.keep {
             Some(keep) => match std::fs::rename(&dir, keep) {
                 Ok(()) => eprintln!("hbs-load: logs kept in {}", keep.display()),
