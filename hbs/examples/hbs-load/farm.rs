@@ -25,7 +25,7 @@ use tokio::{io::Interest, net::UdpSocket, sync::mpsc};
 const BATCH: usize = 32;
 /// SO_RCVBUF and SO_SNDBUF of the farm's socket, even where the host allows more: when the farm falls behind (it
 /// shares a core with the rest of the generator), a ping queued longer than hbs's probe cycle (420 ms) is answered
-/// too late to count, and 32 MiB holds seconds of pings at 50,000 addresses. 4 MiB holds under 100 ms of them.
+/// too late to count: at 50,000 addresses 32 MiB holds more than half a second of pings, 4 MiB under 100 ms.
 const FARM_SOCKET_BUFFER: usize = 4 << 20;
 /// How old a ping that arrived before its session may be and still be answered when the session turns up: within
 /// the cycle of hbs's default policy (ping, four re-probes 80 ms apart, 420 ms in all), whose probes it accepts.
