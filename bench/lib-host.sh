@@ -17,6 +17,10 @@ run_exit_hooks() {
 trap run_exit_hooks EXIT
 trap 'exit 130' INT TERM
 
+case "${HOST_SYSCTL:-deploy}" in
+    deploy | keep) ;;
+    *) echo "HOST_SYSCTL must be deploy (the default) or keep, not '${HOST_SYSCTL}'" >&2; exit 2 ;;
+esac
 host_conf=deploy/sysctl.d/90-tether.conf
 host_keys=$(sed -n 's/^\([a-z0-9_.]*\) *=.*/\1/p' "$host_conf")
 if [ "${HOST_SYSCTL:-deploy}" = deploy ] && [ "$(id -u)" -eq 0 ]; then
@@ -28,6 +32,6 @@ if [ "${HOST_SYSCTL:-deploy}" = deploy ] && [ "$(id -u)" -eq 0 ]; then
 elif [ "${HOST_SYSCTL:-deploy}" = deploy ]; then
     host_from="the machine's own (not root: $host_conf not applied)"
 else
-    host_from="the machine's own (HOST_SYSCTL=${HOST_SYSCTL})"
+    host_from="the machine's own (HOST_SYSCTL=keep)"
 fi
 echo "host limits: $(for key in $host_keys; do printf '%s=%s ' "$key" "$(sysctl -n "$key")"; done)— $host_from" >&2
