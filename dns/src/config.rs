@@ -1,8 +1,10 @@
 //! The `dns` configuration file: strict TOML, named defaults, validated once.
 
-use std::{fmt, net::SocketAddr, path::Path, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use serde::Deserialize;
+use tether_config::invalid;
+pub use tether_config::{ConfigError, Load, LogFormat, Secret};
 
 /// Everything `dns` reads from its `--config` file.
 #[derive(Debug, Clone, Deserialize)]
@@ -34,80 +36,16 @@ pub struct Config {
     pub max_backoff: Duration,
 }
 
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-/// A string that never appears in `Debug` output.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-/// A configuration that cannot be used, naming the offending key.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The path given.
-        path: String,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The TOML is malformed or a key is unknown or mistyped.
-    #[error(transparent)]
-    Parse(#[from] toml::de::Error),
-    /// A key has a value that parses but cannot work.
-    #[error("`{key}`: {problem}")]
-    Invalid {
-        /// The key at fault.
-        key: &'static str,
-        /// What is wrong with it.
-        problem: String,
-    },
-}
-
-impl Config {
-    /// Reads, parses and validates the file at `path`, then applies the environment overrides.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-        let mut config = Self::parse(&text)?;
-        config.apply_env(|key| std::env::var(key).ok());
-        config.validate()?;
-        Ok(config)
-    }
-
-    /// Parses TOML text without looking at the environment.
-    pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        Ok(toml::from_str(text)?)
-    }
-
+impl Load for Config {
     /// Lets `DATABASE_URL` and `TETHER_OPERATOR_TOKEN` override the file.
-    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) {
-        if let Some(url) = var("DATABASE_URL").filter(|v| !v.is_empty()) {
-            self.database_url = Some(Secret(url));
-        }
-        if let Some(token) = var("TETHER_OPERATOR_TOKEN").filter(|v| !v.is_empty()) {
-            self.operator_token = Some(Secret(token));
-        }
+    fn apply_env(&mut self, var: &dyn Fn(&str) -> Option<String>) {
+        tether_config::env_secret(&mut self.database_url, var, "DATABASE_URL");
+        tether_config::env_secret(&mut self.operator_token, var, "TETHER_OPERATOR_TOKEN");
     }
 
     /// Checks what serde cannot: presence of the database URL, token strength, sane durations.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let Some(url) = &self.database_url else {
-            return Err(invalid("database_url", "missing (set it here or in DATABASE_URL)"));
-        };
-        if !(url.expose().starts_with("postgres://") || url.expose().starts_with("postgresql://")) {
-            return Err(invalid("database_url", "must start with postgres:// or postgresql://"));
-        }
+    fn validate(&self) -> Result<(), ConfigError> {
+        tether_config::check_database(self.database_url.as_ref())?;
         if let Some(token) = &self.operator_token
             && token.expose().len() < 16
         {
@@ -122,38 +60,21 @@ impl Config {
         if self.enrollment_ttl < Duration::from_secs(60) {
             return Err(invalid("enrollment_ttl", "must be at least 1m"));
         }
-        if self.max_backoff < Duration::from_millis(100) {
-            return Err(invalid("max_backoff", "must be at least 100ms"));
-        }
-        Ok(())
+        tether_config::check_backoff(self.max_backoff)
     }
+}
 
+impl tether_service::ServerConfig for Config {
+    fn log_format(&self) -> LogFormat {
+        self.log_format
+    }
+}
+
+impl Config {
     /// The database URL; present once `validate` has passed.
     pub fn database_url(&self) -> &str {
         self.database_url.as_ref().map_or("", Secret::expose)
     }
-}
-
-impl Secret {
-    /// Wraps a secret value.
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    /// The secret itself, for the one place that needs it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
-fn invalid(key: &'static str, problem: &str) -> ConfigError {
-    ConfigError::Invalid { key, problem: problem.to_owned() }
 }
 
 fn default_dns_listen() -> SocketAddr {
@@ -220,7 +141,7 @@ mod tests {
     fn env_overrides_file_and_secrets_are_masked() {
         let mut config = Config::parse("database_url = 'postgres://file/db'\noperator_token = 'from-the-file-0123'")
             .expect("parses");
-        config.apply_env(|key| match key {
+        config.apply_env(&|key| match key {
             "DATABASE_URL" => Some("postgres://env/db".into()),
             _ => None,
         });

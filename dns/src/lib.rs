@@ -15,7 +15,6 @@ use tracing::{info, warn};
 
 pub mod answer;
 pub mod api;
-pub mod cli;
 pub mod config;
 pub mod metrics;
 pub mod server;
@@ -69,8 +68,8 @@ impl Listeners {
 
 /// Runs the DNS server, the view sync and the admin API until `shutdown` is cancelled.
 pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let pool = store::pool(config.database_url()).context("database_url")?;
-    if !store::wait_and_migrate(&pool, config.max_backoff, &shutdown).await.context("applying migrations")? {
+    let pool = tether_db::pool(config.database_url()).context("database_url")?;
+    if !tether_db::wait_and_migrate(&pool, config.max_backoff, &shutdown).await.context("applying migrations")? {
         return Ok(());
     }
 

@@ -2,10 +2,9 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use hds::settings::{self, invalid};
 use serde::Deserialize;
-
-pub use hds::settings::ConfigError;
+pub use tether_config::{ConfigError, Load};
+use tether_config::{LogFormat, Secret, invalid};
 
 /// Everything `hbs` reads from its `--config` file.
 #[derive(Debug, Clone, Deserialize)]
@@ -24,7 +23,7 @@ pub struct Config {
     pub heartbeat_listen: SocketAddr,
     /// Postgres URL; the environment variable `DATABASE_URL` takes precedence.
     #[serde(default)]
-    pub database_url: Option<String>,
+    pub database_url: Option<Secret>,
     /// The operator CA certificate (PEM).
     pub ca: PathBuf,
     /// This server's certificate (PEM), issued by `hds pki`.
@@ -63,32 +62,29 @@ pub struct Config {
     /// A session whose control connection closed keeps being pinged this long (the NCU may be moving).
     #[serde(default = "default_session_grace", with = "humantime_serde")]
     pub session_grace: Duration,
+    /// TCP address serving `GET /metrics` and `GET /healthz`; none when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     /// Log format: `text` or `json`.
-    #[serde(default = "default_log_format")]
-    pub log_format: String,
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// Longest wait between two attempts to reach Postgres at start.
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
 }
 
-impl Config {
-    /// Reads, parses, applies `DATABASE_URL` and validates.
-    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let mut config: Self = settings::read_toml(path)?;
-        config.database_url = settings::database_url(config.database_url.take());
-        config.validate()?;
-        Ok(config)
+impl Load for Config {
+    fn apply_env(&mut self, var: &dyn Fn(&str) -> Option<String>) {
+        tether_config::env_secret(&mut self.database_url, var, "DATABASE_URL");
     }
 
-    /// Parses TOML text without looking at the environment.
-    pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        Ok(toml::from_str(text)?)
-    }
-
-    /// Checks what serde cannot.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self) -> Result<(), ConfigError> {
         if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
             return Err(invalid("name", "letters, digits and hyphens"));
         }
-        settings::check_database_url(self.database_url.as_deref())?;
-        settings::check_files(&[("ca", &self.ca), ("cert", &self.cert), ("key", &self.key)])?;
+        tether_config::check_database(self.database_url.as_ref())?;
+        tether_config::check_files(&[("ca", &self.ca), ("cert", &self.cert), ("key", &self.key)])?;
+        tether_config::check_backoff(self.max_backoff)?;
         if self.capacity == 0 {
             return Err(invalid("capacity", "must be above zero"));
         }
@@ -107,15 +103,20 @@ impl Config {
         if self.batch_window > Duration::from_secs(1) {
             return Err(invalid("batch_window", "at most 1s"));
         }
-        if !["text", "json"].contains(&self.log_format.as_str()) {
-            return Err(invalid("log_format", "must be text or json"));
-        }
         Ok(())
     }
+}
 
+impl tether_service::ServerConfig for Config {
+    fn log_format(&self) -> LogFormat {
+        self.log_format
+    }
+}
+
+impl Config {
     /// The database URL; present once `validate` has passed.
     pub fn database_url(&self) -> &str {
-        self.database_url.as_deref().unwrap_or("")
+        self.database_url.as_ref().map_or("", Secret::expose)
     }
 
     /// Worst-case time from the last answered ping to a death: the figure to compare with the 1.5 s target.
@@ -161,8 +162,8 @@ fn default_rehome_grace() -> Duration {
 fn default_session_grace() -> Duration {
     Duration::from_secs(10)
 }
-fn default_log_format() -> String {
-    "text".into()
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(5)
 }
 
 #[cfg(test)]

@@ -20,14 +20,13 @@ use nix::sys::socket::{
     ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg, setsockopt, sockopt,
 };
 use rand::SeedableRng;
-use tokio::{io::Interest, net::UdpSocket, sync::mpsc, time::Instant};
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
-
-use crate::heartbeat::{
+use tether_proto::heartbeat::{
     monitor::{Event, Liveness, Monitor, Policy, TargetId, Transmit},
     packet::{Key, PACKET_LEN},
 };
+use tokio::{io::Interest, net::UdpSocket, sync::mpsc, time::Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
 
 /// Datagrams read or written per system call.
 pub const BATCH: usize = 64;
@@ -83,6 +82,12 @@ pub struct Counters {
     pub pings: AtomicU64,
     /// Valid replies.
     pub pongs: AtomicU64,
+    /// Targets not yet proven.
+    pub pending: AtomicU64,
+    /// Targets answering.
+    pub live: AtomicU64,
+    /// Targets declared dead (still pinged).
+    pub dead: AtomicU64,
 }
 
 /// Runs until `shutdown` or until every command sender is gone.
@@ -355,7 +360,7 @@ mod tests {
     /// deadlines they answer, so those targets are neither re-probed nor declared dead; a silent one still dies.
     #[tokio::test]
     async fn pongs_queued_while_the_driver_waited_count_before_their_deadlines() {
-        use crate::heartbeat::packet::{Kind, Packet, decode, encode};
+        use tether_proto::heartbeat::packet::{Kind, Packet, decode, encode};
         const KEY: Key = [9; 32];
         let hbs = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         let ncu = UdpSocket::bind("127.0.0.1:0").await.expect("bind");

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::{driver::Counters, store};
+use crate::{driver::Counters, metrics::Metrics, store};
 
 /// What the upkeep needs.
 pub struct Fleet {
@@ -33,6 +33,8 @@ pub struct Fleet {
     pub draining: watch::Sender<bool>,
     /// The driver's counters (the load).
     pub counters: Arc<Counters>,
+    /// Where draining and reachability show.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Runs until `shutdown`.
@@ -49,7 +51,9 @@ pub async fn run(fleet: Fleet, shutdown: CancellationToken) {
         full = next_full(full, load, fleet.capacity, fleet.low_water);
         match store::fleet_upsert(&fleet.pool, &fleet.me, &fleet.advertise, fleet.capacity, load, full).await {
             Ok(state) => {
+                fleet.metrics.database_reachable.set(1);
                 let draining = state == "draining";
+                fleet.metrics.draining.set(i64::from(draining));
                 if draining != *fleet.draining.borrow() {
                     info!(draining, "drain state changed");
                     fleet.draining.send_replace(draining);
@@ -58,7 +62,12 @@ pub async fn run(fleet: Fleet, shutdown: CancellationToken) {
                     }
                 }
             }
-            Err(error) => warn!(%error, "cannot refresh the fleet row"),
+            Err(error) => {
+                if error.is_unavailable() {
+                    fleet.metrics.database_reachable.set(0);
+                }
+                warn!(%error, "cannot refresh the fleet row");
+            }
         }
         match store::expire_orphans(&fleet.pool, fleet.rehome_grace).await {
             Ok(0) => {}

@@ -1,34 +1,21 @@
-//! hbs: tether's heartbeat server, and the NCU ↔ HBS protocol it owns.
-//!
-//! Without the `server` feature this crate is what ncu links: the control protocol's wire types ([`control`]) and
-//! the heartbeat packet format and state machines of both sides ([`heartbeat`]). With it, the server: the control
-//! endpoint ([`server`]) and its batched registrations ([`registrar`]), the heartbeat driver ([`driver`]), the batched state writer ([`writer`]), fleet upkeep
-//! ([`fleet`]), static address checks ([`checks`]) and the Postgres store ([`store`]).
+//! hbs: tether's heartbeat server. It speaks the NCU ↔ HBS protocol of [`tether_proto::control`] and pings with
+//! the heartbeat machines of [`tether_proto::heartbeat`]: the control endpoint ([`server`]) and its batched
+//! registrations ([`registrar`]), the heartbeat driver ([`driver`]), the batched state writer ([`writer`]), fleet
+//! upkeep ([`fleet`]), static address checks ([`checks`]), `/metrics` ([`metrics`]) and the Postgres store
+//! ([`store`]).
 
-pub mod control;
-pub mod heartbeat;
-
-#[cfg(feature = "server")]
 pub mod checks;
-#[cfg(feature = "server")]
 pub mod config;
-#[cfg(feature = "server")]
 pub mod driver;
-#[cfg(feature = "server")]
 pub mod fleet;
-#[cfg(feature = "server")]
+pub mod metrics;
 pub mod registrar;
-#[cfg(feature = "server")]
 pub mod server;
-#[cfg(feature = "server")]
 pub mod store;
-#[cfg(feature = "server")]
 pub mod writer;
 
-#[cfg(feature = "server")]
 pub use run::{Sockets, run};
 
-#[cfg(feature = "server")]
 mod run {
     use std::sync::Arc;
 
@@ -37,9 +24,33 @@ mod run {
     use tokio_util::sync::CancellationToken;
     use tracing::info;
 
-    use crate::{
-        checks, config::Config, control, driver, fleet, heartbeat::monitor::Policy, registrar, server, writer,
-    };
+    use tether_proto::{control, heartbeat::monitor::Policy};
+
+    use crate::{checks, config::Config, driver, fleet, metrics::Metrics, registrar, server, writer};
+
+    /// What `/metrics` and `/healthz` show.
+    struct Status {
+        metrics: Arc<Metrics>,
+        name: String,
+    }
+
+    impl tether_service::http::Status for Status {
+        fn metrics(&self) -> String {
+            self.metrics.render()
+        }
+
+        fn health(&self) -> (bool, String) {
+            let reachable = self.metrics.database_reachable.get() == 1;
+            let body = format!(
+                "{{\"status\":\"{}\",\"name\":{:?},\"database\":\"{}\",\"sessions\":{}}}",
+                if reachable { "ok" } else { "degraded" },
+                self.name,
+                if reachable { "reachable" } else { "unreachable" },
+                self.metrics.sessions.get(),
+            );
+            (reachable, body)
+        }
+    }
 
     /// Sockets bound before `run`, so tests can bind port 0.
     pub struct Sockets {
@@ -47,6 +58,8 @@ mod run {
         pub control: std::net::UdpSocket,
         /// Heartbeats.
         pub heartbeat: std::net::UdpSocket,
+        /// `GET /metrics` and `GET /healthz`, when served.
+        pub metrics: Option<tokio::net::TcpListener>,
     }
 
     /// Serves until `shutdown`; `counters` lets a caller watch the heartbeat figures.
@@ -56,16 +69,16 @@ mod run {
         counters: Arc<driver::Counters>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
-        let tls = hds::pki::server_tls(
-            &hds::pki::read(&config.ca)?,
-            &hds::pki::read(&config.cert)?,
-            &hds::pki::read(&config.key)?,
+        let tls = tether_pki::server_tls(
+            &tether_pki::read(&config.ca)?,
+            &tether_pki::read(&config.cert)?,
+            &tether_pki::read(&config.key)?,
             control::ALPN,
             false,
         )
         .context("building the TLS configuration from ca, cert and key")?;
-        let pool = hds::store::pool(config.database_url()).context("database_url")?;
-        if !hds::store::migrate(&pool, &shutdown).await.context("applying migrations")? {
+        let pool = tether_db::pool(config.database_url()).context("database_url")?;
+        if !tether_db::wait_and_migrate(&pool, config.max_backoff, &shutdown).await.context("applying migrations")? {
             return Ok(());
         }
         let control_addr = sockets.control.local_addr()?;
@@ -86,8 +99,18 @@ mod run {
             reprobes: config.reprobes,
             ..Policy::default()
         };
+        let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let metrics = Arc::new(Metrics::new(counters.clone(), refused.clone()));
         let mut tasks = tokio::task::JoinSet::new();
         let inner = shutdown.child_token();
+        if let Some(listener) = sockets.metrics {
+            let status = Arc::new(Status { metrics: metrics.clone(), name: config.name.clone() });
+            info!(metrics_addr = %listener.local_addr()?, "metrics served");
+            let http = tether_service::http::serve(listener, tether_service::http::routes(status), inner.clone());
+            tasks.spawn(async move {
+                let _ = http.await;
+            });
+        }
         tasks.spawn(driver::run(heartbeat, policy, driver_rx, events_tx, counters.clone(), inner.clone()));
         tasks.spawn(writer::run(
             pool.clone(),
@@ -95,9 +118,10 @@ mod run {
             config.batch_window,
             events_rx,
             checks_rx,
+            metrics.clone(),
             inner.clone(),
         ));
-        tasks.spawn(registrar::run(pool.clone(), config.name.clone(), registrar_rx, inner.clone()));
+        tasks.spawn(registrar::run(pool.clone(), config.name.clone(), registrar_rx, metrics.clone(), inner.clone()));
         tasks.spawn(checks::run(pool.clone(), config.name.clone(), config.interval, checks_tx, inner.clone()));
         let advertise = config.advertise.clone().unwrap_or_else(|| control_addr.to_string());
         tasks.spawn(fleet::run(
@@ -111,6 +135,7 @@ mod run {
                 rehome_grace: config.rehome_grace,
                 draining: draining_tx,
                 counters,
+                metrics: metrics.clone(),
             },
             inner.clone(),
         ));
@@ -124,7 +149,8 @@ mod run {
             draining: draining_rx,
             drain_turn: tokio::sync::Mutex::new(()),
             session_grace: config.session_grace,
-            refused: Default::default(),
+            refused,
+            metrics,
         });
         info!(name = %config.name, %control_addr, %heartbeat_addr, %advertise, "hbs serving");
         server::serve(endpoint, context, shutdown.clone()).await;

@@ -7,13 +7,16 @@ use std::{
     sync::Arc,
 };
 
-use hds::store::StoreError;
 use sqlx::PgPool;
+use tether_db::StoreError;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::store::{self, Outcome, Registration};
+use crate::{
+    metrics::Metrics,
+    store::{self, Outcome, Registration},
+};
 
 /// Most registrations written in one transaction.
 pub const MAX_BATCH: usize = 512;
@@ -33,13 +36,19 @@ pub async fn submit(
     registration: Registration,
 ) -> Result<Outcome, Arc<StoreError>> {
     let (reply, outcome) = oneshot::channel();
-    let gone = || Arc::new(StoreError::Database(sqlx::Error::PoolClosed));
+    let gone = || Arc::new(StoreError::Unavailable(sqlx::Error::PoolClosed));
     registrar.send(Job { registration, reply }).map_err(|_| gone())?;
     outcome.await.map_err(|_| gone())?
 }
 
 /// Runs until `shutdown` or until every sender is gone.
-pub async fn run(pool: PgPool, me: String, mut jobs: mpsc::UnboundedReceiver<Job>, shutdown: CancellationToken) {
+pub async fn run(
+    pool: PgPool,
+    me: String,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
     let mut waiting: VecDeque<Job> = VecDeque::new();
     loop {
         if waiting.is_empty() {
@@ -55,7 +64,10 @@ pub async fn run(pool: PgPool, me: String, mut jobs: mpsc::UnboundedReceiver<Job
             waiting.push_back(job);
         }
         let batch = next_batch(&mut waiting);
+        let started = std::time::Instant::now();
         write(&pool, &me, batch).await;
+        metrics.registration_seconds.observe(started.elapsed().as_secs_f64());
+        metrics.registration_batches.inc();
     }
 }
 
@@ -86,7 +98,7 @@ async fn write(pool: &PgPool, me: &str, batch: Vec<Job>) {
                 let _ = job.reply.send(Ok(outcome));
             }
         }
-        Err(error) if batch.len() > 1 && !store::is_unavailable(&error) => {
+        Err(error) if batch.len() > 1 && !error.is_unavailable() => {
             // One registration may be at fault (the batch rolled back): write each alone so it fails alone.
             warn!(%error, registrations = batch.len(), "batch registration failed; writing one by one");
             for job in batch {

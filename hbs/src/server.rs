@@ -12,26 +12,24 @@ use std::{
     time::Duration,
 };
 
-use hds::{
-    frame::{self, FrameError},
-    pki,
-};
 use quinn::{Connection, Endpoint, SendStream};
 use rustls::pki_types::CertificateDer;
 use sqlx::PgPool;
-use tokio::{
-    sync::{Mutex, mpsc, watch},
-    task::JoinSet,
+use tether_pki::{
+    self as pki,
+    stream::{self as frame},
 };
-use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
-
-use crate::{
+use tether_proto::{
     control::{self, ControlError, ToHbs, ToNcu, Uplink},
-    driver::Command,
+    frame::FrameError,
     heartbeat::monitor::Liveness,
-    registrar, store,
 };
+use tether_service::accept::{self, AtShutdown};
+use tokio::sync::{Mutex, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::{driver::Command, registrar, store};
 
 /// What every connection needs.
 pub struct Context {
@@ -54,7 +52,9 @@ pub struct Context {
     /// How long a closed session keeps being pinged.
     pub session_grace: Duration,
     /// Control connections refused or failed, for the logs and tests.
-    pub refused: AtomicU64,
+    pub refused: Arc<AtomicU64>,
+    /// Sessions and connections show here.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Builds the QUIC endpoint on an already bound UDP socket.
@@ -62,37 +62,25 @@ pub fn endpoint(socket: std::net::UdpSocket, tls: rustls::ServerConfig) -> anyho
     pki::server_endpoint(socket, tls, 1, Duration::from_secs(15), Some(Duration::from_secs(5)))
 }
 
-/// Accepts connections until `shutdown`.
+/// Accepts connections until `shutdown`, then ends every session.
 pub async fn serve(endpoint: Endpoint, context: Arc<Context>, shutdown: CancellationToken) {
-    let mut sessions = JoinSet::new();
-    loop {
-        let incoming = tokio::select! {
-            () = shutdown.cancelled() => break,
-            incoming = endpoint.accept() => match incoming {
-                Some(incoming) => incoming,
-                None => break,
-            },
-        };
-        let context = context.clone();
-        let shutdown = shutdown.clone();
-        let remote = incoming.remote_address();
-        sessions.spawn(
-            async move {
-                match incoming.await {
-                    Ok(connection) => session(connection, context, shutdown).await,
-                    Err(error) => {
-                        context.refused.fetch_add(1, Ordering::Relaxed);
-                        info!(%error, "handshake refused");
-                    }
+    let stop = shutdown.clone();
+    accept::serve(&endpoint, &stop, AtShutdown::Abort, move |connection, _| {
+        let (context, shutdown) = (context.clone(), shutdown.clone());
+        async move {
+            match connection {
+                Ok(connection) => {
+                    context.metrics.connections.inc();
+                    session(connection, context, shutdown).await;
+                }
+                Err(error) => {
+                    context.refused.fetch_add(1, Ordering::Relaxed);
+                    info!(%error, "handshake refused");
                 }
             }
-            .instrument(info_span!("ncu", %remote)),
-        );
-        while sessions.try_join_next().is_some() {}
-    }
-    endpoint.close(0_u32.into(), b"shutting down");
-    sessions.abort_all();
-    while sessions.join_next().await.is_some() {}
+        }
+    })
+    .await;
 }
 
 /// One NCU's session: the lifetime of its control connection.
@@ -117,7 +105,7 @@ async fn session(connection: Connection, context: Arc<Context>, shutdown: Cancel
     // An NCU keeps an idle connection to its backup (its standby) and opens the stream only when it moves here:
     // the NCU is looked up meanwhile, so a storm of moves costs neither handshakes nor lookups.
     let (streams, found) =
-        tokio::join!(connection.accept_bi(), hds::store::ncu_by_fingerprint(&context.pool, &fingerprint));
+        tokio::join!(connection.accept_bi(), tether_db::ncus::by_fingerprint(&context.pool, &fingerprint));
     let (mut send, mut recv) = match streams {
         Ok(streams) => streams,
         Err(error) => {
@@ -156,6 +144,7 @@ async fn session(connection: Connection, context: Arc<Context>, shutdown: Cancel
         connection: connection.clone(),
     };
     info!(ncu = ncu.id, domain = %ncu.domain, session = session.id, "NCU connected");
+    context.metrics.sessions.inc();
     let mut draining = context.draining.clone();
     let mut asked_to_drain = false;
     loop {
@@ -200,6 +189,7 @@ async fn session(connection: Connection, context: Arc<Context>, shutdown: Cancel
         }
     }
     info!(session = session.id, "NCU disconnected");
+    context.metrics.sessions.dec();
     end_session(&session, &context);
 }
 
@@ -316,7 +306,7 @@ fn error(code: ControlError, message: &str) -> ToNcu {
     ToNcu::Error { code, message: message.to_owned() }
 }
 
-fn unavailable(e: &hds::store::StoreError) -> ToNcu {
+fn unavailable(e: &tether_db::StoreError) -> ToNcu {
     warn!(error = %e, "database error during registration");
     error(ControlError::Unavailable, "database unavailable; retry")
 }

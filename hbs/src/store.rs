@@ -3,10 +3,10 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use hds::store::StoreError;
 use sqlx::{PgPool, Row};
+use tether_db::StoreError;
 
-use crate::control::{Refusal, Uplink};
+use tether_proto::control::{Refusal, Uplink};
 
 /// An uplink accepted for monitoring: its address row and the state it starts in.
 #[derive(Debug, Clone)]
@@ -37,6 +37,16 @@ pub enum State {
     Live,
     /// Not answering.
     Dead,
+}
+
+impl State {
+    /// The `address_state` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Live => "live",
+            Self::Dead => "dead",
+        }
+    }
 }
 
 /// A static address with a service check, owned by this server.
@@ -255,15 +265,7 @@ pub async fn withdraw(pool: &PgPool, ncu_id: i64, uplink: &str) -> Result<Option
 /// Writes a batch of state and load changes in one statement, only to rows this server owns.
 pub async fn write_batch(pool: &PgPool, me: &str, changes: &[Change]) -> Result<u64, StoreError> {
     let ids: Vec<i64> = changes.iter().map(|c| c.id).collect();
-    let states: Vec<Option<&str>> = changes
-        .iter()
-        .map(|c| {
-            c.state.map(|s| match s {
-                State::Live => "live",
-                State::Dead => "dead",
-            })
-        })
-        .collect();
+    let states: Vec<Option<&str>> = changes.iter().map(|c| c.state.map(State::as_str)).collect();
     let loads: Vec<Option<f32>> = changes.iter().map(|c| c.load).collect();
     let done = sqlx::query(
         "UPDATE addresses a SET state = COALESCE(v.state::address_state, a.state), load = COALESCE(v.load, a.load), \
@@ -277,11 +279,6 @@ pub async fn write_batch(pool: &PgPool, me: &str, changes: &[Change]) -> Result<
     .execute(pool)
     .await?;
     Ok(done.rows_affected())
-}
-
-/// Whether `error` means Postgres is out of reach (retry later), not that the statement was refused.
-pub fn is_unavailable(error: &StoreError) -> bool {
-    matches!(error, StoreError::Database(e) if hds::store::is_unavailable(e))
 }
 
 /// Records where replies come from when it differs from the interface address (NAT): the observed address is

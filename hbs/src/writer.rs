@@ -1,15 +1,16 @@
 //! Writes state transitions, not heartbeats: events are coalesced per address and written together, one statement
 //! per batch window. Nothing is lost while Postgres is away: pending changes wait and merge with newer ones.
 
-use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::Duration};
 
 use sqlx::PgPool;
+use tether_proto::heartbeat::monitor::Event;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::{
-    heartbeat::monitor::Event,
+    metrics::Metrics,
     store::{self, Change, State},
 };
 
@@ -34,6 +35,7 @@ pub async fn run(
     window: Duration,
     mut heartbeat: mpsc::UnboundedReceiver<Event>,
     mut checks: mpsc::UnboundedReceiver<Update>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let mut pending: BTreeMap<i64, Change> = BTreeMap::new();
@@ -57,15 +59,28 @@ pub async fn run(
         while let Ok(update) = checks.try_recv() {
             merge(&mut pending, &mut observed, update);
         }
+        let started = std::time::Instant::now();
         match flush(&pool, &me, &pending, &observed).await {
             Ok(written) => {
                 debug!(changes = pending.len(), written, "state changes written");
+                metrics.write_seconds.observe(started.elapsed().as_secs_f64());
+                metrics.write_batches.inc();
+                metrics.database_reachable.set(1);
+                for change in pending.values() {
+                    if let Some(state) = change.state {
+                        metrics.transition(state.as_str());
+                    }
+                }
                 pending.clear();
                 observed.clear();
                 delay = Duration::from_millis(100);
             }
             Err(error) => {
                 warn!(%error, retry_in = ?delay, pending = pending.len(), "cannot write state changes; keeping them");
+                metrics.write_errors.inc();
+                if error.is_unavailable() {
+                    metrics.database_reachable.set(0);
+                }
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(delay) => {}
@@ -100,21 +115,21 @@ async fn flush(
     me: &str,
     pending: &BTreeMap<i64, Change>,
     observed: &BTreeMap<i64, IpAddr>,
-) -> Result<u64, hds::store::StoreError> {
+) -> Result<u64, tether_db::StoreError> {
     // Every first proof reports where replies come from: a ramp or a storm brings thousands at once, so they go in
     // one statement, which touches only the rows behind NAT.
     let batch: Vec<(i64, IpAddr)> = observed.iter().map(|(id, ip)| (*id, *ip)).collect();
     if !batch.is_empty()
         && let Err(error) = store::set_observed(pool, me, &batch).await
     {
-        if store::is_unavailable(&error) {
+        if error.is_unavailable() {
             return Err(error);
         }
         // An observed address taken by another of the domain's: write each alone so only that one is refused.
         warn!(%error, addresses = batch.len(), "cannot record observed addresses together; writing one by one");
         for one in batch.chunks(1) {
             if let Err(error) = store::set_observed(pool, me, one).await {
-                if store::is_unavailable(&error) {
+                if error.is_unavailable() {
                     return Err(error);
                 }
                 warn!(%error, id = one[0].0, "cannot record the observed address");

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use crate::client::host_of as host;
+use tether_proto::hds::host_of as host;
 
 /// How far above the least loaded server's load ratio a server may be and still be chosen for stability.
 pub const SLACK: f64 = 0.10;

@@ -3,9 +3,8 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
-
-pub use crate::settings::ConfigError;
-use crate::settings::{self, invalid};
+pub use tether_config::{ConfigError, Load};
+use tether_config::{LogFormat, Secret, invalid};
 
 /// Everything `hds` reads from its `--config` file.
 #[derive(Debug, Clone, Deserialize)]
@@ -16,7 +15,7 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Postgres URL; the environment variable `DATABASE_URL` takes precedence.
     #[serde(default)]
-    pub database_url: Option<String>,
+    pub database_url: Option<Secret>,
     /// The operator CA certificate (PEM); its key (`ca.key` beside it) signs NCU certificates.
     pub ca: PathBuf,
     /// This server's certificate (PEM), issued by `hds pki`.
@@ -33,8 +32,11 @@ pub struct Config {
     #[serde(default)]
     pub publish: Option<Publish>,
     /// Log format: `text` or `json`.
-    #[serde(default = "default_log_format")]
-    pub log_format: String,
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// Longest wait between two attempts to reach Postgres at start.
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
 }
 
 /// Where and how this instance is published in DNS.
@@ -47,39 +49,35 @@ pub struct Publish {
     pub address: SocketAddr,
 }
 
-impl Config {
-    /// Reads, parses, applies `DATABASE_URL` and validates.
-    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let mut config: Self = settings::read_toml(path)?;
-        config.database_url = settings::database_url(config.database_url.take());
-        config.validate()?;
-        Ok(config)
+impl Load for Config {
+    fn apply_env(&mut self, var: &dyn Fn(&str) -> Option<String>) {
+        tether_config::env_secret(&mut self.database_url, var, "DATABASE_URL");
     }
 
-    /// Parses TOML text without looking at the environment.
-    pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        Ok(toml::from_str(text)?)
-    }
-
-    /// Checks what serde cannot.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        settings::check_database_url(self.database_url.as_deref())?;
-        settings::check_files(&[("ca", &self.ca), ("cert", &self.cert), ("key", &self.key)])?;
+    fn validate(&self) -> Result<(), ConfigError> {
+        tether_config::check_database(self.database_url.as_ref())?;
+        tether_config::check_files(&[("ca", &self.ca), ("cert", &self.cert), ("key", &self.key)])?;
+        tether_config::check_backoff(self.max_backoff)?;
         if self.stale_after < Duration::from_secs(1) {
             return Err(invalid("stale_after", "must be at least 1s"));
         }
         if self.ncu_cert_validity < Duration::from_secs(3600) {
             return Err(invalid("ncu_cert_validity", "must be at least 1h"));
         }
-        if !["text", "json"].contains(&self.log_format.as_str()) {
-            return Err(invalid("log_format", "must be text or json"));
-        }
         Ok(())
     }
+}
 
+impl tether_service::ServerConfig for Config {
+    fn log_format(&self) -> LogFormat {
+        self.log_format
+    }
+}
+
+impl Config {
     /// The database URL; present once `validate` has passed.
     pub fn database_url(&self) -> &str {
-        self.database_url.as_deref().unwrap_or("")
+        self.database_url.as_ref().map_or("", Secret::expose)
     }
 }
 
@@ -95,8 +93,8 @@ fn default_ncu_cert_validity() -> Duration {
     Duration::from_secs(365 * 24 * 3600)
 }
 
-fn default_log_format() -> String {
-    "text".into()
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(5)
 }
 
 #[cfg(test)]

@@ -1,25 +1,14 @@
-//! hds: tether's heartbeat distribution server, the NCU/HBS ↔ HDS protocol it owns, and the operator PKI.
-//!
-//! Without the `server` feature this crate is what ncu links: wire types ([`proto`]), the client ([`client`]), the
-//! assignment rule ([`assign`]) and PKI helpers ([`pki`]). With it, the server ([`server`]) and its Postgres store.
+//! hds: tether's heartbeat distribution server. It enrolls NCUs with the operator CA and hands each a primary and a
+//! backup heartbeat server ([`assign`], pure), over the protocol of [`tether_proto::hds`] ([`server`]), with its
+//! Postgres store ([`store`]).
 
 pub mod assign;
-pub mod client;
-#[cfg(feature = "server")]
 pub mod config;
-pub mod frame;
-pub mod pki;
-pub mod proto;
-#[cfg(feature = "server")]
 pub mod server;
-pub mod settings;
-#[cfg(feature = "server")]
 pub mod store;
 
-#[cfg(feature = "server")]
 pub use run::run;
 
-#[cfg(feature = "server")]
 mod run {
     use std::{sync::Arc, time::Duration};
 
@@ -27,7 +16,10 @@ mod run {
     use tokio_util::sync::CancellationToken;
     use tracing::{info, warn};
 
-    use crate::{config::Config, pki, proto, server, store};
+    use tether_pki as pki;
+    use tether_proto::hds as proto;
+
+    use crate::{config::Config, server, store};
 
     /// How often this instance re-asserts its SRV tuple.
     const PUBLISH_EVERY: Duration = Duration::from_secs(60);
@@ -39,8 +31,8 @@ mod run {
             .context("loading the operator CA (ca.pem and ca.key)")?;
         let tls = pki::server_tls(&ca_pem, &pki::read(&config.cert)?, &pki::read(&config.key)?, proto::ALPN, true)
             .context("building the TLS configuration from cert and key")?;
-        let pool = store::pool(config.database_url()).context("database_url")?;
-        if !store::migrate(&pool, &shutdown).await.context("applying migrations")? {
+        let pool = tether_db::pool(config.database_url()).context("database_url")?;
+        if !tether_db::wait_and_migrate(&pool, config.max_backoff, &shutdown).await.context("applying migrations")? {
             return Ok(());
         }
         let local = socket.local_addr()?;

@@ -4,9 +4,8 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use hds::{config::Config, pki};
-use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
+use hds::config::Config;
+use tether_pki as pki;
 
 /// Hands each NCU a primary and a backup heartbeat server, and enrolls NCUs with the operator CA.
 #[derive(Parser)]
@@ -15,6 +14,9 @@ struct Args {
     /// Configuration file (TOML); runs the server.
     #[arg(long, short)]
     config: Option<PathBuf>,
+    /// Parse and validate the configuration, then exit.
+    #[arg(long, requires = "config")]
+    check: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -62,7 +64,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let result = match (args.command, args.config) {
         (Some(Command::Pki { command }), _) => pki_command(command),
-        (None, Some(path)) => serve(&path),
+        (None, Some(path)) => return tether_service::start("hds", &path, args.check, serve),
         (None, None) => Err(anyhow::anyhow!("give --config FILE to run the server, or a subcommand (see --help)")),
     };
     match result {
@@ -106,22 +108,8 @@ fn issue(ca: &pki::Ca, dir: &std::path::Path, servers: &[String], days: u64) -> 
     Ok(())
 }
 
-fn serve(path: &std::path::Path) -> anyhow::Result<()> {
-    let config = Config::load(path).with_context(|| format!("bad configuration in {}", path.display()))?;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    if config.log_format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-    let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async {
-        let socket =
-            std::net::UdpSocket::bind(config.listen).with_context(|| format!("binding listen {}", config.listen))?;
-        let shutdown = CancellationToken::new();
-        hds::settings::cancel_on_signal(shutdown.clone());
-        hds::run(socket, config, shutdown).await
-    })
+async fn serve(config: Config, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+    let socket =
+        std::net::UdpSocket::bind(config.listen).with_context(|| format!("binding listen {}", config.listen))?;
+    hds::run(socket, config, shutdown).await
 }

@@ -5,14 +5,15 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use quinn::{Connection, Endpoint};
 use rustls::pki_types::CertificateDer;
 use sqlx::PgPool;
-use tokio::task::JoinSet;
+use tether_pki::{self as pki, stream};
+use tether_proto::hds::{self as proto, ErrorCode, HeartbeatServer, Request, Response};
+use tether_service::accept::{self, AtShutdown};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
-    assign, pki,
-    proto::{self, ErrorCode, HeartbeatServer, Request, Response},
-    store::{self, StoreError},
+    assign,
+    store::{self, EnrollError},
 };
 
 /// Streams one connection may have open at once.
@@ -35,34 +36,19 @@ pub fn endpoint(socket: std::net::UdpSocket, tls: rustls::ServerConfig) -> anyho
     pki::server_endpoint(socket, tls, MAX_STREAMS, Duration::from_secs(30), None)
 }
 
-/// Accepts connections until `shutdown`, then closes the endpoint and waits for handlers.
+/// Accepts connections until `shutdown`, then closes the endpoint and lets running requests finish.
 pub async fn serve(endpoint: Endpoint, context: Arc<Context>, shutdown: CancellationToken) {
-    let mut handlers = JoinSet::new();
-    loop {
-        let incoming = tokio::select! {
-            () = shutdown.cancelled() => break,
-            incoming = endpoint.accept() => match incoming {
-                Some(incoming) => incoming,
-                None => break,
-            },
-        };
+    accept::serve(&endpoint, &shutdown, AtShutdown::Finish, move |connection, _| {
         let context = context.clone();
-        let remote = incoming.remote_address();
-        handlers.spawn(
-            async move {
-                match incoming.await {
-                    Ok(connection) => handle_connection(connection, context).await,
-                    // Wrong ALPN, a certificate not from our CA, an expired one: refused at the handshake.
-                    Err(error) => info!(%error, "handshake refused"),
-                }
+        async move {
+            match connection {
+                Ok(connection) => handle_connection(connection, context).await,
+                // Wrong ALPN, a certificate not from our CA, an expired one: refused at the handshake.
+                Err(error) => info!(%error, "handshake refused"),
             }
-            .instrument(info_span!("connection", %remote)),
-        );
-        while handlers.try_join_next().is_some() {}
-    }
-    endpoint.close(0_u32.into(), b"shutting down");
-    while handlers.join_next().await.is_some() {}
-    endpoint.wait_idle().await;
+        }
+    })
+    .await;
 }
 
 async fn handle_connection(connection: Connection, context: Arc<Context>) {
@@ -75,14 +61,14 @@ async fn handle_connection(connection: Connection, context: Arc<Context>) {
                 return;
             }
         };
-        let response = match proto::read_frame::<Request>(&mut recv).await {
+        let response = match stream::read_whole::<Request>(&mut recv, proto::VERSION, proto::MAX_FRAME).await {
             Ok(request) => handle_request(request, fingerprint.as_ref(), connection.remote_address(), &context).await,
             Err(error) => {
                 warn!(%error, "bad frame");
                 Response::error(proto::error_code(&error), error.to_string())
             }
         };
-        if let Err(error) = proto::write_frame(&mut send, &response).await {
+        if let Err(error) = stream::write_whole(&mut send, proto::VERSION, &response).await {
             debug!(%error, "cannot send the response");
         }
     }
@@ -129,7 +115,7 @@ async fn enroll(context: &Context, token: &str, csr: &str, serial: Option<String
 }
 
 async fn assign(context: &Context, fingerprint: &[u8; 32], failed: &[String], remote: SocketAddr) -> Response {
-    let ncu = match store::ncu_by_fingerprint(&context.pool, fingerprint).await {
+    let ncu = match tether_db::ncus::by_fingerprint(&context.pool, fingerprint).await {
         Ok(Some(ncu)) => ncu,
         Ok(None) => {
             warn!(fingerprint = %hex::encode(fingerprint), "certificate of no enrolled NCU (domain deleted?)");
@@ -138,11 +124,11 @@ async fn assign(context: &Context, fingerprint: &[u8; 32], failed: &[String], re
                 "this certificate belongs to no enrolled NCU (was its domain deleted?); enroll again",
             );
         }
-        Err(error) => return refusal(error),
+        Err(error) => return refusal(error.into()),
     };
     let fleet = match store::fleet(&context.pool).await {
         Ok(fleet) => fleet,
-        Err(error) => return refusal(error),
+        Err(error) => return refusal(error.into()),
     };
     match assign::choose(&fleet, failed, context.stale_after, fingerprint) {
         Ok(pair) => {
@@ -159,13 +145,13 @@ async fn assign(context: &Context, fingerprint: &[u8; 32], failed: &[String], re
     }
 }
 
-fn refusal(error: StoreError) -> Response {
+fn refusal(error: EnrollError) -> Response {
     let code = match &error {
-        StoreError::UnknownToken => ErrorCode::UnknownToken,
-        StoreError::TokenUsed => ErrorCode::TokenUsed,
-        StoreError::TokenExpired(_) => ErrorCode::TokenExpired,
-        StoreError::BadCsr(_) => ErrorCode::BadCsr,
-        StoreError::Database(e) => {
+        EnrollError::UnknownToken => ErrorCode::UnknownToken,
+        EnrollError::TokenUsed => ErrorCode::TokenUsed,
+        EnrollError::TokenExpired(_) => ErrorCode::TokenExpired,
+        EnrollError::BadCsr(_) => ErrorCode::BadCsr,
+        EnrollError::Database(e) => {
             warn!(error = %e, "database unavailable");
             return Response::error(ErrorCode::Unavailable, "hds cannot reach its database; retry later");
         }

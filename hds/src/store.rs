@@ -4,12 +4,13 @@ use std::{net::SocketAddr, time::Duration};
 
 use sha2::{Digest, Sha256};
 use sqlx::{PgPool, Row};
+use tether_db::StoreError;
 
 use crate::assign::{FleetState, Server};
 
-/// A database failure or a refused enrollment.
+/// A refused enrollment, or a database failure.
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub enum EnrollError {
     /// The token matches no enrollment.
     #[error("unknown enrollment token")]
     UnknownToken,
@@ -23,8 +24,14 @@ pub enum StoreError {
     #[error("unusable certificate request: {0}")]
     BadCsr(String),
     /// Postgres failed or is unreachable.
-    #[error("database: {0}")]
-    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Database(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for EnrollError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Database(error.into())
+    }
 }
 
 /// What an enrollment created.
@@ -36,17 +43,6 @@ pub struct Enrolled {
     pub domain: String,
 }
 
-/// An enrolled NCU, found by its certificate.
-#[derive(Debug, Clone)]
-pub struct Ncu {
-    /// Its `ncus` row.
-    pub id: i64,
-    /// The domain's row.
-    pub domain_id: i64,
-    /// The domain it serves.
-    pub domain: String,
-}
-
 /// Consumes a one-time token and records the NCU, in one transaction; `sign` makes the certificate (PEM and
 /// fingerprint) for the token's domain and runs only once the token is known to be good.
 pub async fn enroll<F>(
@@ -55,7 +51,7 @@ pub async fn enroll<F>(
     serial: Option<&str>,
     mac: Option<&str>,
     sign: F,
-) -> Result<(Enrolled, String), StoreError>
+) -> Result<(Enrolled, String), EnrollError>
 where
     F: FnOnce(&str) -> Result<(String, [u8; 32]), String>,
 {
@@ -69,21 +65,21 @@ where
     .fetch_optional(&mut *tx)
     .await?;
     let Some(row) = row else {
-        return Err(StoreError::UnknownToken);
+        return Err(EnrollError::UnknownToken);
     };
     if row.try_get::<Option<chrono::DateTime<chrono::Utc>>, _>("used_at")?.is_some() {
-        return Err(StoreError::TokenUsed);
+        return Err(EnrollError::TokenUsed);
     }
     let expires_at: chrono::DateTime<chrono::Utc> = row.try_get("expires_at")?;
     if expires_at <= chrono::Utc::now() {
-        return Err(StoreError::TokenExpired(expires_at));
+        return Err(EnrollError::TokenExpired(expires_at));
     }
     let fqdn: String = row.try_get("fqdn")?;
     let domain = fqdn.trim_end_matches('.').to_owned();
     let (certificate, fingerprint) = match sign(&domain) {
         Ok(signed) => signed,
         // The transaction rolls back: the token stays unused, so the NCU may try again with a good CSR.
-        Err(reason) => return Err(StoreError::BadCsr(reason)),
+        Err(reason) => return Err(EnrollError::BadCsr(reason)),
     };
     sqlx::query("UPDATE enrollments SET used_at = now() WHERE id = $1")
         .bind(row.try_get::<i64, _>("id")?)
@@ -100,25 +96,6 @@ where
     .await?;
     tx.commit().await?;
     Ok((Enrolled { ncu_id, domain }, certificate))
-}
-
-/// The enrolled NCU holding the certificate with this fingerprint; marks it seen.
-pub async fn ncu_by_fingerprint(pool: &PgPool, fingerprint: &[u8; 32]) -> Result<Option<Ncu>, StoreError> {
-    let row = sqlx::query(
-        "UPDATE ncus n SET last_seen = now() FROM domains d WHERE d.id = n.domain_id AND n.cert_fingerprint = $1 \
-         RETURNING n.id, n.domain_id, d.fqdn",
-    )
-    .bind(&fingerprint[..])
-    .fetch_optional(pool)
-    .await?;
-    row.map(|row| {
-        Ok(Ncu {
-            id: row.try_get("id")?,
-            domain_id: row.try_get("domain_id")?,
-            domain: row.try_get::<String, _>("fqdn")?.trim_end_matches('.').to_owned(),
-        })
-    })
-    .transpose()
 }
 
 /// Every row of `heartbeat_servers`, with its age by the database's clock.
@@ -218,45 +195,4 @@ pub async fn unpublish(pool: &PgPool, zone: &str, address: SocketAddr) -> Result
     .execute(pool)
     .await?;
     Ok(())
-}
-
-/// The migrations in `migrations/`, embedded at build time.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
-
-/// Applies migrations, waiting for Postgres with backoff. False when shut down while waiting.
-pub async fn migrate(pool: &PgPool, shutdown: &tokio_util::sync::CancellationToken) -> Result<bool, StoreError> {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match MIGRATOR.run(pool).await {
-            Ok(()) => return Ok(true),
-            Err(sqlx::migrate::MigrateError::Execute(error)) if is_unavailable(&error) => {
-                tracing::warn!(%error, retry_in = ?delay, "waiting for Postgres");
-            }
-            Err(sqlx::migrate::MigrateError::Execute(error)) => return Err(error.into()),
-            Err(other) => return Err(sqlx::Error::Migrate(Box::new(other)).into()),
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(false),
-            () = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(Duration::from_secs(5));
-    }
-}
-
-/// True when Postgres is merely out of reach.
-pub fn is_unavailable(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => true,
-        sqlx::Error::Database(db) => matches!(db.code().as_deref(), Some("57P01" | "57P02" | "57P03")),
-        _ => false,
-    }
-}
-
-/// A lazily connecting pool.
-pub fn pool(url: &str) -> Result<PgPool, StoreError> {
-    let options: sqlx::postgres::PgConnectOptions = url.parse()?;
-    Ok(sqlx::postgres::PgPoolOptions::new()
-        .max_connections(8)
-        .acquire_timeout(Duration::from_secs(3))
-        .connect_lazy_with(options))
 }

@@ -22,7 +22,7 @@ fn init_creates_a_ca_and_server_certificates_and_never_overwrites() {
         assert_eq!(meta.permissions().mode() & 0o777, mode, "{file}");
     }
     let cert = std::fs::read_to_string(pki.join("hbs-a.pem")).expect("cert");
-    let der = hds::pki::cert_from_pem(&cert).expect("pem");
+    let der = tether_pki::cert_from_pem(&cert).expect("pem");
     let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref()).expect("x509");
     let sans = format!("{:?}", parsed.subject_alternative_name().expect("ext").expect("san").value.general_names);
     assert!(sans.contains("198.18.0.2") || sans.contains("[198, 18, 0, 2]"), "{sans}");

@@ -14,11 +14,12 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use hbs::{
+use tether_pki::{self as pki, stream as frame};
+use tether_proto::{
     control::{self, ToHbs, ToNcu, Uplink},
+    hds::HeartbeatServer,
     heartbeat::responder::{Responder, ResponderEvent, ResponderPolicy},
 };
-use hds::{frame, pki, proto::HeartbeatServer};
 use tokio::{
     net::UdpSocket,
     sync::{mpsc, oneshot, watch},
@@ -593,7 +594,7 @@ async fn dial(tls: &Arc<rustls::ClientConfig>, target: &HeartbeatServer) -> anyh
         .next()
         .with_context(|| format!("{} resolves to nothing", target.address))?;
     let bind: SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0_u16; 8], 0).into() };
-    let mut endpoint = hds::pki::client_endpoint(std::net::UdpSocket::bind(bind)?)?;
+    let mut endpoint = pki::client_endpoint(std::net::UdpSocket::bind(bind)?)?;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls.clone())?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
@@ -601,7 +602,7 @@ async fn dial(tls: &Arc<rustls::ClientConfig>, target: &HeartbeatServer) -> anyh
     transport.max_idle_timeout(Some(Duration::from_secs(15).try_into()?));
     config.transport_config(Arc::new(transport));
     endpoint.set_default_client_config(config);
-    Ok(endpoint.connect(addr, hds::client::host_of(&target.address))?.await?)
+    Ok(endpoint.connect(addr, tether_proto::hds::host_of(&target.address))?.await?)
 }
 
 /// A UDP socket on the uplink's address, bound to its interface when known (SO_BINDTODEVICE).

@@ -2,10 +2,10 @@
 
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
-use hds::settings::invalid;
 use serde::Deserialize;
+use tether_config::invalid;
 
-pub use hds::settings::ConfigError;
+pub use tether_config::{ConfigError, Load};
 
 /// Everything `ncu run` reads from its `--config` file.
 #[derive(Debug, Clone, Deserialize)]
@@ -70,29 +70,16 @@ pub struct UplinkConfig {
     pub weight: u16,
 }
 
-impl Config {
-    /// Reads, parses and validates.
-    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let config: Self = hds::settings::read_toml(path)?;
-        config.validate()?;
-        Ok(config)
-    }
-
-    /// Parses TOML text.
-    pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        Ok(toml::from_str(text)?)
-    }
-
-    /// Checks what serde cannot.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+impl Load for Config {
+    fn validate(&self) -> Result<(), ConfigError> {
         if self.hds.is_empty() {
             return Err(invalid("hds", "at least one hds address"));
         }
         if self.failover_after < Duration::from_millis(500) {
             return Err(invalid("failover_after", "must be at least 500ms"));
         }
-        if self.uplinks.len() > hbs::control::MAX_UPLINKS {
-            return Err(invalid("uplink", format!("at most {} uplinks", hbs::control::MAX_UPLINKS)));
+        if self.uplinks.len() > tether_proto::control::MAX_UPLINKS {
+            return Err(invalid("uplink", format!("at most {} uplinks", tether_proto::control::MAX_UPLINKS)));
         }
         for (i, uplink) in self.uplinks.iter().enumerate() {
             if self.uplinks[..i].iter().any(|u| u.name == uplink.name) {

@@ -2,11 +2,11 @@
 
 use std::{path::Path, sync::Arc, time::Duration};
 
-use hds::{
-    client::{self, ClientError},
-    pki,
-    proto::{self, HeartbeatServer, Request, Response},
+use tether_pki::{
+    self as pki,
+    hds_client::{self as client, ClientError},
 };
+use tether_proto::hds::{self as proto, HeartbeatServer, Request, Response};
 use tracing::warn;
 
 use crate::identity::Identity;

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use hds::pki::{self, PkiError};
+use tether_pki::{self as pki, PkiError};
 
 /// File names inside the identity directory.
 const CA: &str = "ca.pem";

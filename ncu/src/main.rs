@@ -89,7 +89,7 @@ fn main() -> ExitCode {
 async fn execute(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Enroll { hds, token, ca, dir, serial, mac } => {
-            let ca_pem = hds::pki::read(&ca)?;
+            let ca_pem = tether_pki::read(&ca)?;
             let domain =
                 hds_client::enroll(&hds, &ca_pem, &token, &dir, serial, mac).await.context("enrollment failed")?;
             eprintln!("ncu: enrolled for {domain}; identity stored in {} (0600)", dir.display());
@@ -108,14 +108,14 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run { config } => {
-            let config = ncu::config::Config::load(&config)
+            let config = <ncu::config::Config as tether_config::Load>::load(&config)
                 .with_context(|| format!("bad configuration in {}", config.display()))?;
             let identity = Identity::load(&config.identity)
                 .with_context(|| format!("no NCU identity in {} (enroll first)", config.identity.display()))?;
             let shutdown = tokio_util::sync::CancellationToken::new();
             let uplinks_rx = uplink_source(&config, &identity, &shutdown)?;
             let (status, _) = tokio::sync::watch::channel(agent::Status::default());
-            hds::settings::cancel_on_signal(shutdown.clone());
+            tether_config::cancel_on_signal(shutdown.clone());
             agent::run(
                 config.hds,
                 identity,
@@ -154,10 +154,10 @@ fn uplink_source(
         Some(server) => ncu::uplinks::validate::Target::Tcp(server),
         None => ncu::uplinks::validate::Target::Hds {
             addresses: config.hds.clone(),
-            tls: std::sync::Arc::new(hds::pki::client_tls(
+            tls: std::sync::Arc::new(tether_pki::client_tls(
                 &identity.ca_pem,
                 Some((&identity.cert_pem, &identity.key_pem)),
-                hds::proto::ALPN,
+                tether_proto::hds::ALPN,
             )?),
         },
     };

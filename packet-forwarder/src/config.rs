@@ -1,8 +1,10 @@
 //! The `packet-forwarder` configuration file: strict TOML, named defaults, validated once.
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use serde::Deserialize;
+use tether_config::invalid;
+pub use tether_config::{ConfigError, Load, LogFormat, Secret};
 
 /// Everything `packet-forwarder` reads from its `--config` file.
 #[derive(Debug, Clone, Deserialize)]
@@ -35,39 +37,15 @@ pub struct Config {
     pub shutdown_grace: Duration,
 }
 
-pub use dns::config::{ConfigError, LogFormat, Secret};
-
-impl Config {
-    /// Reads, parses and validates the file at `path`, then applies the environment overrides.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-        let mut config = Self::parse(&text)?;
-        config.apply_env(|key| std::env::var(key).ok());
-        config.validate()?;
-        Ok(config)
-    }
-
-    /// Parses TOML text without looking at the environment.
-    pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        Ok(toml::from_str(text)?)
-    }
-
+impl Load for Config {
     /// Lets `DATABASE_URL` override the file.
-    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) {
-        if let Some(url) = var("DATABASE_URL").filter(|v| !v.is_empty()) {
-            self.database_url = Some(Secret::new(url));
-        }
+    fn apply_env(&mut self, var: &dyn Fn(&str) -> Option<String>) {
+        tether_config::env_secret(&mut self.database_url, var, "DATABASE_URL");
     }
 
     /// Checks what serde cannot: presence of the database URL, sane durations and sizes.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let Some(url) = &self.database_url else {
-            return Err(invalid("database_url", "missing (set it here or in DATABASE_URL)"));
-        };
-        if !(url.expose().starts_with("postgres://") || url.expose().starts_with("postgresql://")) {
-            return Err(invalid("database_url", "must start with postgres:// or postgresql://"));
-        }
+    fn validate(&self) -> Result<(), ConfigError> {
+        tether_config::check_database(self.database_url.as_ref())?;
         if self.udp_idle_timeout < Duration::from_millis(100) {
             return Err(invalid("udp_idle_timeout", "must be at least 100ms"));
         }
@@ -77,20 +55,21 @@ impl Config {
         if !(1024..=16 << 20).contains(&self.tcp_buffer) {
             return Err(invalid("tcp_buffer", "must be between 1024 and 16777216 bytes"));
         }
-        if self.max_backoff < Duration::from_millis(100) {
-            return Err(invalid("max_backoff", "must be at least 100ms"));
-        }
-        Ok(())
+        tether_config::check_backoff(self.max_backoff)
     }
+}
 
+impl tether_service::ServerConfig for Config {
+    fn log_format(&self) -> LogFormat {
+        self.log_format
+    }
+}
+
+impl Config {
     /// The database URL; present once `validate` has passed.
     pub fn database_url(&self) -> &str {
         self.database_url.as_ref().map_or("", Secret::expose)
     }
-}
-
-fn invalid(key: &'static str, problem: &str) -> ConfigError {
-    ConfigError::Invalid { key, problem: problem.to_owned() }
 }
 
 fn default_metrics_listen() -> SocketAddr {
@@ -165,7 +144,7 @@ mod tests {
     #[test]
     fn env_overrides_file_and_secrets_are_masked() {
         let mut config = Config::parse("database_url = 'postgres://file/db'").expect("parses");
-        config.apply_env(|key| (key == "DATABASE_URL").then(|| "postgres://env/db".into()));
+        config.apply_env(&|key| (key == "DATABASE_URL").then(|| "postgres://env/db".into()));
         assert_eq!(config.database_url(), "postgres://env/db");
         let debug = format!("{config:?}");
         assert!(!debug.contains("postgres://"), "{debug}");

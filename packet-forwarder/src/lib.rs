@@ -8,7 +8,7 @@ use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use tether_service::http;
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
@@ -98,21 +98,15 @@ impl Shared {
 
 /// Runs the forwarder until `shutdown`, then lets running flows finish for `shutdown_grace` before cutting them.
 pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let pool = store::pool(config.database_url()).context("database_url")?;
+    let pool = tether_db::pool(config.database_url()).context("database_url")?;
     let shared = Arc::new(Shared::new(&config));
     let (synced_tx, synced_rx) = watch::channel(false);
     let metrics_addr = listeners.metrics_addr()?;
-    let app = Router::new()
-        .route("/metrics", get(render_metrics))
-        .route("/healthz", get(healthz))
-        .with_state((shared.clone(), synced_rx.clone()));
-    let http_shutdown = shutdown.clone();
-    let http = tokio::spawn(async move {
-        axum::serve(listeners.metrics, app).with_graceful_shutdown(http_shutdown.cancelled_owned()).await
-    });
+    let status = Arc::new(Status { shared: shared.clone(), synced: synced_rx });
+    let http = http::serve(listeners.metrics, http::routes(status), shutdown.clone());
     info!(%metrics_addr, "metrics served");
 
-    if !store::wait_and_migrate(&pool, config.max_backoff, &shutdown).await.context("applying migrations")? {
+    if !tether_db::wait_and_migrate(&pool, config.max_backoff, &shutdown).await.context("applying migrations")? {
         let _ = http.await;
         return Ok(());
     }
@@ -130,30 +124,33 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
     }
     shared.cut.cancel();
     shared.flows.wait().await;
-    match http.await {
-        Ok(Err(error)) => warn!(%error, "metrics server did not stop cleanly"),
-        Err(error) => warn!(%error, "metrics server task failed"),
-        Ok(Ok(())) => {}
+    if let Err(error) = http.await {
+        warn!(%error, "metrics server task failed");
     }
     pool.close().await;
     Ok(())
 }
 
-type HttpState = (Arc<Shared>, watch::Receiver<bool>);
-
-async fn render_metrics(State((shared, _)): State<HttpState>) -> impl IntoResponse {
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], shared.metrics.render())
+/// What `/metrics` and `/healthz` show.
+struct Status {
+    shared: Arc<Shared>,
+    synced: watch::Receiver<bool>,
 }
 
-/// 200 once the table has been loaded, 503 before.
-async fn healthz(State((shared, synced)): State<HttpState>) -> impl IntoResponse {
-    let ready = *synced.borrow();
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    let body = format!(
-        "{{\"status\":\"{}\",\"domains\":{},\"listeners\":{}}}",
-        if ready { "ok" } else { "starting" },
-        shared.metrics.domains.get(),
-        shared.metrics.listeners.get(),
-    );
-    (status, [(axum::http::header::CONTENT_TYPE, "application/json")], body)
+impl http::Status for Status {
+    fn metrics(&self) -> String {
+        self.shared.metrics.render()
+    }
+
+    /// Ready once the table has been loaded.
+    fn health(&self) -> (bool, String) {
+        let ready = *self.synced.borrow();
+        let body = format!(
+            "{{\"status\":\"{}\",\"domains\":{},\"listeners\":{}}}",
+            if ready { "ok" } else { "starting" },
+            self.shared.metrics.domains.get(),
+            self.shared.metrics.listeners.get(),
+        );
+        (ready, body)
+    }
 }

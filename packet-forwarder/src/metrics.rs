@@ -1,7 +1,7 @@
 //! Prometheus metrics, rendered at `GET /metrics`: per domain flows, bytes, errors, failovers and refusals.
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
@@ -175,11 +175,7 @@ impl Metrics {
 
     /// The text exposition format.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        if let Err(error) = encode(&mut out, &self.registry) {
-            tracing::error!(%error, "cannot encode metrics");
-        }
-        out
+        tether_service::http::render(&self.registry)
     }
 }
 

@@ -1,15 +1,13 @@
-//! Postgres: the pool, migrations, and the reads that build the target table.
+//! The reads that build the target table, with the domain reader the forwarder shares with dns
+//! ([`tether_db::domains`]); the columns and the row model are the forwarder's own.
 
-use std::{collections::HashMap, net::IpAddr};
+use std::net::IpAddr;
 
-use sqlx::{PgPool, Postgres, Row, Transaction, postgres::PgRow};
+use sqlx::{PgPool, Row, postgres::PgRow};
+pub use tether_db::StoreError;
+use tether_db::domains::{self, Domain, RowError};
 
 use crate::table::{AddressRow, DomainRow, Policy, Protocol, ProxyMode};
-
-pub use dns::store::{CHANNEL, MIGRATOR, StoreError, migrate, pool, wait_and_migrate};
-
-const DOMAIN_COLUMNS: &str = "id, fqdn, static_ip, fallback_ip, forward_ports, forward_policy, proxy_protocol, \
-                              max_flows, max_flows_per_client";
 
 /// Every domain with a static address, from one snapshot.
 pub async fn load_all(pool: &PgPool) -> Result<Vec<DomainRow>, StoreError> {
@@ -22,82 +20,55 @@ pub async fn load_domains(pool: &PgPool, ids: &[i64]) -> Result<Vec<DomainRow>, 
 }
 
 async fn load(pool: &PgPool, ids: Option<&[i64]>) -> Result<Vec<DomainRow>, StoreError> {
-    let mut tx = snapshot(pool).await?;
-    let domains = sqlx::query(&format!(
-        "SELECT {DOMAIN_COLUMNS} FROM domains WHERE static_ip IS NOT NULL AND ($1::bigint[] IS NULL OR id = ANY($1))"
-    ))
-    .bind(ids)
-    .fetch_all(&mut *tx)
-    .await?;
-    let addresses = sqlx::query(
-        "SELECT a.domain_id, a.ip, a.priority, a.weight FROM addresses a JOIN domains d ON d.id = a.domain_id \
-         WHERE d.static_ip IS NOT NULL AND a.state = 'live' AND ($1::bigint[] IS NULL OR a.domain_id = ANY($1))",
-    )
-    .bind(ids)
-    .fetch_all(&mut *tx)
-    .await?;
-    let services = sqlx::query(
-        "SELECT s.domain_id, s.transport, s.port FROM services s JOIN domains d ON d.id = s.domain_id \
-         WHERE d.static_ip IS NOT NULL AND ($1::bigint[] IS NULL OR s.domain_id = ANY($1))",
-    )
-    .bind(ids)
-    .fetch_all(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(assemble(&domains, &addresses, &services))
-}
-
-async fn snapshot(pool: &PgPool) -> Result<Transaction<'static, Postgres>, StoreError> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
-    Ok(tx)
-}
-
-type RowError = Box<dyn std::error::Error + Send + Sync>;
-
-/// A listener a service tuple asks for.
-type Listen = (Protocol, u16);
-
-fn assemble(domains: &[PgRow], addresses: &[PgRow], services: &[PgRow]) -> Vec<DomainRow> {
-    let mut by_id: HashMap<i64, DomainRow> = HashMap::with_capacity(domains.len());
-    for row in domains {
-        match domain_from(row) {
-            Ok(domain) => {
-                by_id.insert(domain.id, domain);
-            }
-            Err(error) => tracing::error!(%error, "skipping unreadable domain row"),
-        }
-    }
-    for row in addresses {
-        match address_from(row) {
-            Ok((id, address)) => {
-                if let Some(domain) = by_id.get_mut(&id) {
-                    domain.addresses.push(address);
-                }
-            }
-            Err(error) => tracing::error!(%error, "skipping unreadable address row"),
-        }
-    }
-    for row in services {
-        match service_from(row) {
-            Ok(Some((id, service))) => {
-                if let Some(domain) = by_id.get_mut(&id) {
-                    domain.services.push(service);
-                }
-            }
-            Ok(None) => {}
-            Err(error) => tracing::error!(%error, "skipping unreadable service row"),
-        }
-    }
-    let mut rows: Vec<DomainRow> = by_id.into_values().collect();
+    let mut rows: Vec<DomainRow> = domains::read(pool, ids).await?;
     for row in &mut rows {
         // Row order from Postgres is arbitrary; a stable order lets an unchanged domain compare equal.
         row.addresses.sort_by_key(|a| a.ip);
         row.services.sort_unstable();
         row.services.dedup();
     }
-    rows.sort_by_key(|r| r.id);
-    rows
+    Ok(rows)
+}
+
+/// A listener a service tuple asks for.
+type Listen = (Protocol, u16);
+
+impl Domain for DomainRow {
+    type Address = AddressRow;
+    type Service = Listen;
+    const DOMAINS: &'static str = "SELECT id, fqdn, static_ip, fallback_ip, forward_ports, forward_policy, \
+                                   proxy_protocol, max_flows, max_flows_per_client FROM domains \
+                                   WHERE static_ip IS NOT NULL AND ($1::bigint[] IS NULL OR id = ANY($1))";
+    const ADDRESSES: &'static str = "SELECT a.domain_id, a.ip, a.priority, a.weight FROM addresses a \
+                                     JOIN domains d ON d.id = a.domain_id WHERE d.static_ip IS NOT NULL \
+                                     AND a.state = 'live' AND ($1::bigint[] IS NULL OR a.domain_id = ANY($1))";
+    const SERVICES: &'static str = "SELECT s.domain_id, s.transport, s.port FROM services s \
+                                    JOIN domains d ON d.id = s.domain_id WHERE d.static_ip IS NOT NULL \
+                                    AND ($1::bigint[] IS NULL OR s.domain_id = ANY($1))";
+
+    fn id(&self) -> i64 {
+        self.id
+    }
+
+    fn domain(row: &PgRow) -> Result<Self, RowError> {
+        domain_from(row)
+    }
+
+    fn address(row: &PgRow) -> Result<(i64, AddressRow), RowError> {
+        address_from(row)
+    }
+
+    fn service(row: &PgRow) -> Result<Option<(i64, Listen)>, RowError> {
+        service_from(row)
+    }
+
+    fn add_address(&mut self, address: AddressRow) {
+        self.addresses.push(address);
+    }
+
+    fn add_service(&mut self, service: Listen) {
+        self.services.push(service);
+    }
 }
 
 fn domain_from(row: &PgRow) -> Result<DomainRow, RowError> {

@@ -1,11 +1,11 @@
-//! Keeps the target table fresh: follows `tether_changes` with dns's change feed ([`dns::sync::follow`]), reloads
+//! Keeps the target table fresh: follows `tether_changes` with the shared change feed ([`tether_db::feed::follow`]), reloads
 //! only the domains a notification names (everything after a reconnection), and swaps the new table in. After a
 //! swap the flows to addresses that left the live set are closed, and the listeners are reconciled.
 
 use std::{sync::Arc, time::Duration};
 
-use dns::sync::{Changes, FeedMetrics};
 use sqlx::PgPool;
+use tether_db::feed::{self, Changes, FeedMetrics};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -34,7 +34,7 @@ pub async fn run(
         let (pool, shared) = (pool.clone(), shared.clone());
         async move { apply(&pool, &shared, &changes).await }
     };
-    dns::sync::follow(pool.clone(), max_backoff, metrics, apply, synced, shutdown).await;
+    feed::follow(pool.clone(), max_backoff, metrics, apply, synced, shutdown).await;
 }
 
 async fn apply(pool: &PgPool, shared: &Shared, pending: &Changes) -> Result<(), StoreError> {

@@ -1,6 +1,7 @@
 //! Heartbeat servers and NCU agents in-process on loopback, for the heartbeat tests.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
+use tether_config::Load as _;
 
 use anyhow::Result;
 use hbs::driver::Counters;
@@ -45,8 +46,8 @@ impl HbsServer {
         let cert = pki.path(&format!("{name}.pem"));
         let key = pki.path(&format!("{name}.key"));
         if !cert.exists() {
-            hds::pki::write_new(&cert, &issued.cert_pem, 0o644)?;
-            hds::pki::write_new(&key, &issued.key_pem, 0o600)?;
+            tether_pki::write_new(&cert, &issued.cert_pem, 0o644)?;
+            tether_pki::write_new(&key, &issued.key_pem, 0o600)?;
         }
         let control = control_socket.local_addr()?;
         let heartbeat = heartbeat_socket.local_addr()?;
@@ -61,7 +62,7 @@ impl HbsServer {
         config.validate()?;
         let counters = Arc::new(Counters::default());
         let shutdown = CancellationToken::new();
-        let sockets = hbs::Sockets { control: control_socket, heartbeat: heartbeat_socket };
+        let sockets = hbs::Sockets { control: control_socket, heartbeat: heartbeat_socket, metrics: None };
         let task = tokio::spawn(hbs::run(sockets, config, counters.clone(), shutdown.clone()));
         Ok(Self { name: name.to_owned(), control, heartbeat, counters, shutdown, task: Some(task) })
     }

@@ -3,7 +3,9 @@
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
-use hds::{pki, proto};
+use tether_config::Load as _;
+use tether_pki as pki;
+use tether_proto::hds as proto;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 

@@ -1,6 +1,7 @@
 //! A running `dns` (in-process, port 0) over a throwaway Postgres, and an admin API client.
 
 use std::{net::SocketAddr, time::Duration};
+use tether_config::Load as _;
 
 use anyhow::{Context, Result, bail};
 use reqwest::{Method, StatusCode};

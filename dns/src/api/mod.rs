@@ -46,9 +46,7 @@ pub enum Caller {
 
 /// The admin API's routes.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(routes::healthz))
-        .route("/metrics", get(routes::metrics))
+    tether_service::http::routes(state.shared.clone())
         .route("/v1/openapi.json", get(routes::openapi))
         .route("/v1/subscribers", post(routes::create_subscriber))
         .route("/v1/zones", post(routes::create_zone).get(routes::list_zones))

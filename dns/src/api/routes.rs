@@ -1,6 +1,6 @@
 //! Handlers of the admin API.
 
-use std::{net::IpAddr, sync::atomic::Ordering};
+use std::net::IpAddr;
 
 use axum::{
     Json,
@@ -37,23 +37,6 @@ struct DomainOut {
     services: Option<Vec<admin::Service>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ncus: Option<Vec<admin::NcuRow>>,
-}
-
-pub(super) async fn healthz(State(state): State<AppState>) -> Response {
-    let last = state.shared.last_sync_ms.load(Ordering::Relaxed);
-    let connected = state.shared.metrics.database_connected.get() == 1;
-    let body = json!({
-        "status": if last > 0 { "ok" } else { "starting" },
-        "database": if connected { "connected" } else { "disconnected" },
-        "last_sync_ms": last,
-    });
-    let status = if last > 0 { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(body)).into_response()
-}
-
-pub(super) async fn metrics(State(state): State<AppState>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.shared.metrics.render())
-        .into_response()
 }
 
 pub(super) async fn openapi() -> Response {

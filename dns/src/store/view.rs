@@ -1,9 +1,11 @@
-//! Reads that build the DNS view: everything at once, or just the zones and domains a notification names.
+//! Reads that build the DNS view: everything at once, or just the zones and domains a notification names. Domains
+//! are read with the reader dns shares with the forwarder ([`tether_db::domains`]); the columns are dns's own.
 
-use std::{collections::HashMap, net::IpAddr};
+use std::net::IpAddr;
 
 use hickory_server::proto::rr::Name;
-use sqlx::{PgPool, Postgres, Row, Transaction, postgres::PgRow, types::Json};
+use sqlx::{PgPool, Row, postgres::PgRow, types::Json};
+use tether_db::domains::{self, Domain, RowError};
 
 use super::StoreError;
 use crate::{
@@ -13,78 +15,29 @@ use crate::{
 
 const ZONE_COLUMNS: &str = "id, origin, nameservers, hostmaster, serial, refresh, retry, expire, minimum, \
                             soa_ttl, ns_ttl";
-const DOMAIN_COLUMNS: &str = "id, zone_id, fqdn, ttl, fallback_ip, when_empty, load_threshold_pct";
 
 /// Everything, from one consistent snapshot.
 pub async fn load_all(pool: &PgPool) -> Result<(Vec<ZoneRow>, Vec<DomainRow>), StoreError> {
-    let mut tx = snapshot(pool).await?;
+    let mut tx = domains::snapshot(pool).await?;
     let zones = sqlx::query(&format!("SELECT {ZONE_COLUMNS} FROM zones")).fetch_all(&mut *tx).await?;
-    let domains = sqlx::query(&format!("SELECT {DOMAIN_COLUMNS} FROM domains")).fetch_all(&mut *tx).await?;
-    let addresses = sqlx::query(
-        "SELECT domain_id, ip, priority, weight, load, state::text AS state FROM addresses \
-         WHERE state <> 'pending'",
-    )
-    .fetch_all(&mut *tx)
-    .await?;
-    let services =
-        sqlx::query("SELECT domain_id, service, transport, ip, target, port, priority, weight FROM services")
-            .fetch_all(&mut *tx)
-            .await?;
+    let domains = domains::read_in(&mut tx, None).await?;
     tx.commit().await?;
-    Ok((zones_from(&zones), assemble(&domains, &addresses, &services)))
+    Ok((domains::rows(&zones, "zone", zone_from), domains))
 }
 
 /// The named zones that still exist.
 pub async fn load_zones(pool: &PgPool, ids: &[i64]) -> Result<Vec<ZoneRow>, StoreError> {
     let rows =
         sqlx::query(&format!("SELECT {ZONE_COLUMNS} FROM zones WHERE id = ANY($1)")).bind(ids).fetch_all(pool).await?;
-    Ok(zones_from(&rows))
+    Ok(domains::rows(&rows, "zone", zone_from))
 }
 
 /// The named domains that still exist, with their addresses and services, from one snapshot.
 pub async fn load_domains(pool: &PgPool, ids: &[i64]) -> Result<Vec<DomainRow>, StoreError> {
-    let mut tx = snapshot(pool).await?;
-    let domains = sqlx::query(&format!("SELECT {DOMAIN_COLUMNS} FROM domains WHERE id = ANY($1)"))
-        .bind(ids)
-        .fetch_all(&mut *tx)
-        .await?;
-    let addresses = sqlx::query(
-        "SELECT domain_id, ip, priority, weight, load, state::text AS state FROM addresses \
-         WHERE domain_id = ANY($1) AND state <> 'pending'",
-    )
-    .bind(ids)
-    .fetch_all(&mut *tx)
-    .await?;
-    let services = sqlx::query(
-        "SELECT domain_id, service, transport, ip, target, port, priority, weight FROM services \
-         WHERE domain_id = ANY($1)",
-    )
-    .bind(ids)
-    .fetch_all(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(assemble(&domains, &addresses, &services))
+    domains::read(pool, Some(ids)).await
 }
 
-async fn snapshot(pool: &PgPool) -> Result<Transaction<'static, Postgres>, StoreError> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
-    Ok(tx)
-}
-
-fn zones_from(rows: &[PgRow]) -> Vec<ZoneRow> {
-    rows.iter()
-        .filter_map(|row| match zone_from(row) {
-            Ok(zone) => Some(zone),
-            Err(error) => {
-                tracing::error!(%error, "skipping unreadable zone row");
-                None
-            }
-        })
-        .collect()
-}
-
-fn zone_from(row: &PgRow) -> Result<ZoneRow, Box<dyn std::error::Error + Send + Sync>> {
+fn zone_from(row: &PgRow) -> Result<ZoneRow, RowError> {
     let Json(nameservers): Json<Vec<Nameserver>> = row.try_get("nameservers")?;
     Ok(ZoneRow {
         id: row.try_get("id")?,
@@ -101,40 +54,43 @@ fn zone_from(row: &PgRow) -> Result<ZoneRow, Box<dyn std::error::Error + Send + 
     })
 }
 
-fn assemble(domains: &[PgRow], addresses: &[PgRow], services: &[PgRow]) -> Vec<DomainRow> {
-    let mut by_id: HashMap<i64, DomainRow> = HashMap::with_capacity(domains.len());
-    for row in domains {
-        match domain_from(row) {
-            Ok(domain) => {
-                by_id.insert(domain.id, domain);
-            }
-            Err(error) => tracing::error!(%error, "skipping unreadable domain row"),
-        }
+impl Domain for DomainRow {
+    type Address = Address;
+    type Service = ServiceRow;
+    const DOMAINS: &'static str = "SELECT id, zone_id, fqdn, ttl, fallback_ip, when_empty, load_threshold_pct \
+                                   FROM domains WHERE $1::bigint[] IS NULL OR id = ANY($1)";
+    const ADDRESSES: &'static str = "SELECT domain_id, ip, priority, weight, load, state::text AS state \
+                                     FROM addresses WHERE state <> 'pending' \
+                                     AND ($1::bigint[] IS NULL OR domain_id = ANY($1))";
+    const SERVICES: &'static str = "SELECT domain_id, service, transport, ip, target, port, priority, weight \
+                                    FROM services WHERE $1::bigint[] IS NULL OR domain_id = ANY($1)";
+
+    fn id(&self) -> i64 {
+        self.id
     }
-    for row in addresses {
-        match address_from(row) {
-            Ok((domain_id, address)) => {
-                if let Some(domain) = by_id.get_mut(&domain_id) {
-                    domain.addresses.push(address);
-                }
-            }
-            Err(error) => tracing::error!(%error, "skipping unreadable address row"),
-        }
+
+    fn domain(row: &PgRow) -> Result<Self, RowError> {
+        domain_from(row)
     }
-    for row in services {
-        match service_from(row) {
-            Ok((domain_id, service)) => {
-                if let Some(domain) = by_id.get_mut(&domain_id) {
-                    domain.services.push(service);
-                }
-            }
-            Err(error) => tracing::error!(%error, "skipping unreadable service row"),
-        }
+
+    fn address(row: &PgRow) -> Result<(i64, Address), RowError> {
+        address_from(row)
     }
-    by_id.into_values().collect()
+
+    fn service(row: &PgRow) -> Result<Option<(i64, ServiceRow)>, RowError> {
+        service_from(row).map(Some)
+    }
+
+    fn add_address(&mut self, address: Address) {
+        self.addresses.push(address);
+    }
+
+    fn add_service(&mut self, service: ServiceRow) {
+        self.services.push(service);
+    }
 }
 
-fn domain_from(row: &PgRow) -> Result<DomainRow, Box<dyn std::error::Error + Send + Sync>> {
+fn domain_from(row: &PgRow) -> Result<DomainRow, RowError> {
     let when_empty = match row.try_get::<&str, _>("when_empty")? {
         "last_known" => WhenEmpty::LastKnown,
         _ => WhenEmpty::NoData,
@@ -154,7 +110,7 @@ fn domain_from(row: &PgRow) -> Result<DomainRow, Box<dyn std::error::Error + Sen
     })
 }
 
-fn address_from(row: &PgRow) -> Result<(i64, Address), Box<dyn std::error::Error + Send + Sync>> {
+fn address_from(row: &PgRow) -> Result<(i64, Address), RowError> {
     let state = match row.try_get::<&str, _>("state")? {
         "live" => State::Live,
         "dead" => State::Dead,
@@ -172,7 +128,7 @@ fn address_from(row: &PgRow) -> Result<(i64, Address), Box<dyn std::error::Error
     ))
 }
 
-fn service_from(row: &PgRow) -> Result<(i64, ServiceRow), Box<dyn std::error::Error + Send + Sync>> {
+fn service_from(row: &PgRow) -> Result<(i64, ServiceRow), RowError> {
     let target = row.try_get::<Option<&str>, _>("target")?.map(Name::from_ascii).transpose()?;
     Ok((
         row.try_get("domain_id")?,

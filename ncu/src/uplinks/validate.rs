@@ -64,10 +64,10 @@ async fn handshake(uplink: &Candidate, address: &str, tls: Arc<rustls::ClientCon
         .find(|a| a.is_ipv6() == uplink.address.is_ipv6())
         .ok_or_else(|| format!("{address} has no address of the uplink's family"))?;
     let socket = bound(uplink, Type::DGRAM, Protocol::UDP, server.is_ipv6())?;
-    let endpoint = hds::pki::client_endpoint(socket.into()).map_err(|e| e.to_string())?;
+    let endpoint = tether_pki::client_endpoint(socket.into()).map_err(|e| e.to_string())?;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
     let connection = endpoint
-        .connect_with(quinn::ClientConfig::new(Arc::new(crypto)), server, hds::client::host_of(address))
+        .connect_with(quinn::ClientConfig::new(Arc::new(crypto)), server, tether_proto::hds::host_of(address))
         .map_err(|e| e.to_string())?
         .await
         .map_err(|e| format!("QUIC handshake with {address}: {e}"))?;

@@ -3,11 +3,6 @@
 use std::{os::unix::fs::PermissionsExt, time::Duration};
 
 use anyhow::Result;
-use hds::{
-    client::ClientError,
-    pki,
-    proto::{self, ErrorCode, Request, Response},
-};
 use hickory_proto::rr::{RData, RecordType};
 use ncu::{
     hds_client::{self, NcuError},
@@ -15,6 +10,8 @@ use ncu::{
 };
 use reqwest::{Method, StatusCode};
 use serde_json::json;
+use tether_pki::{self as pki, hds_client::ClientError};
+use tether_proto::hds::{self as proto, ErrorCode, Request, Response};
 use tether_tests::{
     dns_client::{Transport, ask},
     eventually,
@@ -157,7 +154,7 @@ async fn tokens_are_single_use_expire_and_must_exist() -> Result<()> {
     // A bad CSR is refused and does not use the token up.
     let tls = std::sync::Arc::new(pki::client_tls(&ca, None, proto::ALPN)?);
     let bad = Request::Enroll { token: token.clone(), csr: "garbage".into(), serial: None, mac: None };
-    let answer = hds::client::request_one(&hds[0], tls, &bad).await?;
+    let answer = tether_pki::hds_client::request_one(&hds[0], tls, &bad).await?;
     assert!(matches!(answer, Response::Error { code: ErrorCode::BadCsr, .. }), "{answer:?}");
 
     hds_client::enroll(&hds, &ca, &token, &dir.path().join("a"), None, None).await?;

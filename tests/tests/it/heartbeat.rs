@@ -10,14 +10,14 @@ use std::{
 };
 
 use anyhow::Result;
-use hbs::{
-    control::{self, ControlError, ToHbs, ToNcu, Uplink},
-    heartbeat::packet::{self, Kind, Packet},
-};
 use hickory_proto::rr::RecordType;
 use ncu::identity::Identity;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
+use tether_proto::{
+    control::{self, ControlError, ToHbs, ToNcu, Uplink},
+    heartbeat::packet::{self, Kind, Packet},
+};
 use tether_tests::{
     dns_client::{Transport, addresses, ask, sorted},
     eventually,
@@ -303,7 +303,7 @@ async fn bad_input_is_refused_and_the_server_stays_up() -> Result<()> {
     .await?;
 
     // Control frames: a registration of 16 uplinks, a malformed frame, an unknown version.
-    let tls = hds::pki::client_tls(
+    let tls = tether_pki::client_tls(
         &world.identity.ca_pem,
         Some((&world.identity.cert_pem, &world.identity.key_pem)),
         control::ALPN,
@@ -323,17 +323,17 @@ async fn bad_input_is_refused_and_the_server_stays_up() -> Result<()> {
             weight: 1,
         })
         .collect();
-    hds::frame::write(&mut send, control::VERSION, &ToHbs::Register { uplinks: sixteen }).await?;
-    let answer = hds::frame::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME).await?;
+    tether_pki::stream::write(&mut send, control::VERSION, &ToHbs::Register { uplinks: sixteen }).await?;
+    let answer = tether_pki::stream::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME).await?;
     assert!(
         matches!(&answer, Some(ToNcu::Error { code: ControlError::Invalid, message }) if message.contains("at most 15")),
         "{answer:?}"
     );
     send.write_all(b"\x00\x00\x00\x04{{{{").await?;
-    let answer = hds::frame::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME).await?;
+    let answer = tether_pki::stream::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME).await?;
     assert!(matches!(answer, Some(ToNcu::Error { code: ControlError::Malformed, .. })), "{answer:?}");
-    send.write_all(&hds::frame::encode(7, &json!({"type": "register", "uplinks": []}))).await?;
-    let answer = hds::frame::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME).await?;
+    send.write_all(&tether_proto::frame::encode(7, &json!({"type": "register", "uplinks": []}))).await?;
+    let answer = tether_pki::stream::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME).await?;
     assert!(
         matches!(&answer, Some(ToNcu::Error { code: ControlError::Malformed, message }) if message.contains("version 7")),
         "{answer:?}"
@@ -341,21 +341,21 @@ async fn bad_input_is_refused_and_the_server_stays_up() -> Result<()> {
     connection.close(0_u32.into(), b"");
 
     // A client certificate from another CA never gets a session.
-    let foreign = hds::pki::Ca::generate("other", Duration::from_secs(3600))?;
+    let foreign = tether_pki::Ca::generate("other", Duration::from_secs(3600))?;
     let stranger = foreign.issue_client_between(
         "stranger",
         time::OffsetDateTime::now_utc() - time::Duration::hours(1),
         time::OffsetDateTime::now_utc() + time::Duration::hours(1),
     )?;
     let tls =
-        hds::pki::client_tls(&world.identity.ca_pem, Some((&stranger.cert_pem, &stranger.key_pem)), control::ALPN)?;
+        tether_pki::client_tls(&world.identity.ca_pem, Some((&stranger.cert_pem, &stranger.key_pem)), control::ALPN)?;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let refused = async {
         let connection =
             endpoint.connect_with(quinn::ClientConfig::new(Arc::new(crypto)), hbs.control, "127.0.0.1")?.await?;
         let (mut send, mut recv) = connection.open_bi().await?;
-        hds::frame::write(&mut send, control::VERSION, &ToHbs::Register { uplinks: vec![] }).await?;
-        anyhow::Ok(hds::frame::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME).await?)
+        tether_pki::stream::write(&mut send, control::VERSION, &ToHbs::Register { uplinks: vec![] }).await?;
+        anyhow::Ok(tether_pki::stream::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME).await?)
     }
     .await;
     assert!(refused.is_err(), "{refused:?}");
@@ -427,7 +427,7 @@ async fn static_addresses_are_checked_by_one_server_and_taken_over() -> Result<(
 /// of the domain's is refused for that row alone, and rows of another server are not touched.
 #[tokio::test]
 async fn observed_addresses_are_written_together_and_a_collision_refuses_only_its_row() -> Result<()> {
-    use hbs::heartbeat::monitor::Event;
+    use tether_proto::heartbeat::monitor::Event;
     let (stack, token) = Stack::with_acme().await?;
     let db = stack.pg.pool().await?;
     stack.domain(&token, json!({ "name": "nat.tether.test" })).await?;
@@ -456,6 +456,7 @@ async fn observed_addresses_are_written_together_and_a_collision_refuses_only_it
         Duration::from_millis(20),
         heartbeat,
         checks,
+        std::sync::Arc::new(hbs::metrics::Metrics::new(Default::default(), Default::default())),
         shutdown.clone(),
     ));
     let alive = |id: i64, ip: &str| Event::Alive { id, observed: format!("{ip}:9").parse().expect("addr"), load: 0 };

@@ -2,8 +2,11 @@
 
 mod admin_api;
 mod dns_answers;
+mod forwarder;
 mod hds;
 mod heartbeat;
+mod layout;
+mod ncu_binary;
 mod sync;
 mod system;
 mod uplinks;

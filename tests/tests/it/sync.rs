@@ -116,7 +116,7 @@ async fn servers_starting_together_migrate_once() -> Result<()> {
     let (a, b, c) = (a?, b?, c?);
     let db = pg.pool().await?;
     let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations").fetch_one(&db).await?;
-    assert_eq!(applied, i64::try_from(dns::store::MIGRATOR.iter().count())?);
+    assert_eq!(applied, i64::try_from(tether_db::MIGRATOR.iter().count())?);
 
     // A change through one server is answered by all.
     let api = tether_tests::stack::Api::new(a.api_addr);
@@ -176,7 +176,7 @@ async fn updates_that_change_no_answer_neither_bump_nor_notify() -> Result<()> {
     let (quiet, loud) = (domain("quiet.tether.test").await?, domain("loud.tether.test").await?);
     let serial = || async { sqlx::query_scalar::<_, i64>("SELECT serial FROM zones").fetch_one(&db).await };
     let mut listener = sqlx::postgres::PgListener::connect_with(&db).await?;
-    listener.listen(dns::store::CHANNEL).await?;
+    listener.listen(tether_db::CHANNEL).await?;
     let s0 = serial().await?;
 
     // A heartbeat server taking the row over, with bookkeeping alongside: nothing readers answer from.

@@ -66,10 +66,10 @@ impl SiteNcu {
                 tether_tests::netns::enter(&path)?;
                 let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                 runtime.block_on(async move {
-                    let tls = Arc::new(hds::pki::client_tls(
+                    let tls = Arc::new(tether_pki::client_tls(
                         &identity.ca_pem,
                         Some((&identity.cert_pem, &identity.key_pem)),
-                        hds::proto::ALPN,
+                        tether_proto::hds::ALPN,
                     )?);
                     let settings = Settings {
                         selection: Selection::Auto,

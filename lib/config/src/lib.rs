@@ -1,0 +1,195 @@
+//! What every tether binary's configuration file shares: strict TOML read from one file, errors that name the key,
+//! environment overrides, masked secrets, and shutdown on SIGTERM or Ctrl-C.
+
+use std::{fmt, path::Path};
+
+use serde::{Deserialize, de::DeserializeOwned};
+use tokio_util::sync::CancellationToken;
+
+/// A configuration that cannot be used, naming the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The path given.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or a key is unknown or mistyped.
+    #[error(transparent)]
+    Parse(#[from] toml::de::Error),
+    /// A key has a value that parses but cannot work.
+    #[error("`{key}`: {problem}")]
+    Invalid {
+        /// The key at fault.
+        key: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+/// A configuration file: strict TOML (the type denies unknown fields), then the environment, then `validate`.
+pub trait Load: DeserializeOwned {
+    /// Lets environment variables override the file; `var` reads one (a closure, so tests need no real environment).
+    fn apply_env(&mut self, var: &dyn Fn(&str) -> Option<String>) {
+        let _ = var;
+    }
+
+    /// Checks what serde cannot.
+    fn validate(&self) -> Result<(), ConfigError>;
+
+    /// Parses TOML text without looking at the environment or validating.
+    fn parse(text: &str) -> Result<Self, ConfigError> {
+        Ok(toml::from_str(text)?)
+    }
+
+    /// Reads and parses the file at `path`, applies the environment, and validates.
+    fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let mut config = Self::parse(&text)?;
+        config.apply_env(&|key| std::env::var(key).ok());
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A string that never appears in `Debug` output.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// An error for `key`.
+pub fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, problem: problem.into() }
+}
+
+/// Overrides `slot` with the environment variable `name` when it is set and not empty.
+pub fn env_secret(slot: &mut Option<Secret>, var: &dyn Fn(&str) -> Option<String>, name: &str) {
+    if let Some(value) = var(name).filter(|value| !value.is_empty()) {
+        *slot = Some(Secret(value));
+    }
+}
+
+/// Checks a database URL's presence and scheme (`database_url`, overridden by `DATABASE_URL`).
+pub fn check_database(url: Option<&Secret>) -> Result<(), ConfigError> {
+    match url.map(Secret::expose) {
+        None => Err(invalid("database_url", "missing (set it here or in DATABASE_URL)")),
+        Some(url) if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) => {
+            Err(invalid("database_url", "must start with postgres:// or postgresql://"))
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+/// Checks a back-off ceiling (`max_backoff`).
+pub fn check_backoff(max_backoff: std::time::Duration) -> Result<(), ConfigError> {
+    if max_backoff < std::time::Duration::from_millis(100) {
+        return Err(invalid("max_backoff", "must be at least 100ms"));
+    }
+    Ok(())
+}
+
+/// Checks that each `(key, path)` names a readable file.
+pub fn check_files(files: &[(&'static str, &Path)]) -> Result<(), ConfigError> {
+    for (key, path) in files {
+        if !path.is_file() {
+            return Err(invalid(key, format!("{} is not a readable file", path.display())));
+        }
+    }
+    Ok(())
+}
+
+/// Cancels `shutdown` on SIGTERM or Ctrl-C.
+pub fn cancel_on_signal(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+            tracing::error!("cannot watch SIGTERM");
+            return;
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        shutdown.cancel();
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Example {
+        #[serde(default)]
+        database_url: Option<Secret>,
+    }
+
+    impl Load for Example {
+        fn apply_env(&mut self, var: &dyn Fn(&str) -> Option<String>) {
+            env_secret(&mut self.database_url, var, "DATABASE_URL");
+        }
+
+        fn validate(&self) -> Result<(), ConfigError> {
+            check_database(self.database_url.as_ref())
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let error = Example::parse("database_ulr = 'x'").expect_err("unknown key refused");
+        assert!(error.to_string().contains("database_ulr"), "{error}");
+        let error = Example::parse("database_url = 'mysql://x'").and_then(|c| c.validate()).expect_err("scheme");
+        assert!(error.to_string().contains("database_url"), "{error}");
+        let error = Example::parse("").and_then(|c| c.validate()).expect_err("missing");
+        assert!(error.to_string().contains("DATABASE_URL"), "{error}");
+    }
+
+    #[test]
+    fn environment_overrides_and_secrets_are_masked() {
+        let mut config = Example::parse("database_url = 'postgres://file/db'").expect("parses");
+        config.apply_env(&|key| (key == "DATABASE_URL").then(|| "postgres://env/db".to_owned()));
+        assert_eq!(config.database_url.as_ref().map(Secret::expose), Some("postgres://env/db"));
+        config.apply_env(&|_| Some(String::new()));
+        assert_eq!(config.database_url.as_ref().map(Secret::expose), Some("postgres://env/db"), "empty ignored");
+        assert!(!format!("{config:?}").contains("postgres://"), "{config:?}");
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let error = check_files(&[("ca", Path::new("/nonexistent/ca.pem"))]).expect_err("missing file");
+        assert!(error.to_string().contains("`ca`"), "{error}");
+    }
+}

@@ -1,0 +1,177 @@
+//! The NCU ↔ HBS control protocol (QUIC, ALPN `tether-hbs/1`, mutual TLS): one long-lived bidirectional stream per
+//! connection carrying length-prefixed JSON frames (see [`crate::frame`]). The NCU registers its uplinks; the HBS
+//! answers with the session's heartbeat key and port, and may later ask the NCU to move (`Drain`).
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// ALPN of the protocol.
+pub const ALPN: &[u8] = b"tether-hbs/1";
+/// The protocol version this build speaks.
+pub const VERSION: u16 = 1;
+/// Largest frame either side accepts.
+pub const MAX_FRAME: usize = 16 * 1024;
+/// Most uplinks one NCU may register (the core design's 15 routes).
+pub const MAX_UPLINKS: usize = 15;
+
+/// From the NCU.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ToHbs {
+    /// The complete set of uplinks to monitor; replaces any earlier set. Answered with `Registered`.
+    Register {
+        /// At most [`MAX_UPLINKS`].
+        uplinks: Vec<Uplink>,
+    },
+    /// One uplink (re)appeared. Answered with `Registered`.
+    UplinkUp {
+        /// The uplink.
+        uplink: Uplink,
+    },
+    /// One uplink went away: its address is withdrawn at once. Answered with `Registered`.
+    UplinkDown {
+        /// Its name.
+        name: String,
+    },
+}
+
+/// One uplink of the NCU.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Uplink {
+    /// Interface name, e.g. `wan1`; unique per NCU.
+    pub name: String,
+    /// Index carried in heartbeat packets (0..16), stable for the life of the uplink.
+    pub index: u8,
+    /// The interface address; the published address is the one heartbeat replies come from.
+    pub address: IpAddr,
+    /// UDP port the NCU answers heartbeats on for this uplink.
+    pub port: u16,
+    /// Lower is preferred (backup links get higher values).
+    #[serde(default)]
+    pub priority: u16,
+    /// Share among equals.
+    #[serde(default = "one")]
+    pub weight: u16,
+}
+
+/// From the HBS.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ToNcu {
+    /// The session's heartbeat parameters and what became of each uplink.
+    Registered {
+        /// Session id carried in heartbeat packets.
+        session: u64,
+        /// The session's heartbeat key, hex.
+        key: String,
+        /// UDP port of the HBS's heartbeat socket (hellos go there).
+        heartbeat_port: u16,
+        /// Ping interval, milliseconds.
+        interval_ms: u64,
+        /// Uplinks accepted for monitoring.
+        accepted: Vec<String>,
+        /// Uplinks refused, with the reason.
+        refused: Vec<Refusal>,
+    },
+    /// Ask hds for another heartbeat server and move there.
+    Drain {
+        /// Why, for the logs.
+        reason: String,
+    },
+    /// The last request was refused; the connection stays usable unless the error says otherwise.
+    Error {
+        /// Stable reason.
+        code: ControlError,
+        /// For a person.
+        message: String,
+    },
+}
+
+/// An uplink the HBS would not monitor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Refusal {
+    /// The uplink.
+    pub name: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// Why a control request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlError {
+    /// The frame could not be parsed, or the version is unknown.
+    Malformed,
+    /// More than [`MAX_UPLINKS`], duplicate names or indexes, or an unusable address.
+    Invalid,
+    /// The client certificate belongs to no enrolled NCU.
+    UnknownCertificate,
+    /// The server is draining or full and takes no new sessions.
+    Unavailable,
+}
+
+fn one() -> u16 {
+    1
+}
+
+/// Checks an uplink set: size, unique names and indexes, indexes below 16, usable addresses.
+pub fn validate(uplinks: &[Uplink]) -> Result<(), String> {
+    if uplinks.len() > MAX_UPLINKS {
+        return Err(format!("{} uplinks; at most {MAX_UPLINKS}", uplinks.len()));
+    }
+    for (i, uplink) in uplinks.iter().enumerate() {
+        validate_one(uplink)?;
+        if uplinks[..i].iter().any(|u| u.name == uplink.name || u.index == uplink.index) {
+            return Err(format!("uplink {:?}: duplicate name or index", uplink.name));
+        }
+    }
+    Ok(())
+}
+
+/// Checks one uplink.
+pub fn validate_one(uplink: &Uplink) -> Result<(), String> {
+    if uplink.name.is_empty() || uplink.name.len() > 32 || !uplink.name.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(format!("uplink name {:?}: 1-32 printable characters", uplink.name));
+    }
+    if usize::from(uplink.index) >= 16 {
+        return Err(format!("uplink {:?}: index {} is not below 16", uplink.name, uplink.index));
+    }
+    let ip = uplink.address;
+    if ip.is_unspecified() || ip.is_multicast() || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
+        return Err(format!("uplink {:?}: {ip} cannot be a host address", uplink.name));
+    }
+    if uplink.port == 0 || uplink.weight == 0 {
+        return Err(format!("uplink {:?}: port and weight must be above zero", uplink.name));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uplink(name: &str, index: u8, ip: &str) -> Uplink {
+        Uplink { name: name.into(), index, address: ip.parse().expect("ip"), port: 5000, priority: 0, weight: 1 }
+    }
+
+    #[test]
+    fn sets_are_validated() {
+        assert!(validate(&[uplink("wan1", 0, "198.18.0.1"), uplink("wan2", 1, "fd00::1")]).is_ok());
+        let sixteen: Vec<Uplink> = (0..16).map(|i| uplink(&format!("u{i}"), i, "198.18.0.1")).collect();
+        assert!(validate(&sixteen).unwrap_err().contains("at most 15"));
+        assert!(validate(&[uplink("a", 0, "198.18.0.1"), uplink("a", 1, "198.18.0.2")]).is_err());
+        assert!(validate(&[uplink("a", 0, "198.18.0.1"), uplink("b", 0, "198.18.0.2")]).is_err());
+        assert!(validate(&[uplink("a", 16, "198.18.0.1")]).is_err());
+        assert!(validate(&[uplink("a", 0, "0.0.0.0")]).is_err());
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let message = ToHbs::Register { uplinks: vec![uplink("wan1", 0, "198.18.0.1")] };
+        let bytes = crate::frame::encode(VERSION, &message);
+        assert_eq!(crate::frame::decode::<ToHbs>(VERSION, MAX_FRAME, &bytes), Ok(message));
+    }
+}
