@@ -5,6 +5,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
+use tether_db::feed::FeedMetrics;
 
 /// Response codes counted separately; everything else is `other`.
 const RCODES: [&str; 6] = ["noerror", "nxdomain", "refused", "servfail", "formerr", "other"];
@@ -17,14 +18,10 @@ pub struct Metrics {
     pub full_reloads: Counter,
     /// Reloads of only the zones and domains a notification named.
     pub partial_reloads: Counter,
-    /// Notifications received on `tether_changes`.
-    pub notifications: Counter,
-    /// Failed attempts to reach or read Postgres.
-    pub sync_errors: Counter,
+    /// The change feed: notifications, errors, whether the listener is connected.
+    pub feed: FeedMetrics,
     /// UDP queries dropped unanswered because the catalog was at its bound of queries in flight.
     pub udp_shed: Counter,
-    /// 1 while the change listener is connected.
-    pub database_connected: Gauge,
     /// Domains in the current view.
     pub domains: Gauge,
     /// Zones in the current view.
@@ -56,10 +53,8 @@ impl Metrics {
             responses,
             full_reloads: Counter::default(),
             partial_reloads: Counter::default(),
-            notifications: Counter::default(),
-            sync_errors: Counter::default(),
+            feed: FeedMetrics::default(),
             udp_shed: Counter::default(),
-            database_connected: Gauge::default(),
             domains: Gauge::default(),
             zones: Gauge::default(),
             api_responses: Family::default(),
@@ -72,17 +67,11 @@ impl Metrics {
             "Reloads of only the changed zones and domains",
             metrics.partial_reloads.clone(),
         );
-        registry.register("notifications", "Change notifications received", metrics.notifications.clone());
-        registry.register("sync_errors", "Failed attempts to reach or read Postgres", metrics.sync_errors.clone());
+        metrics.feed.register(&mut registry);
         registry.register(
             "udp_shed",
             "UDP queries dropped while the catalog had its most queries in flight",
             metrics.udp_shed.clone(),
-        );
-        registry.register(
-            "database_connected",
-            "1 while the change listener is connected",
-            metrics.database_connected.clone(),
         );
         registry.register("view_domains", "Domains in the served view", metrics.domains.clone());
         registry.register("view_zones", "Zones in the served view", metrics.zones.clone());

@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use sqlx::PgPool;
 use tether_db::{
     StoreError,
-    feed::{self, Changes, FeedMetrics},
+    feed::{self, Changes},
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -57,7 +57,7 @@ impl tether_service::http::Status for Shared {
     /// Ready once the first view is loaded.
     fn health(&self) -> (bool, String) {
         let last = self.last_sync_ms.load(Ordering::Relaxed);
-        let connected = self.metrics.database_connected.get() == 1;
+        let connected = self.metrics.feed.connected.get() == 1;
         let body = format!(
             "{{\"status\":\"{}\",\"database\":\"{}\",\"last_sync_ms\":{last}}}",
             if last > 0 { "ok" } else { "starting" },
@@ -81,11 +81,7 @@ pub async fn run(
     synced: watch::Sender<bool>,
     shutdown: CancellationToken,
 ) {
-    let metrics = FeedMetrics {
-        connected: shared.metrics.database_connected.clone(),
-        notifications: shared.metrics.notifications.clone(),
-        errors: shared.metrics.sync_errors.clone(),
-    };
+    let metrics = shared.metrics.feed.clone();
     let apply = |changes: Changes| {
         let (pool, shared) = (pool.clone(), shared.clone());
         async move { apply(&pool, &shared, &changes).await }

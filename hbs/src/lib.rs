@@ -77,10 +77,25 @@ mod run {
             false,
         )
         .context("building the TLS configuration from ca, cert and key")?;
+        // Served while Postgres is still awaited, so an operator sees why this server is not ready.
+        let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let metrics = Arc::new(Metrics::new(counters.clone(), refused.clone()));
+        let http = match sockets.metrics {
+            Some(listener) => {
+                let status = Arc::new(Status { metrics: metrics.clone(), name: config.name.clone() });
+                info!(metrics_addr = %listener.local_addr()?, "metrics served");
+                Some(tether_service::http::serve(listener, tether_service::http::routes(status), shutdown.clone()))
+            }
+            None => None,
+        };
         let pool = tether_db::pool(config.database_url()).context("database_url")?;
         if !tether_db::wait_and_migrate(&pool, config.max_backoff, &shutdown).await.context("applying migrations")? {
+            if let Some(http) = http {
+                let _ = http.await;
+            }
             return Ok(());
         }
+        metrics.database_reachable.set(1);
         let control_addr = sockets.control.local_addr()?;
         let heartbeat_addr = sockets.heartbeat.local_addr()?;
         sockets.heartbeat.set_nonblocking(true)?;
@@ -99,18 +114,8 @@ mod run {
             reprobes: config.reprobes,
             ..Policy::default()
         };
-        let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let metrics = Arc::new(Metrics::new(counters.clone(), refused.clone()));
         let mut tasks = tokio::task::JoinSet::new();
         let inner = shutdown.child_token();
-        if let Some(listener) = sockets.metrics {
-            let status = Arc::new(Status { metrics: metrics.clone(), name: config.name.clone() });
-            info!(metrics_addr = %listener.local_addr()?, "metrics served");
-            let http = tether_service::http::serve(listener, tether_service::http::routes(status), inner.clone());
-            tasks.spawn(async move {
-                let _ = http.await;
-            });
-        }
         tasks.spawn(driver::run(heartbeat, policy, driver_rx, events_tx, counters.clone(), inner.clone()));
         tasks.spawn(writer::run(
             pool.clone(),
@@ -156,6 +161,9 @@ mod run {
         server::serve(endpoint, context, shutdown.clone()).await;
         inner.cancel();
         while tasks.join_next().await.is_some() {}
+        if let Some(http) = http {
+            let _ = http.await;
+        }
         pool.close().await;
         Ok(())
     }

@@ -5,6 +5,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
+use tether_db::feed::FeedMetrics;
 
 use crate::table::Protocol;
 
@@ -21,12 +22,8 @@ pub struct Metrics {
     pub full_reloads: Counter,
     /// Reloads of only the domains a notification named.
     pub partial_reloads: Counter,
-    /// Notifications received on `tether_changes`.
-    pub notifications: Counter,
-    /// Failed attempts to reach or read Postgres.
-    pub sync_errors: Counter,
-    /// 1 while the change listener is connected.
-    pub database_connected: Gauge,
+    /// The change feed: notifications, errors, whether the listener is connected.
+    pub feed: FeedMetrics,
     /// Domains in the table.
     pub domains: Gauge,
     /// Listeners bound.
@@ -110,9 +107,7 @@ impl Metrics {
             refused: Family::default(),
             full_reloads: Counter::default(),
             partial_reloads: Counter::default(),
-            notifications: Counter::default(),
-            sync_errors: Counter::default(),
-            database_connected: Gauge::default(),
+            feed: FeedMetrics::default(),
             domains: Gauge::default(),
             listeners: Gauge::default(),
             bind_errors: Counter::default(),
@@ -130,13 +125,7 @@ impl Metrics {
             "Reloads of only the changed domains",
             metrics.partial_reloads.clone(),
         );
-        registry.register("notifications", "Change notifications received", metrics.notifications.clone());
-        registry.register("sync_errors", "Failed attempts to reach or read Postgres", metrics.sync_errors.clone());
-        registry.register(
-            "database_connected",
-            "1 while the change listener is connected",
-            metrics.database_connected.clone(),
-        );
+        metrics.feed.register(&mut registry);
         registry.register("domains", "Domains in the target table", metrics.domains.clone());
         registry.register("listeners", "Listeners bound", metrics.listeners.clone());
         registry.register("bind_errors", "Listeners that could not be bound", metrics.bind_errors.clone());

@@ -5,7 +5,7 @@
 use std::{sync::Arc, time::Duration};
 
 use sqlx::PgPool;
-use tether_db::feed::{self, Changes, FeedMetrics};
+use tether_db::feed::{self, Changes};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -25,11 +25,7 @@ pub async fn run(
     synced: watch::Sender<bool>,
     shutdown: CancellationToken,
 ) {
-    let metrics = FeedMetrics {
-        connected: shared.metrics.database_connected.clone(),
-        notifications: shared.metrics.notifications.clone(),
-        errors: shared.metrics.sync_errors.clone(),
-    };
+    let metrics = shared.metrics.feed.clone();
     let apply = |changes: Changes| {
         let (pool, shared) = (pool.clone(), shared.clone());
         async move { apply(&pool, &shared, &changes).await }

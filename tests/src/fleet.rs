@@ -21,6 +21,8 @@ pub struct HbsServer {
     pub heartbeat: SocketAddr,
     /// Heartbeat figures.
     pub counters: Arc<Counters>,
+    /// `GET /metrics` and `GET /healthz`.
+    pub metrics: SocketAddr,
     shutdown: CancellationToken,
     task: Option<JoinHandle<Result<()>>>,
 }
@@ -62,9 +64,11 @@ impl HbsServer {
         config.validate()?;
         let counters = Arc::new(Counters::default());
         let shutdown = CancellationToken::new();
-        let sockets = hbs::Sockets { control: control_socket, heartbeat: heartbeat_socket, metrics: None };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let metrics = listener.local_addr()?;
+        let sockets = hbs::Sockets { control: control_socket, heartbeat: heartbeat_socket, metrics: Some(listener) };
         let task = tokio::spawn(hbs::run(sockets, config, counters.clone(), shutdown.clone()));
-        Ok(Self { name: name.to_owned(), control, heartbeat, counters, shutdown, task: Some(task) })
+        Ok(Self { name: name.to_owned(), control, heartbeat, counters, metrics, shutdown, task: Some(task) })
     }
 
     /// Stops it gracefully.

@@ -166,6 +166,16 @@ async fn apply_changes<F, Fut, E>(
     }
 }
 
+impl FeedMetrics {
+    /// Registers the three under the names every follower exposes: `notifications`, `sync_errors` and
+    /// `database_connected` (prefixed by the registry's own).
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register("notifications", "Change notifications received", self.notifications.clone());
+        registry.register("sync_errors", "Failed attempts to reach or read Postgres", self.errors.clone());
+        registry.register("database_connected", "1 while the change listener is connected", self.connected.clone());
+    }
+}
+
 impl Changes {
     /// Nothing to do.
     pub fn is_empty(&self) -> bool {

@@ -3,6 +3,7 @@
 mod admin_api;
 mod dns_answers;
 mod forwarder;
+mod hbs_metrics;
 mod hds;
 mod heartbeat;
 mod layout;
