@@ -323,6 +323,10 @@ fn publish(monitor: &Monitor, counters: &Counters) {
     counters.unknown.store(stats.unknown, Ordering::Relaxed);
     counters.pings.store(stats.pings, Ordering::Relaxed);
     counters.pongs.store(stats.pongs, Ordering::Relaxed);
+    let by_state = monitor.by_state();
+    counters.pending.store(by_state.pending, Ordering::Relaxed);
+    counters.live.store(by_state.live, Ordering::Relaxed);
+    counters.dead.store(by_state.dead, Ordering::Relaxed);
 }
 
 #[cfg(test)]

@@ -64,8 +64,10 @@ async fn hbs_metrics_follow_its_targets_and_sessions() -> Result<()> {
         vec![uplink("wan1", "127.0.0.2"), uplink("wan2", "127.0.0.3")],
     );
 
-    let body = scrape_until(hbs.metrics, "two live targets", |body| {
+    // Live in the monitor at once; written (and counted as transitions) by the next batch.
+    let body = scrape_until(hbs.metrics, "two live targets, written", |body| {
         sample(body, "hbs_targets_by_state{state=\"live\"}") == Some(2.0)
+            && sample(body, "hbs_transitions_total{state=\"live\"}").is_some_and(|n| n >= 2.0)
     })
     .await?;
     assert_eq!(sample(&body, "hbs_targets"), Some(2.0), "{body}");
@@ -80,8 +82,9 @@ async fn hbs_metrics_follow_its_targets_and_sessions() -> Result<()> {
     assert_eq!(status, StatusCode::OK, "{health}");
 
     agent.drill.silence("wan2", true);
-    let body = scrape_until(hbs.metrics, "one dead target", |body| {
+    let body = scrape_until(hbs.metrics, "one dead target, written", |body| {
         sample(body, "hbs_targets_by_state{state=\"dead\"}") == Some(1.0)
+            && sample(body, "hbs_transitions_total{state=\"dead\"}").is_some_and(|n| n >= 1.0)
     })
     .await?;
     assert_eq!(sample(&body, "hbs_targets_by_state{state=\"live\"}"), Some(1.0), "{body}");

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use rand::RngCore;
 
 use super::packet::{self, Key, Keyed, Kind, PACKET_LEN, Packet, PacketError};
+use super::wheel::{Entry, Place, Wheel};
 
 /// Timing of probes and of what the monitor reports.
 ///
@@ -125,6 +126,27 @@ pub struct Stats {
     pub hellos: u64,
 }
 
+/// How many targets the monitor believes to be in each [`Liveness`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ByState {
+    /// Targets [`Liveness::Pending`].
+    pub pending: u64,
+    /// Targets [`Liveness::Live`].
+    pub live: u64,
+    /// Targets [`Liveness::Dead`].
+    pub dead: u64,
+}
+
+impl ByState {
+    fn of_mut(&mut self, liveness: Liveness) -> &mut u64 {
+        match liveness {
+            Liveness::Pending => &mut self.pending,
+            Liveness::Live => &mut self.live,
+            Liveness::Dead => &mut self.dead,
+        }
+    }
+}
+
 /// The sans-IO heartbeat monitor of one HBS.
 pub struct Monitor {
     policy: Policy,
@@ -141,17 +163,21 @@ impl Monitor {
         let floor = Duration::from_millis(1);
         let policy =
             Policy { interval: policy.interval.max(floor), reply_timeout: policy.reply_timeout.max(floor), ..policy };
+        let cycle = policy.interval
+            + policy.reply_timeout
+            + policy.reprobe_interval.saturating_mul(u32::from(policy.reprobes) + 1);
         Self {
             policy,
             targets: HashMap::new(),
             by_uplink: HashMap::new(),
             last_first_ping: None,
             out: Output {
-                timers: Wheel::new(policy),
+                timers: Wheel::new(cycle),
                 due: Vec::new(),
                 transmits: VecDeque::new(),
                 events: VecDeque::new(),
                 stats: Stats::default(),
+                by_state: ByState::default(),
             },
         }
     }
@@ -217,6 +243,7 @@ impl Monitor {
         };
         self.out.schedule(&mut target, id, first_ping);
         self.targets.insert(id, target);
+        *self.out.by_state.of_mut(initial) += 1;
         self.by_uplink.insert((session, uplink), id);
         self.out.timers.settle();
     }
@@ -330,8 +357,14 @@ impl Monitor {
         self.out.stats
     }
 
+    /// How many targets are in each state (kept up to date as they change: reading it costs nothing).
+    pub fn by_state(&self) -> ByState {
+        self.out.by_state
+    }
+
     fn remove_target(&mut self, id: TargetId) -> Option<Target> {
         let mut target = self.targets.remove(&id)?;
+        *self.out.by_state.of_mut(target.liveness) -= 1;
         if let Some(place) = target.timer.take() {
             self.out.timers.cancel(place, id);
         }
@@ -352,6 +385,8 @@ struct Output {
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     stats: Stats,
+    /// The targets in each state.
+    by_state: ByState,
 }
 
 impl Output {
@@ -361,191 +396,6 @@ impl Output {
             self.timers.cancel(place, id);
         }
         target.timer = Some(self.timers.insert(at, id));
-    }
-}
-
-/// A target's deadline on the [`Wheel`].
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    deadline: Instant,
-    id: TargetId,
-    /// The millisecond (since the wheel's origin) whose slot holds it.
-    tick: u64,
-}
-
-/// Where a deadline sits on the [`Wheel`]: its slot, and its index there (which only moves, rarely, when the slot
-/// is compacted with deadlines of later turns in it; then it is searched for).
-#[derive(Debug, Clone, Copy)]
-struct Place {
-    slot: usize,
-    index: usize,
-}
-
-/// The deadlines of every target, one each, in slots of one millisecond on a wheel that spans at least twice a
-/// probe cycle (a deadline further out waits in its slot for later turns of the wheel).
-///
-/// A binary heap of 100,000 deadlines, rescheduled twice a cycle each, spends most of its time on cache misses; here
-/// scheduling is a push onto the deadline's slot, cancelling marks the entry where it is (the target knows), and the
-/// next deadline is cached, recomputed from the first slot with anything in it when it is taken or cancelled.
-struct Wheel {
-    /// The instant of tick 0: the first deadline ever scheduled.
-    origin: Option<Instant>,
-    slots: Vec<Vec<Entry>>,
-    /// `slots.len() - 1` (a power of two).
-    mask: u64,
-    /// Every tick before this one has been emptied of due entries; no entry's tick is earlier.
-    cursor: u64,
-    len: usize,
-    /// The earliest deadline, unless `stale`; never later than it.
-    next: Option<Instant>,
-    stale: bool,
-    /// When `stale` only because entries at `next` were cancelled, from this slot: where to look for another.
-    hint: Option<usize>,
-}
-
-impl Wheel {
-    /// The id of a cancelled or taken entry, left in its slot until the cursor passes it.
-    const GONE: TargetId = TargetId::MIN;
-    /// The fewest and most slots a wheel has.
-    const SLOTS: (usize, usize) = (1 << 10, 1 << 16);
-
-    fn new(policy: Policy) -> Self {
-        let cycle = policy.interval
-            + policy.reply_timeout
-            + policy.reprobe_interval.saturating_mul(u32::from(policy.reprobes) + 1);
-        let wanted = usize::try_from(cycle.as_millis().saturating_mul(2)).unwrap_or(usize::MAX);
-        let slots = wanted.clamp(Self::SLOTS.0, Self::SLOTS.1).next_power_of_two();
-        Self {
-            origin: None,
-            slots: vec![Vec::new(); slots],
-            mask: slots as u64 - 1,
-            cursor: 0,
-            len: 0,
-            next: None,
-            stale: false,
-            hint: None,
-        }
-    }
-
-    fn tick(origin: Instant, at: Instant) -> u64 {
-        let since = at.saturating_duration_since(origin);
-        since.as_secs().saturating_mul(1_000).saturating_add(u64::from(since.subsec_millis()))
-    }
-
-    fn slot(&self, tick: u64) -> usize {
-        (tick & self.mask) as usize
-    }
-
-    /// Adds a deadline; returns its place, which [`Wheel::cancel`] needs.
-    fn insert(&mut self, at: Instant, id: TargetId) -> Place {
-        let origin = *self.origin.get_or_insert(at);
-        // A deadline already past is due at the next look, like any other in the cursor's tick.
-        let tick = Self::tick(origin, at).max(self.cursor);
-        let slot = self.slot(tick);
-        let index = self.slots[slot].len();
-        self.slots[slot].push(Entry { deadline: at, id, tick });
-        self.len += 1;
-        // Every other entry is at `next` or later, so an earlier one is the earliest, stale or not.
-        if self.next.is_none_or(|next| at < next) {
-            self.next = Some(at);
-            self.stale = false;
-            self.hint = None;
-        }
-        Place { slot, index }
-    }
-
-    /// Removes a target's deadline.
-    fn cancel(&mut self, place: Place, id: TargetId) {
-        let slot = place.slot;
-        let entries = &mut self.slots[slot];
-        let index = if entries.get(place.index).is_some_and(|entry| entry.id == id) {
-            place.index
-        } else {
-            let Some(index) = entries.iter().position(|entry| entry.id == id) else { return };
-            index
-        };
-        let entry = entries[index];
-        entries[index].id = Self::GONE;
-        self.len -= 1;
-        if self.next == Some(entry.deadline) {
-            // Targets handled in one turn share their reply deadline: usually another is left at the same instant.
-            self.hint = if self.stale && self.hint != Some(slot) { None } else { Some(slot) };
-            self.stale = true;
-        }
-    }
-
-    /// Moves into `due` the entries due at `now` of the earliest tick that has any, in (deadline, id) order;
-    /// leaves it empty when nothing is due.
-    fn take_due(&mut self, now: Instant, due: &mut Vec<Entry>) {
-        due.clear();
-        let Some(origin) = self.origin else { return };
-        let now_tick = Self::tick(origin, now);
-        loop {
-            let tick = self.cursor;
-            let slot = self.slot(tick);
-            let entries = &mut self.slots[slot];
-            for entry in entries.iter_mut() {
-                if entry.id != Self::GONE && entry.tick == tick && entry.deadline <= now {
-                    due.push(*entry);
-                    entry.id = Self::GONE;
-                }
-            }
-            if !due.is_empty() {
-                self.len -= due.len();
-                self.stale = true;
-                self.hint = None;
-                due.sort_unstable_by_key(|entry| (entry.deadline, entry.id));
-                return;
-            }
-            if tick >= now_tick {
-                return;
-            }
-            // Passed: only deadlines of later turns are left (usually none).
-            entries.retain(|entry| entry.id != Self::GONE);
-            self.cursor += 1;
-        }
-    }
-
-    /// Brings the cached next deadline up to date.
-    fn settle(&mut self) {
-        if !self.stale {
-            return;
-        }
-        let same = match (self.hint, self.next) {
-            (Some(slot), Some(next)) => {
-                self.slots[slot].iter().any(|entry| entry.id != Self::GONE && entry.deadline == next)
-            }
-            _ => false,
-        };
-        if !same {
-            self.next = self.earliest();
-        }
-        self.stale = false;
-        self.hint = None;
-    }
-
-    /// The earliest deadline as of the last [`Wheel::settle`].
-    fn next(&self) -> Option<Instant> {
-        self.next
-    }
-
-    fn earliest(&self) -> Option<Instant> {
-        if self.len == 0 {
-            return None;
-        }
-        for tick in self.cursor..=self.cursor + self.mask {
-            let entries = &self.slots[self.slot(tick)];
-            let earliest = entries
-                .iter()
-                .filter(|entry| entry.id != Self::GONE && entry.tick == tick)
-                .map(|entry| entry.deadline)
-                .min();
-            if earliest.is_some() {
-                return earliest;
-            }
-        }
-        // Nothing within a turn of the wheel: only deadlines further out than its span.
-        self.slots.iter().flatten().filter(|entry| entry.id != Self::GONE).map(|entry| entry.deadline).min()
     }
 }
 
@@ -629,7 +479,7 @@ impl Target {
                 if grace.is_some() {
                     tracing::debug!(id, "cycle after a handover unanswered; within the grace");
                 } else if self.liveness != Liveness::Dead {
-                    self.liveness = Liveness::Dead;
+                    self.set_liveness(Liveness::Dead, &mut out.by_state);
                     tracing::debug!(id, "target dead");
                     out.events.push_back(Event::Dead { id });
                 }
@@ -694,7 +544,7 @@ impl Target {
         let load = pong.load.min(100);
         if self.liveness != Liveness::Live || self.observed != Some(from) {
             tracing::debug!(id, observed = %from, load, "target alive");
-            self.liveness = Liveness::Live;
+            self.set_liveness(Liveness::Live, &mut out.by_state);
             self.observed = Some(from);
             self.report_load(load, now);
             out.events.push_back(Event::Alive { id, observed: from, load });
@@ -706,6 +556,12 @@ impl Target {
             self.report_load(load, now);
             out.events.push_back(Event::Load { id, load });
         }
+    }
+
+    fn set_liveness(&mut self, liveness: Liveness, by_state: &mut ByState) {
+        *by_state.of_mut(self.liveness) -= 1;
+        *by_state.of_mut(liveness) += 1;
+        self.liveness = liveness;
     }
 
     fn report_load(&mut self, load: u16, now: Instant) {
@@ -743,328 +599,12 @@ impl Target {
 
 #[cfg(test)]
 mod tests {
-    use std::cmp::Reverse;
-    use std::collections::{BTreeMap, BinaryHeap};
-
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
     use super::*;
     use crate::heartbeat::packet::{decode, encode};
-    use crate::heartbeat::responder::{Responder, ResponderEvent, ResponderPolicy};
-
-    const KEY: Key = [3; 32];
-    const WRONG_KEY: Key = [4; 32];
-
-    fn addr(text: &str) -> SocketAddr {
-        text.parse().expect("address")
-    }
-
-    fn ms(n: u64) -> Duration {
-        Duration::from_millis(n)
-    }
-
-    /// The heartbeat address of the simulated HBS.
-    const HBS: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(192, 0, 2, 1), 4500));
-
-    #[derive(Debug, Clone)]
-    struct Datagram {
-        from: SocketAddr,
-        to: SocketAddr,
-        payload: [u8; PACKET_LEN],
-    }
-
-    /// A datagram on the simulated wire, delivered at `at` (ties in sending order).
-    struct Queued {
-        at: Instant,
-        order: u64,
-        datagram: Datagram,
-    }
-
-    impl PartialEq for Queued {
-        fn eq(&self, other: &Self) -> bool {
-            (self.at, self.order) == (other.at, other.order)
-        }
-    }
-
-    impl Eq for Queued {}
-
-    impl PartialOrd for Queued {
-        fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-            Some(self.cmp(other))
-        }
-    }
-
-    impl Ord for Queued {
-        fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-            (self.at, self.order).cmp(&(other.at, other.order))
-        }
-    }
-
-    /// An NCU uplink: its datagrams leave from `source` (its NAT mapping); datagrams to `listen` or `source` reach it.
-    struct Link {
-        listen: SocketAddr,
-        source: SocketAddr,
-    }
-
-    struct Ncu {
-        session: u64,
-        key: Key,
-        responder: Responder,
-        links: BTreeMap<u8, Link>,
-        /// Drops everything sent to it.
-        silent: bool,
-        load: u16,
-    }
-
-    /// One monitor and some NCUs on a simulated network with loss and per-datagram delay, in virtual time.
-    struct Sim {
-        base: Instant,
-        now: Instant,
-        rng: StdRng,
-        monitor: Monitor,
-        ncus: Vec<Ncu>,
-        routes: HashMap<SocketAddr, (usize, u8)>,
-        wire: BinaryHeap<Reverse<Queued>>,
-        sent: u64,
-        ncu_timers: BinaryHeap<Reverse<(Instant, usize)>>,
-        /// Independent loss probability of each datagram, in each direction.
-        loss: f64,
-        to_ncu_delay: (Duration, Duration),
-        to_hbs_delay: (Duration, Duration),
-        dropped: u64,
-        /// An on-path attacker answering the pings a silent NCU misses, without the key.
-        forger: bool,
-        /// Keep `pings` and `delivered` (off for long runs).
-        record: bool,
-        pings: Vec<(Instant, Transmit)>,
-        delivered: Vec<Datagram>,
-        events: Vec<(Instant, Event)>,
-        ncu_events: Vec<(Instant, ResponderEvent)>,
-    }
-
-    impl Sim {
-        fn new(seed: u64) -> Self {
-            let base = Instant::now();
-            Self {
-                base,
-                now: base,
-                rng: StdRng::seed_from_u64(seed),
-                monitor: Monitor::new(Policy::default()),
-                ncus: Vec::new(),
-                routes: HashMap::new(),
-                wire: BinaryHeap::new(),
-                sent: 0,
-                ncu_timers: BinaryHeap::new(),
-                loss: 0.0,
-                to_ncu_delay: (ms(0), ms(20)),
-                to_hbs_delay: (ms(0), ms(20)),
-                dropped: 0,
-                forger: false,
-                record: true,
-                pings: Vec::new(),
-                delivered: Vec::new(),
-                events: Vec::new(),
-                ncu_events: Vec::new(),
-            }
-        }
-
-        fn at(&self, offset: Duration) -> Instant {
-            self.base + offset
-        }
-
-        /// Adds an NCU with uplinks (index, listen, source), answering session `session`.
-        fn add_ncu(&mut self, session: u64, links: &[(u8, &str, &str)]) -> usize {
-            let index = self.ncus.len();
-            let mut responder = Responder::new(ResponderPolicy::default());
-            let uplinks: Vec<u8> = links.iter().map(|link| link.0).collect();
-            responder.set_session(session, KEY, HBS, &uplinks, self.now);
-            let links = links
-                .iter()
-                .map(|&(uplink, listen, source)| (uplink, Link { listen: addr(listen), source: addr(source) }))
-                .collect::<BTreeMap<_, _>>();
-            for (&uplink, link) in &links {
-                self.routes.insert(link.listen, (index, uplink));
-                self.routes.insert(link.source, (index, uplink));
-            }
-            self.ncus.push(Ncu { session, key: KEY, responder, links, silent: false, load: 0 });
-            self.pump_ncu(index);
-            index
-        }
-
-        /// The NCU learns its session's key (the answer to its registration arrives): it answers that session now.
-        fn give_key(&mut self, index: usize) {
-            let ncu = &mut self.ncus[index];
-            let uplinks: Vec<u8> = ncu.links.keys().copied().collect();
-            ncu.responder.set_session(ncu.session, ncu.key, HBS, &uplinks, self.now);
-            self.pump_ncu(index);
-        }
-
-        /// Has the monitor watch an NCU uplink as target `id`, pinging `dest` (by default the uplink's listen address).
-        fn watch(&mut self, id: TargetId, ncu: usize, uplink: u8, dest: Option<SocketAddr>, initial: Liveness) {
-            let ncu = &self.ncus[ncu];
-            let dest = dest.unwrap_or(ncu.links[&uplink].listen);
-            self.monitor.add(id, ncu.session, uplink, ncu.key, dest, initial, self.now);
-        }
-
-        fn run_until(&mut self, offset: Duration) {
-            let end = self.at(offset);
-            loop {
-                let wire = self.wire.peek().map(|Reverse(queued)| queued.at);
-                let ncus = self.ncu_timers.peek().map(|Reverse((at, _))| *at);
-                let Some(next) = [wire, self.monitor.poll_timeout(), ncus].into_iter().flatten().min() else { break };
-                if next > end {
-                    break;
-                }
-                self.now = self.now.max(next);
-                self.step();
-            }
-            self.now = self.now.max(end);
-        }
-
-        /// Moves an uplink's NAT mapping.
-        fn set_source(&mut self, ncu: usize, uplink: u8, source: SocketAddr) {
-            let link = self.ncus[ncu].links.get_mut(&uplink).expect("known uplink");
-            if link.source != link.listen {
-                self.routes.remove(&link.source);
-            }
-            link.source = source;
-            self.routes.insert(source, (ncu, uplink));
-        }
-
-        /// Lets virtual time pass with nothing handled, as when the process is stalled or suspended.
-        fn jump(&mut self, by: Duration) {
-            self.now += by;
-        }
-
-        fn step(&mut self) {
-            let now = self.now;
-            while let Some(Reverse(queued)) = self.wire.peek() {
-                if queued.at > now {
-                    break;
-                }
-                let Some(Reverse(queued)) = self.wire.pop() else { break };
-                self.deliver(queued.datagram);
-            }
-            if self.monitor.poll_timeout().is_some_and(|at| at <= now) {
-                self.monitor.handle_timeout(now, &mut self.rng);
-                self.pump_monitor();
-            }
-            while let Some(&Reverse((at, index))) = self.ncu_timers.peek() {
-                if at > now {
-                    break;
-                }
-                self.ncu_timers.pop();
-                // Stale entries are dropped: every change of a responder pushes its current deadline.
-                if self.ncus[index].responder.poll_timeout().is_some_and(|at| at <= now) {
-                    self.ncus[index].responder.handle_timeout(now);
-                    self.pump_ncu(index);
-                }
-            }
-        }
-
-        fn deliver(&mut self, datagram: Datagram) {
-            if datagram.to == HBS {
-                if self.record {
-                    self.delivered.push(datagram.clone());
-                }
-                self.monitor.handle_datagram(&datagram.payload, datagram.from, self.now);
-                self.pump_monitor();
-                return;
-            }
-            let Some(&(index, uplink)) = self.routes.get(&datagram.to) else { return };
-            let ncu = &mut self.ncus[index];
-            if ncu.silent {
-                if self.forger {
-                    let ping = plaintext(&datagram.payload);
-                    let forged = encode(&Packet { kind: Kind::Pong, load: 50, ..ping }, &WRONG_KEY);
-                    self.send(datagram.to, datagram.from, forged);
-                }
-                return;
-            }
-            let pong = ncu.responder.handle_datagram(uplink, &datagram.payload, datagram.from, ncu.load, self.now);
-            if let Some(pong) = pong {
-                let source = ncu.links[&uplink].source;
-                self.send(source, datagram.from, pong);
-            }
-            self.pump_ncu(index);
-        }
-
-        fn pump_monitor(&mut self) {
-            while let Some(transmit) = self.monitor.poll_transmit() {
-                if self.record {
-                    self.pings.push((self.now, transmit.clone()));
-                }
-                self.send(HBS, transmit.dest, transmit.payload);
-            }
-            while let Some(event) = self.monitor.poll_event() {
-                self.events.push((self.now, event));
-            }
-        }
-
-        fn pump_ncu(&mut self, index: usize) {
-            while let Some(hello) = self.ncus[index].responder.poll_transmit() {
-                // A silent NCU's links are down: its hellos are lost too.
-                if self.ncus[index].silent {
-                    continue;
-                }
-                let source = self.ncus[index].links[&hello.uplink].source;
-                self.send(source, hello.dest, hello.payload);
-            }
-            while let Some(event) = self.ncus[index].responder.poll_event() {
-                self.ncu_events.push((self.now, event));
-            }
-            if let Some(at) = self.ncus[index].responder.poll_timeout() {
-                self.ncu_timers.push(Reverse((at, index)));
-            }
-        }
-
-        fn send(&mut self, from: SocketAddr, to: SocketAddr, payload: [u8; PACKET_LEN]) {
-            if self.loss > 0.0 && self.rng.random_bool(self.loss) {
-                self.dropped += 1;
-                return;
-            }
-            let (low, high) = if to == HBS { self.to_hbs_delay } else { self.to_ncu_delay };
-            let micros = |d: Duration| u64::try_from(d.as_micros()).expect("short delay");
-            let delay = Duration::from_micros(self.rng.random_range(micros(low)..=micros(high)));
-            self.sent += 1;
-            self.wire.push(Reverse(Queued {
-                at: self.now + delay,
-                order: self.sent,
-                datagram: Datagram { from, to, payload },
-            }));
-        }
-
-        /// Events since `offset`, with times as offsets from the start.
-        fn events_since(&self, offset: Duration) -> Vec<(Duration, Event)> {
-            let since = self.at(offset);
-            self.events
-                .iter()
-                .filter(|(at, _)| *at >= since)
-                .map(|(at, event)| (*at - self.base, event.clone()))
-                .collect()
-        }
-
-        /// The times (offsets) of pings to `dest` in `[from, to)`.
-        fn ping_times(&self, dest: SocketAddr, from: Duration, to: Duration) -> Vec<Duration> {
-            self.pings
-                .iter()
-                .map(|(at, transmit)| (*at - self.base, transmit.dest))
-                .filter(|&(at, to_dest)| to_dest == dest && at >= from && at < to)
-                .map(|(at, _)| at)
-                .collect()
-        }
-    }
-
-    /// The fields of a datagram as anyone on path can read them.
-    fn plaintext(bytes: &[u8; PACKET_LEN]) -> Packet {
-        let (kind, session, uplink) = packet::peek_header(bytes).expect("well formed");
-        let mut seq = [0; 8];
-        seq.copy_from_slice(&bytes[13..21]);
-        let mut nonce = [0; 16];
-        nonce.copy_from_slice(&bytes[21..37]);
-        Packet { kind, session, uplink, seq: u64::from_be_bytes(seq), nonce, load: 0 }
-    }
+    use crate::heartbeat::sim::{Datagram, KEY, Sim, WRONG_KEY, addr, ms, plaintext};
 
     /// One NCU (session 7) with uplink 0 listening on and sending from `192.0.2.10:5000`, watched as target 1.
     fn one_target(seed: u64, initial: Liveness) -> Sim {
@@ -1459,69 +999,6 @@ mod tests {
         assert_eq!(monitor.stats().unknown, 1);
     }
 
-    /// The wheel against a sorted set: the same next deadline after every change, and entries taken in order.
-    #[test]
-    fn wheel_agrees_with_a_sorted_set() {
-        use std::collections::BTreeSet;
-        let mut rng = StdRng::seed_from_u64(19);
-        let base = Instant::now();
-        // A small span (1024 slots), so that deadlines up to 5 s out go round the wheel several times.
-        let policy = Policy { interval: ms(10), reply_timeout: ms(1), reprobe_interval: ms(1), ..Policy::default() };
-        let mut wheel = Wheel::new(policy);
-        assert_eq!(wheel.slots.len(), 1024);
-        let mut model: BTreeSet<(Instant, TargetId)> = BTreeSet::new();
-        let mut slots: HashMap<TargetId, (Place, Instant)> = HashMap::new();
-        let mut now = base;
-        let mut due = Vec::new();
-        let mut taken = 0;
-        for _ in 0..20_000 {
-            match rng.random_range(0..10) {
-                0..5 => {
-                    let id = rng.random_range(0..500);
-                    // Half on whole milliseconds of a short range, so that many share a deadline.
-                    let at = if rng.random_bool(0.5) {
-                        now + Duration::from_micros(rng.random_range(0..5_000_000))
-                    } else {
-                        now + ms(rng.random_range(0..20))
-                    };
-                    if let Some((slot, old)) = slots.remove(&id) {
-                        wheel.cancel(slot, id);
-                        model.remove(&(old, id));
-                    }
-                    slots.insert(id, (wheel.insert(at, id), at));
-                    model.insert((at, id));
-                }
-                5 => {
-                    let id = rng.random_range(0..500);
-                    if let Some((slot, old)) = slots.remove(&id) {
-                        wheel.cancel(slot, id);
-                        model.remove(&(old, id));
-                    }
-                }
-                _ => {
-                    now += Duration::from_micros(rng.random_range(0..300_000));
-                    loop {
-                        wheel.take_due(now, &mut due);
-                        if due.is_empty() {
-                            break;
-                        }
-                        for entry in &due {
-                            let first = model.pop_first().expect("the model has it too");
-                            assert_eq!((entry.deadline, entry.id), first);
-                            slots.remove(&entry.id);
-                            taken += 1;
-                        }
-                    }
-                    assert!(model.first().is_none_or(|&(at, _)| at > now), "everything due was taken");
-                }
-            }
-            wheel.settle();
-            assert_eq!(wheel.next(), model.first().map(|&(at, _)| at));
-            assert_eq!(wheel.len, model.len());
-        }
-        assert!(taken > 1_000, "{taken}");
-    }
-
     /// Targets added together ping `first_ping_spacing` apart, and keep that spread in later cycles.
     #[test]
     fn a_burst_of_targets_is_spread() {
@@ -1563,7 +1040,7 @@ mod tests {
         let base = Instant::now();
         let policy = Policy { interval: Duration::from_secs(100), ..Policy::default() };
         let mut monitor = Monitor::new(policy);
-        assert!(monitor.out.timers.slots.len() < 100_000, "the wheel is shorter than the interval");
+        assert!(monitor.out.timers.slot_count() < 100_000, "the wheel is shorter than the interval");
         monitor.add(1, 7, 0, KEY, addr("192.0.2.10:5000"), Liveness::Pending, base);
         let mut pings = Vec::new();
         let mut now = base;
@@ -1578,6 +1055,109 @@ mod tests {
             now = monitor.poll_timeout().expect("a target");
         }
         assert_eq!(pings, [0, 100, 200, 300].map(Duration::from_secs));
+    }
+
+    /// The counts by state against a recount of the targets after each of 4,000 random steps: adds (new targets, and
+    /// replacements by id or by session and uplink), removals of a target or a session, NCUs going down and up,
+    /// pongs delivered (late, from a new address, replayed, forged) or dropped, and time passing (now and then a jump).
+    #[test]
+    fn counts_by_state_match_a_recount_after_every_step() {
+        let mut rng = StdRng::seed_from_u64(23);
+        let base = Instant::now();
+        let mut now = base;
+        let mut monitor = Monitor::new(Policy::default());
+        let dest = |id: TargetId| addr(&format!("192.0.2.{id}:5000"));
+        // Sessions whose NCU answers nothing.
+        let mut down = [false; 12];
+        // Pongs sent and not yet delivered or dropped, with their source.
+        let mut in_flight: Vec<([u8; PACKET_LEN], SocketAddr)> = Vec::new();
+        let mut last_delivered = None;
+        // Targets removed or replaced, by their state then.
+        let mut gone = ByState::default();
+        for step in 0..4_000 {
+            match rng.random_range(0..20) {
+                0..3 => {
+                    let id = rng.random_range(1..=40);
+                    let (session, uplink) = (rng.random_range(0..12), rng.random_range(0..2));
+                    let initial = if rng.random_bool(0.3) { Liveness::Live } else { Liveness::Pending };
+                    let same_uplink = monitor.by_uplink.get(&(session, uplink)).copied().filter(|&old| old != id);
+                    for old in [Some(id), same_uplink].into_iter().flatten() {
+                        if let Some(liveness) = monitor.liveness(old) {
+                            *gone.of_mut(liveness) += 1;
+                        }
+                    }
+                    monitor.add(id, session, uplink, KEY, dest(id), initial, now);
+                }
+                3 => {
+                    let id = rng.random_range(1..=40);
+                    if let Some(liveness) = monitor.liveness(id) {
+                        *gone.of_mut(liveness) += 1;
+                    }
+                    monitor.remove(id);
+                }
+                4 => {
+                    let session = rng.random_range(0..12);
+                    for target in monitor.targets.values().filter(|target| target.session == session) {
+                        *gone.of_mut(target.liveness) += 1;
+                    }
+                    monitor.remove_session(session);
+                }
+                5 => {
+                    let session = rng.random_range(0..down.len());
+                    down[session] = !down[session];
+                }
+                6..10 => {
+                    for _ in 0..rng.random_range(1..=in_flight.len().max(1)) {
+                        if in_flight.is_empty() {
+                            break;
+                        }
+                        let (pong, mut from) = in_flight.swap_remove(rng.random_range(0..in_flight.len()));
+                        if rng.random_bool(0.02) {
+                            from.set_port(6000);
+                        }
+                        monitor.handle_datagram(&pong, from, now);
+                        last_delivered = Some((pong, from));
+                    }
+                }
+                10 => {
+                    if !in_flight.is_empty() {
+                        in_flight.swap_remove(rng.random_range(0..in_flight.len()));
+                    }
+                }
+                11 => {
+                    if let Some((pong, from)) = last_delivered {
+                        monitor.handle_datagram(&pong, from, now);
+                    }
+                    if let Some((pong, from)) = in_flight.first() {
+                        let forged = encode(&Packet { load: 90, ..plaintext(pong) }, &WRONG_KEY);
+                        monitor.handle_datagram(&forged, *from, now);
+                    }
+                }
+                _ => {
+                    now += if rng.random_bool(0.01) { ms(3_000) } else { ms(rng.random_range(0..150)) };
+                    monitor.handle_timeout(now, &mut rng);
+                    while let Some(transmit) = monitor.poll_transmit() {
+                        let ping = decode(&transmit.payload, &KEY).expect("authentic");
+                        if !down[usize::try_from(ping.session).expect("small")] && rng.random_bool(0.8) {
+                            let load = rng.random_range(0..=100);
+                            in_flight.push((encode(&Packet { kind: Kind::Pong, load, ..ping }, &KEY), transmit.dest));
+                        }
+                    }
+                }
+            }
+            let mut recount = ByState::default();
+            for target in monitor.targets.values() {
+                *recount.of_mut(target.liveness) += 1;
+            }
+            assert_eq!(monitor.by_state(), recount, "after step {step}");
+        }
+        let events: Vec<Event> = std::iter::from_fn(|| monitor.poll_event()).collect();
+        let alive = events.iter().filter(|event| matches!(event, Event::Alive { .. })).count();
+        let dead = events.iter().filter(|event| matches!(event, Event::Dead { .. })).count();
+        let stats = monitor.stats();
+        assert!(alive > 100 && dead > 100, "every transition, often: {alive} alive, {dead} dead");
+        assert!(gone.pending > 20 && gone.live > 20 && gone.dead > 20, "targets of every state removed: {gone:?}");
+        assert!(stats.stale > 0 && stats.forged > 0, "{stats:?}");
     }
 
     #[test]

@@ -296,8 +296,8 @@ impl UplinkState {
 mod tests {
     use super::*;
     use crate::heartbeat::packet::{decode, encode};
+    use crate::heartbeat::sim::{HBS, KEY, Sim, ms};
 
-    const KEY: Key = [1; 32];
     const OLD_KEY: Key = [2; 32];
 
     struct Clock(Instant);
@@ -305,10 +305,6 @@ mod tests {
     impl Clock {
         fn at(&self, ms: u64) -> Instant {
             self.0 + Duration::from_millis(ms)
-        }
-
-        fn ms(&self, at: Instant) -> u64 {
-            u64::try_from(at.duration_since(self.0).as_millis()).expect("short test")
         }
     }
 
@@ -325,42 +321,15 @@ mod tests {
         encode(&Packet { kind: Kind::Ping, session, uplink, seq, nonce, load: 0 }, key)
     }
 
-    fn drain_hellos(responder: &mut Responder) -> Vec<Outgoing> {
-        std::iter::from_fn(|| responder.poll_transmit()).collect()
-    }
-
-    /// What a responder did while driven: hellos as (ms, uplink) and events as (ms, event).
-    struct Trace {
-        hellos: Vec<(u64, u8)>,
-        events: Vec<(u64, ResponderEvent)>,
-    }
-
-    /// Drives the responder in virtual time until `end`, delivering fresh pings (uplink, ms) from `pings` on the way.
-    fn drive(clock: &Clock, responder: &mut Responder, session: u64, pings: &[(u8, u64)], end: u64) -> Trace {
-        let mut hellos = Vec::new();
-        let mut events = Vec::new();
-        let mut pings = pings.iter().copied().peekable();
-        let mut seq = 1_000;
-        loop {
-            let timer = responder.poll_timeout().map(|at| clock.ms(at));
-            let next_ping = pings.peek().map(|&(_, at)| at);
-            let Some(now) = [timer, next_ping].into_iter().flatten().min() else { break };
-            if now > end {
-                break;
-            }
-            if next_ping == Some(now) {
-                let (uplink, _) = pings.next().expect("peeked");
-                seq += 1;
-                let pong =
-                    responder.handle_datagram(uplink, &ping(session, uplink, seq, &KEY), hbs(), 0, clock.at(now));
-                assert!(pong.is_some());
-            } else {
-                responder.handle_timeout(clock.at(now));
-            }
-            hellos.extend(drain_hellos(responder).into_iter().map(|hello| (now, hello.uplink)));
-            events.extend(std::iter::from_fn(|| responder.poll_event()).map(|event| (now, event)));
-        }
-        Trace { hellos, events }
+    /// Uplink `index` of a simulated NCU, listening on and sending from one address.
+    fn link(index: u8) -> (u8, &'static str, &'static str) {
+        let address = match index {
+            0 => "192.0.2.10:5000",
+            1 => "192.0.2.11:5000",
+            3 => "192.0.2.13:5000",
+            other => panic!("no address for uplink {other}"),
+        };
+        (index, address, address)
     }
 
     #[test]
@@ -403,26 +372,28 @@ mod tests {
 
     #[test]
     fn primary_lost_exactly_failover_after_the_last_fresh_ping_and_once() {
-        let clock = Clock(Instant::now());
-        let mut responder = Responder::new(ResponderPolicy::default());
-        responder.set_session(9, KEY, hbs(), &[0, 1], clock.at(0));
-        drain_hellos(&mut responder);
-        let Trace { events, .. } = drive(&clock, &mut responder, 9, &[(0, 500), (1, 1_500), (0, 2_700)], 60_000);
-        assert_eq!(events, [(5_700, ResponderEvent::PrimaryLost { session: 9 })]);
+        let mut sim = Sim::new(1);
+        let ncu = sim.add_ncu(9, &[link(0), link(1)]);
+        for (uplink, at) in [(0, 500), (1, 1_500), (0, 2_700)] {
+            sim.ping_at(ncu, uplink, ms(at));
+        }
+        sim.run_until(ms(60_000));
+        assert_eq!(sim.ncu_events_since(ms(0)), [(ms(5_700), ResponderEvent::PrimaryLost { session: 9 })]);
+        assert_eq!(sim.ncus[ncu].responder.stats().answered, 3);
     }
 
     #[test]
     fn primary_lost_after_set_session_without_pings() {
-        let clock = Clock(Instant::now());
-        let mut responder = Responder::new(ResponderPolicy::default());
-        responder.set_session(9, KEY, hbs(), &[0], clock.at(1_000));
-        let Trace { events, .. } = drive(&clock, &mut responder, 9, &[], 60_000);
-        assert_eq!(events, [(4_000, ResponderEvent::PrimaryLost { session: 9 })]);
+        let mut sim = Sim::new(2);
+        sim.run_until(ms(1_000));
+        let ncu = sim.add_ncu(9, &[link(0)]);
+        sim.run_until(ms(60_000));
+        assert_eq!(sim.ncu_events_since(ms(0)), [(ms(4_000), ResponderEvent::PrimaryLost { session: 9 })]);
 
         // A new session gets its own timer and its own event.
-        responder.set_session(10, KEY, hbs(), &[0], clock.at(60_000));
-        let Trace { events, .. } = drive(&clock, &mut responder, 10, &[], 70_000);
-        assert_eq!(events, [(63_000, ResponderEvent::PrimaryLost { session: 10 })]);
+        sim.set_session(ncu, 10);
+        sim.run_until(ms(70_000));
+        assert_eq!(sim.ncu_events_since(ms(60_000)), [(ms(63_000), ResponderEvent::PrimaryLost { session: 10 })]);
     }
 
     #[test]
@@ -445,59 +416,65 @@ mod tests {
 
     #[test]
     fn hellos_at_once_then_every_hello_every_until_pinged_then_every_keepalive() {
-        let clock = Clock(Instant::now());
-        let mut responder = Responder::new(ResponderPolicy::default());
-        responder.set_session(3, KEY, hbs(), &[1, 0], clock.at(0));
-        let first = drain_hellos(&mut responder);
-        assert_eq!(first.iter().map(|hello| (hello.uplink, hello.dest)).collect::<Vec<_>>(), [(0, hbs()), (1, hbs())]);
+        let mut sim = Sim::new(3);
+        let ncu = sim.add_ncu(3, &[link(1), link(0)]);
+        let first: Vec<Outgoing> = sim.take_hellos().into_iter().map(|(_, hello)| hello).collect();
+        assert_eq!(first.iter().map(|hello| (hello.uplink, hello.dest)).collect::<Vec<_>>(), [(0, HBS), (1, HBS)]);
         let decoded: Vec<Packet> = first.iter().map(|hello| decode(&hello.payload, &KEY).expect("authentic")).collect();
         assert_eq!(decoded[0], Packet { kind: Kind::Hello, session: 3, uplink: 0, seq: 1, nonce: [0; 16], load: 0 });
         assert_eq!((decoded[1].uplink, decoded[1].seq), (1, 2));
 
         // Uplink 0 is pinged every second from 2.5 s on; uplink 1 never.
-        let pings: Vec<(u8, u64)> = (0..60).map(|second| (0, 2_500 + second * 1_000)).collect();
-        let Trace { hellos, events } = drive(&clock, &mut responder, 3, &pings, 60_000);
-        assert!(events.is_empty());
-        let times = |uplink| hellos.iter().filter(|hello| hello.1 == uplink).map(|hello| hello.0).collect::<Vec<_>>();
-        assert_eq!(times(0), [2_000, 22_000, 42_000]);
-        assert_eq!(times(1), (1..=30).map(|n| n * 2_000).collect::<Vec<_>>());
+        for second in 0..60 {
+            sim.ping_at(ncu, 0, ms(2_500 + second * 1_000));
+        }
+        sim.run_until(ms(60_000));
+        assert!(sim.ncu_events.is_empty());
+        let hellos = sim.take_hellos();
+        let times =
+            |uplink| hellos.iter().filter(|(_, hello)| hello.uplink == uplink).map(|(at, _)| *at).collect::<Vec<_>>();
+        assert_eq!(times(0), [2_000, 22_000, 42_000].map(ms));
+        assert_eq!(times(1), (1..=30).map(|n| ms(n * 2_000)).collect::<Vec<_>>());
     }
 
     #[test]
     fn hello_seq_strictly_increases_per_session_even_when_it_is_set_again() {
-        let clock = Clock(Instant::now());
-        let mut responder = Responder::new(ResponderPolicy::default());
-        responder.set_session(3, KEY, hbs(), &[0, 1], clock.at(0));
-        drive(&clock, &mut responder, 3, &[], 10_000);
-        responder.set_session(3, KEY, hbs(), &[0, 1], clock.at(10_000));
-        let hellos = drain_hellos(&mut responder);
-        let seqs: Vec<u64> = hellos.iter().map(|hello| decode(&hello.payload, &KEY).expect("authentic").seq).collect();
+        let mut sim = Sim::new(4);
+        let ncu = sim.add_ncu(3, &[link(0), link(1)]);
+        sim.run_until(ms(10_000));
+        sim.take_hellos();
+        sim.set_session(ncu, 3);
+        let hellos = sim.take_hellos();
+        let seqs: Vec<u64> =
+            hellos.iter().map(|(_, hello)| decode(&hello.payload, &KEY).expect("authentic").seq).collect();
         assert_eq!(seqs, [13, 14], "five repeats of two uplinks after the first two");
     }
 
     #[test]
     fn fast_hellos_resume_when_pings_stop() {
-        let clock = Clock(Instant::now());
-        let mut responder = Responder::new(ResponderPolicy::default());
-        responder.set_session(3, KEY, hbs(), &[0], clock.at(0));
-        drain_hellos(&mut responder);
-        let pings: Vec<(u8, u64)> = (0..7).map(|second| (0, 2_500 + second * 1_000)).collect();
-        let Trace { hellos, events } = drive(&clock, &mut responder, 3, &pings, 20_000);
-        let times: Vec<u64> = hellos.iter().map(|hello| hello.0).collect();
-        assert_eq!(times, [2_000, 11_500, 13_500, 15_500, 17_500, 19_500]);
-        assert_eq!(events, [(11_500, ResponderEvent::PrimaryLost { session: 3 })]);
+        let mut sim = Sim::new(5);
+        let ncu = sim.add_ncu(3, &[link(0)]);
+        sim.take_hellos();
+        for second in 0..7 {
+            sim.ping_at(ncu, 0, ms(2_500 + second * 1_000));
+        }
+        sim.run_until(ms(20_000));
+        let times: Vec<Duration> = sim.take_hellos().into_iter().map(|(at, _)| at).collect();
+        assert_eq!(times, [2_000, 11_500, 13_500, 15_500, 17_500, 19_500].map(ms));
+        assert_eq!(sim.ncu_events_since(ms(0)), [(ms(11_500), ResponderEvent::PrimaryLost { session: 3 })]);
     }
 
     #[test]
     fn new_uplinks_hello_at_once_and_removed_ones_stop() {
-        let clock = Clock(Instant::now());
-        let mut responder = Responder::new(ResponderPolicy::default());
-        responder.set_session(3, KEY, hbs(), &[0, 1], clock.at(0));
-        drain_hellos(&mut responder);
-        responder.set_uplinks(&[0, 3, 3], clock.at(700));
-        let added = drain_hellos(&mut responder);
-        assert_eq!(added.iter().map(|hello| hello.uplink).collect::<Vec<_>>(), [3]);
-        let Trace { hellos, .. } = drive(&clock, &mut responder, 3, &[], 4_000);
-        assert_eq!(hellos, [(2_000, 0), (2_700, 3), (4_000, 0)]);
+        let mut sim = Sim::new(6);
+        let ncu = sim.add_ncu(3, &[link(0), link(1)]);
+        sim.run_until(ms(700));
+        sim.take_hellos();
+        sim.set_links(ncu, &[link(0), link(3), link(3)]);
+        let added = sim.take_hellos();
+        assert_eq!(added.iter().map(|(_, hello)| hello.uplink).collect::<Vec<_>>(), [3]);
+        sim.run_until(ms(4_000));
+        let hellos: Vec<(Duration, u8)> = sim.take_hellos().into_iter().map(|(at, hello)| (at, hello.uplink)).collect();
+        assert_eq!(hellos, [(ms(2_000), 0), (ms(2_700), 3), (ms(4_000), 0)]);
     }
 }
