@@ -1,10 +1,9 @@
-//! `ncu run`: registers the uplinks with the assigned heartbeat server, answers its heartbeats on every uplink from
-//! a socket bound to that uplink's address, and moves to the backup server when the heartbeats stop (or when the
-//! server drains). Uplinks come from a `watch` channel, so the configuration today and netlink discovery later plug
-//! in the same way.
-//!
-//! One task drives everything: per-uplink reader tasks and the control-stream reader feed channels into it, so the
-//! loop's `select!` only waits on cancel-safe channel receives and the responder's single timer.
+//! `ncu run`: the driver of the control session ([`crate::session`], which decides) and of the heartbeat responder
+//! ([`tether_proto::heartbeat::responder`], which answers): it owns the uplink sockets, the QUIC connections to hds
+//! and the heartbeat servers, and one timer per machine, re-armed at their `poll_timeout()`. Each turn feeds one input
+//! (a datagram, a deadline, a control message, an uplink change, the outcome of a background request) and carries
+//! out the commands that come back. Uplinks come from a `watch` channel, so fixed uplinks from the configuration and
+//! netlink discovery plug in the same way; at most [`MAX_UPLINKS`] of them are registered.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -14,25 +13,28 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use rand::SeedableRng;
 use tether_pki::{self as pki, stream as frame};
 use tether_proto::{
-    control::{self, ToHbs, ToNcu, Uplink},
+    control::{self, MAX_UPLINKS, ToHbs, ToNcu, Uplink},
     hds::HeartbeatServer,
     heartbeat::responder::{Responder, ResponderEvent, ResponderPolicy},
 };
 use tokio::{
     net::UdpSocket,
-    sync::{mpsc, oneshot, watch},
+    sync::{mpsc, watch},
     task::JoinHandle,
     time::Instant,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+pub use crate::session::{BACKUP_SETTLE, BACKUP_SPREAD};
 use crate::{
-    hds_client::{self, Assignment},
+    hds_client::{self, Assignment, NcuError},
     identity::Identity,
     load,
+    session::{CONNECT_TIMEOUT, Command, Input, STANDBY_TIMEOUT, Session},
 };
 
 /// An uplink as the agent is told about it.
@@ -70,28 +72,8 @@ pub struct Status {
     pub registered: Vec<String>,
     /// The backup an idle connection is open to, ready for a move.
     pub standby: Option<String>,
-}
-
-/// How long to wait for hds while no heartbeat server is known.
-const ASSIGN_PATIENCE: Duration = Duration::from_secs(3600 * 24 * 365);
-/// How long one connection attempt to a heartbeat server may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a registration over the standby connection may take. No handshake is at stake: a slow answer means a
-/// server busy with a storm of moves, and giving up would only add a handshake to its queue. A dead server closes
-/// the connection (idle timeout) before this.
-const STANDBY_TIMEOUT: Duration = Duration::from_secs(15);
-/// After a move, an NCU asks hds for a new backup only once the move's storm is over: its peers, which noticed the
-/// same server's silence within a second or so, have all registered within [`STANDBY_TIMEOUT`] (or given up on
-/// their standby). Until then, the new server, hds and their shared Postgres are busy with the moves themselves.
-pub const BACKUP_SETTLE: Duration = STANDBY_TIMEOUT;
-/// ... and then after a further random delay below this, so that the requests reach hds as a few hundred
-/// handshakes a second rather than as one burst of thousands. Should the new server fail meanwhile, the NCU simply
-/// asks hds for a whole new assignment.
-pub const BACKUP_SPREAD: Duration = Duration::from_secs(30);
-
-/// How long an NCU that has just moved waits before it asks hds for a new backup.
-fn backup_delay_after_move() -> Duration {
-    BACKUP_SETTLE + BACKUP_SPREAD.mul_f64(rand::random())
+    /// Uplinks not registered, and why (beyond the limit of [`MAX_UPLINKS`], or unbindable).
+    pub refused: BTreeMap<String, String>,
 }
 
 impl Drill {
@@ -110,18 +92,6 @@ impl Drill {
     }
 }
 
-/// Why a session ended.
-enum Exit {
-    /// Heartbeats stopped: move to the backup.
-    PrimaryLost,
-    /// The server asked us to move.
-    Drain,
-    /// The control connection closed.
-    Closed(String),
-    /// We are shutting down.
-    Shutdown,
-}
-
 /// A bound uplink socket and the task reading it.
 struct UplinkSocket {
     index: u8,
@@ -133,7 +103,15 @@ struct UplinkSocket {
 /// One received heartbeat datagram: uplink index, bytes, source.
 type Datagram = (u8, Vec<u8>, SocketAddr);
 
-/// Runs the agent until `shutdown`.
+/// The outcome of a request made in the background, fed back to the session.
+enum Done {
+    Assigned(Result<Assignment, NcuError>),
+    Registered(HeartbeatServer, anyhow::Result<Connected>),
+    BackupFound(Option<HeartbeatServer>),
+    Standby(HeartbeatServer, Option<quinn::Connection>),
+}
+
+/// Runs the agent until `shutdown`; fails only when hds refuses this NCU for good (an unknown certificate).
 pub async fn run(
     hds: Vec<String>,
     identity: Identity,
@@ -147,14 +125,16 @@ pub async fn run(
         pki::client_tls(&identity.ca_pem, Some((&identity.cert_pem, &identity.key_pem)), control::ALPN)
             .context("building TLS from the NCU identity")?,
     );
-    let (datagrams_tx, datagrams) = mpsc::channel(1024);
+    let (datagrams_tx, mut datagrams) = mpsc::channel(1024);
+    let (done_tx, mut done) = mpsc::unbounded_channel();
     let mut agent = Agent {
         hds,
         identity,
         tls,
         sockets: BTreeMap::new(),
+        refused: BTreeMap::new(),
         datagrams_tx,
-        datagrams,
+        done: done_tx,
         responder: Responder::new(ResponderPolicy { failover_after, ..ResponderPolicy::default() }),
         drill,
         status,
@@ -162,60 +142,84 @@ pub async fn run(
         uplinks_open: true,
         load: load::current(),
         standby: None,
+        connected: None,
     };
     agent.sync_sockets().await;
-    let mut next: Option<Assignment> = None;
-    let mut failed: Vec<String> = Vec::new();
+    let mut session = Session::new();
+    let mut rng = rand::rngs::StdRng::from_os_rng();
+    let responder_timer = tokio::time::sleep(Duration::ZERO);
+    let session_timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(responder_timer, session_timer);
+    let mut load_tick = tokio::time::interval(Duration::from_secs(5));
     loop {
-        // `moved`: not from hds but a move to a backup, whose search for a new backup waits (backup_delay_after_move).
-        let (pair, moved) = match next.take() {
-            Some(pair) => (pair, true),
-            None => {
-                let request = hds_client::assign(&agent.hds, &agent.identity, &failed, ASSIGN_PATIENCE);
-                tokio::select! {
-                    () = shutdown.cancelled() => return Ok(()),
-                    pair = request => (pair.context("asking hds for heartbeat servers")?, false),
+        while let Some(command) = session.poll_command() {
+            agent.execute(command);
+        }
+        // A standby the session does not want (it leads elsewhere, or was handed to a registration) is closed.
+        if agent.standby.as_ref().map(|s| s.server.name.as_str()) != session.standby() {
+            agent.standby = None;
+        }
+        agent.publish(&session);
+        let responder_due = agent.responder.poll_timeout();
+        if let Some(deadline) = responder_due {
+            responder_timer.as_mut().reset(Instant::from_std(deadline));
+        }
+        let session_due = session.poll_timeout();
+        if let Some(deadline) = session_due {
+            session_timer.as_mut().reset(Instant::from_std(deadline));
+        }
+        let standby = agent.standby.as_ref().map(|s| (s.server.name.clone(), s.connection.clone()));
+        let input = tokio::select! {
+            () = shutdown.cancelled() => break,
+            Some((index, bytes, from)) = datagrams.recv() => {
+                agent.answer(index, &bytes, from).await;
+                None
+            }
+            () = &mut responder_timer, if responder_due.is_some() => {
+                agent.responder.handle_timeout(Instant::now().into_std());
+                None
+            }
+            () = &mut session_timer, if session_due.is_some() => {
+                session.handle_timeout(Instant::now().into_std());
+                None
+            }
+            Some(done) = done.recv() => agent.complete(done)?,
+            message = control_message(agent.connected.as_mut()) => agent.control(message),
+            changed = agent.uplinks.changed(), if agent.uplinks_open => {
+                if changed.is_err() {
+                    // A fixed set (or a finished source): the uplinks stay as they are.
+                    agent.uplinks_open = false;
+                    None
+                } else {
+                    agent.uplinks_changed().await
                 }
             }
-        };
-        let target = pair.primary.clone();
-        let connected = tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            connected = agent.connect(&target) => connected,
-        };
-        match connected {
-            Ok(session) => {
-                failed.clear();
-                let backup_delay = if moved { backup_delay_after_move() } else { Duration::ZERO };
-                let (exit, backup) = agent.serve(session, &target, pair.backup, backup_delay, &shutdown).await;
-                match exit {
-                    Exit::Shutdown => return Ok(()),
-                    Exit::PrimaryLost | Exit::Closed(_) => {
-                        if let Exit::Closed(reason) = &exit {
-                            warn!(hbs = %target.name, %reason, "control connection closed; moving to the backup");
-                        } else {
-                            warn!(hbs = %target.name, "heartbeats stopped; moving to the backup");
-                        }
-                        failed = vec![target.name.clone()];
-                        next = backup.map(|primary| Assignment { primary, backup: None });
-                    }
-                    Exit::Drain => {
-                        info!(hbs = %target.name, "server draining; asking hds for another");
-                        next = None;
-                    }
-                }
+            () = closed(standby.as_ref().map(|(_, connection)| connection)) => {
+                let name = standby.map(|(name, _)| name).unwrap_or_default();
+                info!(backup = %name, "standby connection to the backup closed");
+                agent.standby = None;
+                Some(Input::StandbyDown(name))
             }
-            Err(error) => {
-                warn!(hbs = %target.name, error = %format!("{error:#}"), "cannot register; trying the backup");
-                failed.push(target.name.clone());
-                next = pair.backup.map(|primary| Assignment { primary, backup: None });
-                tokio::select! {
-                    () = shutdown.cancelled() => return Ok(()),
-                    () = tokio::time::sleep(Duration::from_millis(200)) => {}
-                }
+            _ = load_tick.tick() => {
+                agent.load = load::current();
+                None
+            }
+        };
+        if let Some(input) = input {
+            session.handle(input, Instant::now().into_std(), &mut rng);
+        }
+        agent.flush_hellos().await;
+        while let Some(ResponderEvent::PrimaryLost { session: lost }) = agent.responder.poll_event() {
+            if agent.connected.as_ref().is_some_and(|c| c.session == lost) {
+                warn!(hbs = ?session.serving().map(|s| &s.name), "heartbeats stopped; moving to the backup");
+                session.handle(Input::PrimaryLost, Instant::now().into_std(), &mut rng);
             }
         }
     }
+    if let Some(connected) = agent.connected.take() {
+        connected.connection.close(0_u32.into(), b"shutting down");
+    }
+    Ok(())
 }
 
 struct Agent {
@@ -223,8 +227,10 @@ struct Agent {
     identity: Identity,
     tls: Arc<rustls::ClientConfig>,
     sockets: BTreeMap<String, UplinkSocket>,
+    /// Uplinks not registered, and why.
+    refused: BTreeMap<String, String>,
     datagrams_tx: mpsc::Sender<Datagram>,
-    datagrams: mpsc::Receiver<Datagram>,
+    done: mpsc::UnboundedSender<Done>,
     responder: Responder,
     drill: Drill,
     status: watch::Sender<Status>,
@@ -234,6 +240,8 @@ struct Agent {
     load: u16,
     /// A connection to the backup, handshake done, kept idle so a failover costs one registration.
     standby: Option<Standby>,
+    /// The registered control session.
+    connected: Option<Connected>,
 }
 
 /// An idle, authenticated connection to the backup server: the TLS handshake (the costly part of a move, and what
@@ -255,7 +263,142 @@ struct Connected {
 }
 
 impl Agent {
-    /// Opens sockets for new uplinks and closes those of removed ones.
+    /// Carries out one of the session's commands; requests run in the background and report to `done`.
+    fn execute(&mut self, command: Command) {
+        match command {
+            Command::Assign { failed } => {
+                let (hds, identity, done) = (self.hds.clone(), self.identity.clone(), self.done.clone());
+                tokio::spawn(async move {
+                    let _ = done.send(Done::Assigned(hds_client::assign_once(&hds, &identity, &failed).await));
+                });
+            }
+            Command::Register { server } => {
+                let standby = self
+                    .standby
+                    .take_if(|s| s.server.name == server.name && s.connection.close_reason().is_none())
+                    .map(|s| s.connection);
+                let (tls, uplinks, done) = (self.tls.clone(), self.uplinks_for_hbs(), self.done.clone());
+                tokio::spawn(async move {
+                    let result = connect(&tls, &server, standby, uplinks).await;
+                    let _ = done.send(Done::Registered(server, result));
+                });
+            }
+            Command::EndSession => {
+                if let Some(connected) = self.connected.take() {
+                    connected.connection.close(0_u32.into(), b"moving");
+                }
+            }
+            Command::FindBackup { except } => {
+                let (hds, identity, done) = (self.hds.clone(), self.identity.clone(), self.done.clone());
+                tokio::spawn(async move {
+                    let found = match hds_client::assign_once(&hds, &identity, &[]).await {
+                        Ok(pair) => [Some(pair.primary), pair.backup].into_iter().flatten().find(|s| s.name != except),
+                        Err(error) => {
+                            debug!(%error, "no backup found yet");
+                            None
+                        }
+                    };
+                    let _ = done.send(Done::BackupFound(found));
+                });
+            }
+            Command::Dial { server } => {
+                self.standby = None;
+                let (tls, done) = (self.tls.clone(), self.done.clone());
+                tokio::spawn(async move {
+                    let connection = match tokio::time::timeout(CONNECT_TIMEOUT, dial(&tls, &server)).await {
+                        Ok(Ok(connection)) => {
+                            debug!(backup = %server.name, "standby connection ready");
+                            Some(connection)
+                        }
+                        Ok(Err(error)) => {
+                            debug!(backup = %server.name, error = %format!("{error:#}"), "no standby connection");
+                            None
+                        }
+                        Err(_) => {
+                            debug!(backup = %server.name, "no standby connection within {CONNECT_TIMEOUT:?}");
+                            None
+                        }
+                    };
+                    let _ = done.send(Done::Standby(server, connection));
+                });
+            }
+        }
+    }
+
+    /// Turns a background request's outcome into the session's input; an error only when hds refuses this NCU
+    /// for good.
+    fn complete(&mut self, done: Done) -> anyhow::Result<Option<Input>> {
+        Ok(Some(match done {
+            Done::Assigned(Ok(Assignment { primary, backup })) => Input::Assigned { primary, backup },
+            Done::Assigned(Err(error)) if error.is_transient() => {
+                warn!(%error, "no heartbeat servers yet");
+                Input::AssignFailed
+            }
+            Done::Assigned(Err(error)) => return Err(error).context("asking hds for heartbeat servers"),
+            Done::Registered(server, Ok(connected)) => {
+                let indexes: Vec<u8> = self.sockets.values().map(|s| s.index).collect();
+                let now = Instant::now().into_std();
+                self.responder.set_session(connected.session, connected.key, connected.heartbeat, &indexes, now);
+                info!(hbs = %server.name, session = connected.session, accepted = connected.accepted.len(), "registered");
+                self.connected = Some(connected);
+                Input::Registered
+            }
+            Done::Registered(server, Err(error)) => {
+                warn!(hbs = %server.name, error = %format!("{error:#}"), "cannot register; trying the backup");
+                Input::RegisterFailed
+            }
+            Done::BackupFound(found) => Input::BackupFound(found),
+            Done::Standby(server, Some(connection)) => {
+                let name = server.name.clone();
+                self.standby = Some(Standby { server, connection });
+                Input::StandbyUp(name)
+            }
+            Done::Standby(server, None) => Input::StandbyDown(server.name),
+        }))
+    }
+
+    /// Handles a message (or the end) of the control stream.
+    fn control(&mut self, message: Result<ToNcu, String>) -> Option<Input> {
+        match message {
+            Ok(ToNcu::Registered { accepted, .. }) => {
+                if let Some(connected) = self.connected.as_mut() {
+                    connected.accepted = accepted;
+                }
+                None
+            }
+            Ok(ToNcu::Drain { reason }) => {
+                info!(%reason, "asked to move; asking hds for another server");
+                Some(Input::Drain)
+            }
+            Ok(ToNcu::Error { code, message }) => {
+                warn!(?code, %message, "heartbeat server refused");
+                None
+            }
+            Err(reason) => {
+                warn!(%reason, "control connection closed; moving to the backup");
+                Some(Input::Closed)
+            }
+        }
+    }
+
+    /// Applies an uplink change: sockets, the responder, and the registration of the running session.
+    async fn uplinks_changed(&mut self) -> Option<Input> {
+        self.sync_sockets().await;
+        let uplinks = self.uplinks_for_hbs();
+        let indexes: Vec<u8> = uplinks.iter().map(|u| u.index).collect();
+        self.responder.set_uplinks(&indexes, Instant::now().into_std());
+        let connected = self.connected.as_mut()?;
+        match frame::write(&mut connected.send, control::VERSION, &ToHbs::Register { uplinks }).await {
+            Ok(()) => None,
+            Err(error) => {
+                warn!(%error, "cannot send the new uplinks; moving to the backup");
+                Some(Input::Closed)
+            }
+        }
+    }
+
+    /// Opens sockets for new uplinks and closes those of removed ones; at most [`MAX_UPLINKS`], the rest wait for a
+    /// free index.
     async fn sync_sockets(&mut self) {
         let wanted: Vec<UplinkSpec> = self.uplinks.borrow_and_update().clone();
         let gone: Vec<String> = self
@@ -270,20 +413,26 @@ impl Agent {
                 info!(uplink = %name, "uplink removed");
             }
         }
+        let mut refused = BTreeMap::new();
         for spec in wanted {
             if let Some(existing) = self.sockets.get_mut(&spec.name) {
                 existing.spec = spec;
                 continue;
             }
             let used: BTreeSet<u8> = self.sockets.values().map(|s| s.index).collect();
-            let Some(index) = (0..16).find(|i| !used.contains(i)) else {
-                warn!(uplink = %spec.name, "no free uplink index (15 uplinks at most)");
+            let limit = u8::try_from(MAX_UPLINKS).unwrap_or(u8::MAX);
+            let Some(index) = (0..limit).find(|i| !used.contains(i)) else {
+                if !self.refused.contains_key(&spec.name) {
+                    warn!(uplink = %spec.name, "not registered: at most {MAX_UPLINKS} uplinks");
+                }
+                refused.insert(spec.name, format!("at most {MAX_UPLINKS} uplinks"));
                 continue;
             };
             let socket = match bind_uplink(&spec) {
                 Ok(socket) => Arc::new(socket),
                 Err(error) => {
                     warn!(uplink = %spec.name, address = %spec.address, %error, "cannot bind the uplink's address");
+                    refused.insert(spec.name, format!("cannot bind {}: {error}", spec.address));
                     continue;
                 }
             };
@@ -291,6 +440,7 @@ impl Agent {
             info!(uplink = %spec.name, address = %spec.address, index, "uplink added");
             self.sockets.insert(spec.name.clone(), UplinkSocket { index, spec, socket, reader });
         }
+        self.refused = refused;
     }
 
     fn uplinks_for_hbs(&self) -> Vec<Uplink> {
@@ -305,169 +455,6 @@ impl Agent {
                 weight: s.spec.weight,
             })
             .collect()
-    }
-
-    /// Registers on the standby connection when it leads to `target` and is still open, else on a new one.
-    async fn connect(&mut self, target: &HeartbeatServer) -> anyhow::Result<Connected> {
-        let standby = self.standby.take_if(|s| s.server.name == target.name && s.connection.close_reason().is_none());
-        if let Some(standby) = standby {
-            match tokio::time::timeout(STANDBY_TIMEOUT, self.register(standby.connection, target)).await {
-                Ok(Ok(connected)) => return Ok(connected),
-                Ok(Err(error)) => debug!(hbs = %target.name, %error, "standby connection unusable; connecting anew"),
-                Err(_) => debug!(hbs = %target.name, "no answer over the standby connection; connecting anew"),
-            }
-        }
-        let fresh = async {
-            let connection = dial(&self.tls, target).await?;
-            self.register(connection, target).await
-        };
-        tokio::time::timeout(CONNECT_TIMEOUT, fresh)
-            .await
-            .with_context(|| format!("no answer from {} within {CONNECT_TIMEOUT:?}", target.address))?
-    }
-
-    /// Sends the uplinks on a new control stream of `connection` and reads the server's answer.
-    async fn register(&self, connection: quinn::Connection, target: &HeartbeatServer) -> anyhow::Result<Connected> {
-        let (mut send, mut recv) = connection.open_bi().await?;
-        frame::write(&mut send, control::VERSION, &ToHbs::Register { uplinks: self.uplinks_for_hbs() }).await?;
-        let first = frame::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME)
-            .await?
-            .context("the server closed the stream")?;
-        let ToNcu::Registered { session, key, heartbeat_port, accepted, refused, .. } = first else {
-            bail!("registration refused: {first:?}");
-        };
-        for refusal in &refused {
-            warn!(uplink = %refusal.name, reason = %refusal.reason, "uplink refused by the heartbeat server");
-        }
-        let key = decode_key(&key)?;
-        let (tx, messages) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            loop {
-                let message = match frame::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME).await {
-                    Ok(Some(message)) => Ok(message),
-                    Ok(None) => Err("stream finished".to_owned()),
-                    Err(error) => Err(error.to_string()),
-                };
-                let end = message.is_err();
-                if tx.send(message).is_err() || end {
-                    return;
-                }
-            }
-        });
-        let heartbeat = SocketAddr::new(connection.remote_address().ip(), heartbeat_port);
-        info!(hbs = %target.name, session, accepted = accepted.len(), "registered");
-        Ok(Connected { connection, send, messages, session, key, heartbeat, accepted })
-    }
-
-    async fn serve(
-        &mut self,
-        mut session: Connected,
-        target: &HeartbeatServer,
-        mut backup: Option<HeartbeatServer>,
-        backup_delay: Duration,
-        shutdown: &CancellationToken,
-    ) -> (Exit, Option<HeartbeatServer>) {
-        let indexes: Vec<u8> = self.sockets.values().map(|s| s.index).collect();
-        self.responder.set_session(
-            session.session,
-            session.key,
-            session.heartbeat,
-            &indexes,
-            Instant::now().into_std(),
-        );
-        let mut refresh: Option<oneshot::Receiver<Option<HeartbeatServer>>> =
-            if backup.is_none() { Some(self.find_backup(target, backup_delay)) } else { None };
-        let mut dialing = self.prepare_standby(backup.as_ref());
-        self.publish(target, backup.as_ref(), &session);
-        let timer = tokio::time::sleep(Duration::from_secs(3600));
-        tokio::pin!(timer);
-        let mut load_tick = tokio::time::interval(Duration::from_secs(5));
-        let mut backup_retry = tokio::time::interval(Duration::from_secs(30));
-        let exit = loop {
-            if let Some(deadline) = self.responder.poll_timeout() {
-                timer.as_mut().reset(Instant::from_std(deadline));
-            }
-            let standby = self.standby.as_ref().map(|s| s.connection.clone());
-            tokio::select! {
-                () = shutdown.cancelled() => break Exit::Shutdown,
-                Some((index, bytes, from)) = self.datagrams.recv() => self.answer(index, &bytes, from).await,
-                () = &mut timer => self.responder.handle_timeout(Instant::now().into_std()),
-                message = session.messages.recv() => match message {
-                    Some(Ok(ToNcu::Registered { accepted, .. })) => {
-                        session.accepted = accepted;
-                        self.publish(target, backup.as_ref(), &session);
-                    }
-                    Some(Ok(ToNcu::Drain { reason })) => {
-                        info!(%reason, "asked to move");
-                        break Exit::Drain;
-                    }
-                    Some(Ok(ToNcu::Error { code, message })) => warn!(?code, %message, "heartbeat server refused"),
-                    Some(Err(reason)) => break Exit::Closed(reason),
-                    None => break Exit::Closed("control reader ended".into()),
-                },
-                changed = self.uplinks.changed(), if self.uplinks_open => {
-                    if changed.is_err() {
-                        // A fixed set (or a finished source): the uplinks stay as they are.
-                        self.uplinks_open = false;
-                        continue;
-                    }
-                    self.sync_sockets().await;
-                    let uplinks = self.uplinks_for_hbs();
-                    let indexes: Vec<u8> = uplinks.iter().map(|u| u.index).collect();
-                    self.responder.set_uplinks(&indexes, Instant::now().into_std());
-                    if let Err(error) = frame::write(&mut session.send, control::VERSION, &ToHbs::Register { uplinks }).await {
-                        break Exit::Closed(error.to_string());
-                    }
-                }
-                Some(found) = async { match refresh.as_mut() { Some(rx) => rx.await.ok(), None => None } } => {
-                    refresh = None;
-                    if found.is_some() {
-                        backup = found;
-                        dialing = self.prepare_standby(backup.as_ref());
-                        self.publish(target, backup.as_ref(), &session);
-                    }
-                }
-                Some(ready) = async { match dialing.as_mut() { Some(rx) => rx.await.ok(), None => None } } => {
-                    dialing = None;
-                    // Kept only while it still leads to the backup.
-                    self.standby = ready.filter(|s| backup.as_ref().is_some_and(|b| b.name == s.server.name));
-                    self.publish(target, backup.as_ref(), &session);
-                }
-                () = closed(standby.as_ref()) => {
-                    info!(backup = ?backup.as_ref().map(|b| &b.name), "standby connection to the backup closed; will ask hds for another");
-                    self.standby = None;
-                    backup = None;
-                    self.publish(target, None, &session);
-                }
-                _ = backup_retry.tick() => {
-                    if backup.is_none() && refresh.is_none() {
-                        refresh = Some(self.find_backup(target, Duration::ZERO));
-                    } else if dialing.is_none() {
-                        dialing = self.prepare_standby(backup.as_ref());
-                    }
-                }
-                _ = load_tick.tick() => self.load = load::current(),
-            }
-            self.flush_hellos().await;
-            let mut lost = false;
-            while let Some(event) = self.responder.poll_event() {
-                match event {
-                    ResponderEvent::PrimaryLost { session: lost_session } if lost_session == session.session => {
-                        lost = true
-                    }
-                    ResponderEvent::PrimaryLost { .. } => {}
-                }
-            }
-            if lost {
-                break Exit::PrimaryLost;
-            }
-        };
-        session.connection.close(0_u32.into(), b"moving");
-        self.status.send_modify(|s| {
-            s.hbs = None;
-            s.session = None;
-        });
-        (exit, backup)
     }
 
     async fn answer(&mut self, index: u8, bytes: &[u8], from: SocketAddr) {
@@ -498,65 +485,90 @@ impl Agent {
         }
     }
 
-    /// Dials `backup` in the background unless the standby connection already leads there (a standby to another
-    /// server is dropped, which closes it). The receiver yields the new standby, or `None` when the dial failed.
-    fn prepare_standby(&mut self, backup: Option<&HeartbeatServer>) -> Option<oneshot::Receiver<Option<Standby>>> {
-        let open = |s: &Standby| s.connection.close_reason().is_none();
-        if self.standby.as_ref().is_some_and(|s| open(s) && backup.is_some_and(|b| b.name == s.server.name)) {
-            return None;
-        }
-        self.standby = None;
-        let server = backup?.clone();
-        let tls = self.tls.clone();
-        let (tx, rx) = oneshot::channel();
-        tokio::spawn(async move {
-            let standby = match tokio::time::timeout(CONNECT_TIMEOUT, dial(&tls, &server)).await {
-                Ok(Ok(connection)) => {
-                    debug!(backup = %server.name, "standby connection ready");
-                    Some(Standby { server, connection })
-                }
-                Ok(Err(error)) => {
-                    debug!(backup = %server.name, error = %format!("{error:#}"), "no standby connection");
-                    None
-                }
-                Err(_) => {
-                    debug!(backup = %server.name, "no standby connection within {CONNECT_TIMEOUT:?}");
-                    None
-                }
-            };
-            let _ = tx.send(standby);
-        });
-        Some(rx)
-    }
-
-    /// Asks hds, in the background and after `delay`, for a backup other than `current`.
-    fn find_backup(&self, current: &HeartbeatServer, delay: Duration) -> oneshot::Receiver<Option<HeartbeatServer>> {
-        let (tx, rx) = oneshot::channel();
-        let hds = self.hds.clone();
-        let identity = self.identity.clone();
-        let current = current.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let found = match hds_client::assign(&hds, &identity, &[], Duration::from_secs(5)).await {
-                Ok(pair) => [Some(pair.primary), pair.backup].into_iter().flatten().find(|s| s.name != current.name),
-                Err(error) => {
-                    debug!(%error, "no backup found yet");
-                    None
-                }
-            };
-            let _ = tx.send(found);
-        });
-        rx
-    }
-
-    fn publish(&self, target: &HeartbeatServer, backup: Option<&HeartbeatServer>, session: &Connected) {
-        self.status.send_replace(Status {
-            hbs: Some(target.name.clone()),
-            backup: backup.map(|b| b.name.clone()),
-            session: Some(session.session),
-            registered: session.accepted.clone(),
+    fn publish(&self, session: &Session) {
+        let connected = self.connected.as_ref().filter(|_| session.serving().is_some());
+        let next = Status {
+            hbs: connected.and(session.serving()).map(|s| s.name.clone()),
+            backup: session.backup().map(|b| b.name.clone()),
+            session: connected.map(|c| c.session),
+            registered: connected.map(|c| c.accepted.clone()).unwrap_or_default(),
             standby: self.standby.as_ref().map(|s| s.server.name.clone()),
+            refused: self.refused.clone(),
+        };
+        self.status.send_if_modified(|status| {
+            let changed = *status != next;
+            *status = next;
+            changed
         });
+    }
+}
+
+/// Registers with `target` over the `standby` connection when there is one (within [`STANDBY_TIMEOUT`]), else over a
+/// new connection (within [`CONNECT_TIMEOUT`]).
+async fn connect(
+    tls: &Arc<rustls::ClientConfig>,
+    target: &HeartbeatServer,
+    standby: Option<quinn::Connection>,
+    uplinks: Vec<Uplink>,
+) -> anyhow::Result<Connected> {
+    if let Some(standby) = standby {
+        match tokio::time::timeout(STANDBY_TIMEOUT, register(standby, target, uplinks.clone())).await {
+            Ok(Ok(connected)) => return Ok(connected),
+            Ok(Err(error)) => debug!(hbs = %target.name, %error, "standby connection unusable; connecting anew"),
+            Err(_) => debug!(hbs = %target.name, "no answer over the standby connection; connecting anew"),
+        }
+    }
+    let fresh = async {
+        let connection = dial(tls, target).await?;
+        register(connection, target, uplinks).await
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, fresh)
+        .await
+        .with_context(|| format!("no answer from {} within {CONNECT_TIMEOUT:?}", target.address))?
+}
+
+/// Sends the uplinks on a new control stream of `connection` and reads the server's answer; a task then forwards the
+/// stream's further messages.
+async fn register(
+    connection: quinn::Connection,
+    target: &HeartbeatServer,
+    uplinks: Vec<Uplink>,
+) -> anyhow::Result<Connected> {
+    let (mut send, mut recv) = connection.open_bi().await?;
+    frame::write(&mut send, control::VERSION, &ToHbs::Register { uplinks }).await?;
+    let first = frame::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME)
+        .await?
+        .context("the server closed the stream")?;
+    let ToNcu::Registered { session, key, heartbeat_port, accepted, refused, .. } = first else {
+        bail!("registration refused by {}: {first:?}", target.name);
+    };
+    for refusal in &refused {
+        warn!(uplink = %refusal.name, reason = %refusal.reason, "uplink refused by the heartbeat server");
+    }
+    let key = decode_key(&key)?;
+    let (tx, messages) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let message = match frame::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME).await {
+                Ok(Some(message)) => Ok(message),
+                Ok(None) => Err("stream finished".to_owned()),
+                Err(error) => Err(error.to_string()),
+            };
+            let end = message.is_err();
+            if tx.send(message).is_err() || end {
+                return;
+            }
+        }
+    });
+    let heartbeat = SocketAddr::new(connection.remote_address().ip(), heartbeat_port);
+    Ok(Connected { connection, send, messages, session, key, heartbeat, accepted })
+}
+
+/// The next message of the control session; never without one.
+async fn control_message(connected: Option<&mut Connected>) -> Result<ToNcu, String> {
+    match connected {
+        Some(connected) => connected.messages.recv().await.unwrap_or_else(|| Err("control reader ended".into())),
+        None => std::future::pending().await,
     }
 }
 

@@ -28,6 +28,13 @@ pub enum NcuError {
     Unexpected(Box<Response>),
 }
 
+impl NcuError {
+    /// True when asking again later (or another hds) may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Hds(error) if error.is_transient())
+    }
+}
+
 /// The servers hds assigned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Assignment {
@@ -62,27 +69,32 @@ pub async fn enroll(
     }
 }
 
-/// Asks hds for a primary and a backup, retrying with backoff (up to `patience`) while no server is available.
+/// Asks hds once for a primary and a backup, never one of `failed`.
+pub async fn assign_once(hds: &[String], identity: &Identity, failed: &[String]) -> Result<Assignment, NcuError> {
+    let tls = Arc::new(pki::client_tls(&identity.ca_pem, Some((&identity.cert_pem, &identity.key_pem)), proto::ALPN)?);
+    match client::request_any(hds, tls, &Request::Assign { failed: failed.to_vec() }).await? {
+        Response::Assignment { primary, backup } => Ok(Assignment { primary, backup }),
+        other => Err(NcuError::Unexpected(Box::new(other))),
+    }
+}
+
+/// [`assign_once`], retried with backoff (up to `patience`) while no server is available.
 pub async fn assign(
     hds: &[String],
     identity: &Identity,
     failed: &[String],
     patience: Duration,
 ) -> Result<Assignment, NcuError> {
-    let tls = Arc::new(pki::client_tls(&identity.ca_pem, Some((&identity.cert_pem, &identity.key_pem)), proto::ALPN)?);
-    let request = Request::Assign { failed: failed.to_vec() };
     let deadline = tokio::time::Instant::now() + patience;
     let mut delay = Duration::from_millis(200);
     loop {
-        match client::request_any(hds, tls.clone(), &request).await {
-            Ok(Response::Assignment { primary, backup }) => return Ok(Assignment { primary, backup }),
-            Ok(other) => return Err(NcuError::Unexpected(Box::new(other))),
+        match assign_once(hds, identity, failed).await {
             Err(error) if error.is_transient() && tokio::time::Instant::now() + delay < deadline => {
                 warn!(%error, retry_in = ?delay, "no heartbeat servers yet");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
-            Err(error) => return Err(error.into()),
+            result => return result,
         }
     }
 }

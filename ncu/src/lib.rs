@@ -8,4 +8,5 @@ pub mod config;
 pub mod hds_client;
 pub mod identity;
 pub mod load;
+pub mod session;
 pub mod uplinks;

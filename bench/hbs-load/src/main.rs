@@ -37,15 +37,12 @@ use crate::{
     setup::{HbsProcess, SimNcu},
 };
 
-/// How long `ncu run` waits for one registration.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long `ncu run` waits for a registration over its standby connection.
-const STANDBY_TIMEOUT: Duration = Duration::from_secs(15);
+/// The simulated NCUs keep `ncu run`'s timings: one registration, one over the standby connection, and the wait
+/// before the backup search after a move.
+use ::ncu::session::{BACKUP_SETTLE, BACKUP_SPREAD, CONNECT_TIMEOUT, STANDBY_TIMEOUT};
+
 /// Client endpoints (UDP sockets) the simulated NCUs share.
 const ENDPOINTS: usize = 16;
-/// ncu's wait before the backup search after a move (`ncu::agent::BACKUP_SETTLE`), then its spread (`BACKUP_SPREAD`).
-const BACKUP_SETTLE: Duration = STANDBY_TIMEOUT;
-const BACKUP_SPREAD: Duration = Duration::from_secs(30);
 
 #[derive(Parser)]
 struct Args {

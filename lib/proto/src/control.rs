@@ -42,7 +42,7 @@ pub enum ToHbs {
 pub struct Uplink {
     /// Interface name, e.g. `wan1`; unique per NCU.
     pub name: String,
-    /// Index carried in heartbeat packets (0..16), stable for the life of the uplink.
+    /// Index carried in heartbeat packets (below [`MAX_UPLINKS`]), stable for the life of the uplink.
     pub index: u8,
     /// The interface address; the published address is the one heartbeat replies come from.
     pub address: IpAddr,
@@ -117,7 +117,7 @@ fn one() -> u16 {
     1
 }
 
-/// Checks an uplink set: size, unique names and indexes, indexes below 16, usable addresses.
+/// Checks an uplink set: size, unique names and indexes, indexes below [`MAX_UPLINKS`], usable addresses.
 pub fn validate(uplinks: &[Uplink]) -> Result<(), String> {
     if uplinks.len() > MAX_UPLINKS {
         return Err(format!("{} uplinks; at most {MAX_UPLINKS}", uplinks.len()));
@@ -136,8 +136,8 @@ pub fn validate_one(uplink: &Uplink) -> Result<(), String> {
     if uplink.name.is_empty() || uplink.name.len() > 32 || !uplink.name.chars().all(|c| c.is_ascii_graphic()) {
         return Err(format!("uplink name {:?}: 1-32 printable characters", uplink.name));
     }
-    if usize::from(uplink.index) >= 16 {
-        return Err(format!("uplink {:?}: index {} is not below 16", uplink.name, uplink.index));
+    if usize::from(uplink.index) >= MAX_UPLINKS {
+        return Err(format!("uplink {:?}: index {} is not below {MAX_UPLINKS}", uplink.name, uplink.index));
     }
     let ip = uplink.address;
     if ip.is_unspecified() || ip.is_multicast() || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {

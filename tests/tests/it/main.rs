@@ -10,4 +10,5 @@ mod layout;
 mod ncu_binary;
 mod sync;
 mod system;
+mod uplink_limit;
 mod uplinks;
