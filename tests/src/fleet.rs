@@ -152,3 +152,50 @@ pub fn uplink(name: &str, address: &str) -> UplinkSpec {
         weight: 1,
     }
 }
+
+/// dns with a subscriber's domain `site.tether.test`, hds, one hbs and an NCU identity enrolled for the domain: what
+/// an agent needs to register.
+pub struct Site {
+    /// dns, its admin API and Postgres.
+    pub stack: crate::stack::Stack,
+    /// hds.
+    pub hds: crate::hds_stack::HdsServer,
+    /// The heartbeat server.
+    pub hbs: HbsServer,
+    /// The enrolled identity.
+    pub identity: ncu::identity::Identity,
+    _pki: Pki,
+    _dir: tempfile::TempDir,
+}
+
+impl Site {
+    /// Starts everything and enrolls the NCU.
+    pub async fn start() -> Result<Self> {
+        let (stack, acme) = crate::stack::Stack::with_acme().await?;
+        stack.domain(&acme, serde_json::json!({ "name": "site.tether.test" })).await?;
+        let pki = Pki::new()?;
+        let hds = crate::hds_stack::HdsServer::start(&stack.pg.url(), &pki, "").await?;
+        let hbs = HbsServer::start(&stack.pg.url(), &pki, "hbs-0").await?;
+        let (status, body) = stack
+            .api
+            .call(reqwest::Method::POST, "/v1/domains/site.tether.test/enrollments", Some(&acme), None)
+            .await?;
+        anyhow::ensure!(status == reqwest::StatusCode::CREATED, "enrollment token: {status} {body}");
+        let token = body["token"].as_str().unwrap_or_default();
+        let dir = tempfile::tempdir()?;
+        ncu::hds_client::enroll(&[hds.address()], &pki.ca_pem(), token, dir.path(), None, None).await?;
+        let identity = ncu::identity::Identity::load(dir.path())?;
+        Ok(Self { stack, hds, hbs, identity, _pki: pki, _dir: dir })
+    }
+
+    /// An agent with `uplinks`.
+    pub fn agent(&self, uplinks: Vec<UplinkSpec>) -> Agent {
+        Agent::start(vec![self.hds.address()], self.identity.clone(), uplinks)
+    }
+
+    /// Stops the servers.
+    pub async fn stop(self) -> Result<()> {
+        self.hbs.stop().await?;
+        self.hds.stop().await
+    }
+}

@@ -3,13 +3,11 @@
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context, Result};
-use reqwest::{Method, StatusCode};
-use serde_json::json;
+use reqwest::StatusCode;
 use tether_tests::{
     eventually,
-    fleet::{Agent, HbsServer, uplink},
-    hds_stack::{HdsServer, Pki},
-    stack::Stack,
+    fleet::{HbsServer, Site, uplink},
+    hds_stack::Pki,
 };
 
 async fn get(address: SocketAddr, path: &str) -> Result<(StatusCode, String)> {
@@ -47,24 +45,10 @@ async fn hbs_without_postgres_says_so() -> Result<()> {
 
 #[tokio::test]
 async fn hbs_metrics_follow_its_targets_and_sessions() -> Result<()> {
-    let (stack, acme) = Stack::with_acme().await?;
-    stack.domain(&acme, json!({ "name": "site.tether.test" })).await?;
-    let pki = Pki::new()?;
-    let hds = HdsServer::start(&stack.pg.url(), &pki, "").await?;
-    let hbs = HbsServer::start(&stack.pg.url(), &pki, "hbs-0").await?;
-    let (status, body) =
-        stack.api.call(Method::POST, "/v1/domains/site.tether.test/enrollments", Some(&acme), None).await?;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let dir = tempfile::tempdir()?;
-    let token = body["token"].as_str().context("token")?;
-    ncu::hds_client::enroll(&[hds.address()], &pki.ca_pem(), token, dir.path(), None, None).await?;
-    let agent = Agent::start(
-        vec![hds.address()],
-        ncu::identity::Identity::load(dir.path())?,
-        vec![uplink("wan1", "127.0.0.2"), uplink("wan2", "127.0.0.3")],
-    );
+    let site = Site::start().await?;
+    let hbs = &site.hbs;
+    let agent = site.agent(vec![uplink("wan1", "127.0.0.2"), uplink("wan2", "127.0.0.3")]);
 
-    // Live in the monitor at once; written (and counted as transitions) by the next batch.
     let body = scrape_until(hbs.metrics, "two live targets, written", |body| {
         sample(body, "hbs_targets_by_state{state=\"live\"}") == Some(2.0)
             && sample(body, "hbs_transitions_total{state=\"live\"}").is_some_and(|n| n >= 2.0)
@@ -92,6 +76,5 @@ async fn hbs_metrics_follow_its_targets_and_sessions() -> Result<()> {
 
     agent.stop().await?;
     scrape_until(hbs.metrics, "no session", |body| sample(body, "hbs_sessions") == Some(0.0)).await?;
-    hbs.stop().await?;
-    hds.stop().await
+    site.stop().await
 }

@@ -4,15 +4,11 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use reqwest::{Method, StatusCode};
-use serde_json::json;
+use anyhow::Result;
 use tether_proto::control::MAX_UPLINKS;
 use tether_tests::{
     eventually,
-    fleet::{Agent, HbsServer, uplink},
-    hds_stack::{HdsServer, Pki},
-    stack::Stack,
+    fleet::{Site, uplink},
 };
 
 fn address(i: usize) -> String {
@@ -42,20 +38,9 @@ fn sorted(range: impl Iterator<Item = usize>) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifteen_uplinks_register_and_a_sixteenth_is_refused_by_name() -> Result<()> {
     assert_eq!(MAX_UPLINKS, 15);
-    let (stack, acme) = Stack::with_acme().await?;
-    stack.domain(&acme, json!({ "name": "site.tether.test" })).await?;
-    let pki = Pki::new()?;
-    let hds = HdsServer::start(&stack.pg.url(), &pki, "").await?;
-    let hbs = HbsServer::start(&stack.pg.url(), &pki, "hbs-0").await?;
-    let (status, body) =
-        stack.api.call(Method::POST, "/v1/domains/site.tether.test/enrollments", Some(&acme), None).await?;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let dir = tempfile::tempdir()?;
-    let token = body["token"].as_str().context("token")?;
-    ncu::hds_client::enroll(&[hds.address()], &pki.ca_pem(), token, dir.path(), None, None).await?;
-    let mut agent =
-        Agent::start(vec![hds.address()], ncu::identity::Identity::load(dir.path())?, uplinks(1..=MAX_UPLINKS));
-    let db = stack.pg.pool().await?;
+    let site = Site::start().await?;
+    let mut agent = site.agent(uplinks(1..=MAX_UPLINKS));
+    let db = site.stack.pg.pool().await?;
 
     // Fifteen: every one registered and live.
     let all = sorted(1..=15);
@@ -95,6 +80,5 @@ async fn fifteen_uplinks_register_and_a_sixteenth_is_refused_by_name() -> Result
     assert_eq!(status.registered.len(), 15, "{status:?}");
 
     agent.stop().await?;
-    hbs.stop().await?;
-    hds.stop().await
+    site.stop().await
 }
