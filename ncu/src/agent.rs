@@ -376,6 +376,10 @@ impl Agent {
             }
             Err(reason) => {
                 warn!(%reason, "control connection closed; moving to the backup");
+                // Its reader is gone: never polled again, whatever the session makes of it.
+                if let Some(connected) = self.connected.take() {
+                    connected.connection.close(0_u32.into(), b"closed");
+                }
                 Some(Input::Closed)
             }
         }
