@@ -2,8 +2,9 @@
 //!
 //! A prebuilt response ([`crate::view::View::prebuilt_answer`]) is the whole message the catalog would send for a
 //! query without EDNS, with ID 0 and RD/CD clear. [`respond`] copies it and sets what depends on the query: the ID,
-//! RD and CD (as hickory's `Metadata::response_from_request` does) and, when the query had an OPT record, the
-//! response's OPT record (as hickory's `Catalog` builds it: payload at least 512, version 0, no flags, no options).
+//! RD and CD (as hickory's `Metadata::response_from_request` does), the question's name as asked, in the question
+//! and as the first answer's owner (later answers point to that one, so they echo its case too) and, when the query had an OPT record, the response's OPT
+//! record (as hickory's `Catalog` builds it: payload at least 512, version 0, the DO bit copied, no options).
 //! Anything else a query may carry sends it to the catalog: [`parse`] returns `None`.
 
 use hickory_server::proto::rr::RecordType;
@@ -14,18 +15,21 @@ pub const OPT_LEN: usize = 11;
 /// The largest UDP response every client accepts (RFC 1035); prebuilt responses stay within it, OPT included.
 pub const MAX_PLAIN_UDP: usize = 512;
 
-const HEADER_LEN: usize = 12;
+/// Length of the message header; the question follows it.
+pub const HEADER_LEN: usize = 12;
 const TYPE_OPT: u16 = 41;
 const CLASS_IN: u16 = 1;
 const FLAG_RD: u8 = 0x01;
 const FLAG_CD: u8 = 0x10;
+/// The DO bit in the first byte of an OPT record's flags (RFC 3225).
+const FLAG_DO: u8 = 0x80;
 /// EDNS options hickory keeps as opaque bytes (COOKIE, PADDING); any other option goes to the catalog.
 const OPAQUE_OPTIONS: [u16; 2] = [10, 12];
 
 /// A query the fast path may answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlainQuery<'a> {
-    /// The question's name, wire format, as asked.
+    /// The question's name, wire format, as asked (any case).
     pub qname: &'a [u8],
     /// A or AAAA.
     pub qtype: RecordType,
@@ -35,12 +39,12 @@ pub struct PlainQuery<'a> {
     /// The query's RD bit (byte 2) and CD bit (byte 3), in place.
     rd: u8,
     cd: u8,
-    /// The requestor's UDP payload size, when the query had an OPT record.
-    edns_payload: Option<u16>,
+    /// The requestor's UDP payload size and DO bit, when the query had an OPT record.
+    edns: Option<(u16, bool)>,
 }
 
 /// Recognises a standard query with one IN A or AAAA question, no compression, no records but an optional plain
-/// OPT record (version 0, DO clear, no options but cookies or padding), and nothing after it.
+/// OPT record (version 0, no options but cookies or padding), and nothing after it.
 pub fn parse(packet: &[u8]) -> Option<PlainQuery<'_>> {
     let header = packet.get(..HEADER_LEN)?;
     // QR clear and OPCODE 0 (QUERY); AA, TC, RA, Z, AD and RCODE of a query do not shape the answer.
@@ -63,7 +67,7 @@ pub fn parse(packet: &[u8]) -> Option<PlainQuery<'_>> {
         return None;
     }
     let rest = &packet[question_end..];
-    let edns_payload = match counts[3] {
+    let edns = match counts[3] {
         0 if rest.is_empty() => None,
         1 => Some(plain_opt(rest)?),
         _ => return None,
@@ -75,14 +79,18 @@ pub fn parse(packet: &[u8]) -> Option<PlainQuery<'_>> {
         id: [header[0], header[1]],
         rd: header[2] & FLAG_RD,
         cd: header[3] & FLAG_CD,
-        edns_payload,
+        edns,
     })
 }
 
-/// Appends the answer to `query` to `out`, from `prebuilt`; `false` (and `out` untouched) when `prebuilt` does not
-/// answer this question.
+/// Appends the answer to `query` to `out`, from `prebuilt` (built for the question in lower case); `false` (and `out`
+/// untouched) when `prebuilt` does not answer this question.
 pub fn respond(query: &PlainQuery<'_>, prebuilt: &[u8], out: &mut Vec<u8>) -> bool {
-    if prebuilt.get(HEADER_LEN..HEADER_LEN + query.question.len()) != Some(query.question) {
+    let name_len = query.qname.len();
+    let Some(question) = prebuilt.get(HEADER_LEN..HEADER_LEN + query.question.len()) else {
+        return false;
+    };
+    if !question[..name_len].eq_ignore_ascii_case(query.qname) || question[name_len..] != query.question[name_len..] {
         return false;
     }
     let start = out.len();
@@ -91,13 +99,37 @@ pub fn respond(query: &PlainQuery<'_>, prebuilt: &[u8], out: &mut Vec<u8>) -> bo
     message[0..2].copy_from_slice(&query.id);
     message[2] |= query.rd;
     message[3] |= query.cd;
-    if let Some(payload) = query.edns_payload {
+    message[HEADER_LEN..HEADER_LEN + name_len].copy_from_slice(query.qname);
+    let owner = first_answer(query.question.len());
+    if let Some(first) = message.get_mut(owner..owner + name_len) {
+        first.copy_from_slice(query.qname);
+    }
+    if let Some((payload, dnssec_ok)) = query.edns {
         message[11] = 1;
         let [hi, lo] = payload.max(512).to_be_bytes();
         let [t_hi, t_lo] = TYPE_OPT.to_be_bytes();
-        out.extend_from_slice(&[0, t_hi, t_lo, hi, lo, 0, 0, 0, 0, 0, 0]);
+        let flags = if dnssec_ok { FLAG_DO } else { 0 };
+        out.extend_from_slice(&[0, t_hi, t_lo, hi, lo, 0, 0, flags, 0, 0, 0]);
     }
     true
+}
+
+/// Where the first answer record starts in a message with one question of `question_len` bytes; a prebuilt
+/// response writes its owner out there.
+pub const fn first_answer(question_len: usize) -> usize {
+    HEADER_LEN + question_len
+}
+
+/// `name` (wire format) in lower case: `name` itself when it has no upper-case letter, else a copy in `buf`. Length
+/// octets are below 64, so lower-casing every ASCII letter touches only the labels.
+pub fn lowercase<'a>(name: &'a [u8], buf: &'a mut [u8; 255]) -> Option<&'a [u8]> {
+    if !name.iter().any(u8::is_ascii_uppercase) {
+        return Some(name);
+    }
+    let copy = buf.get_mut(..name.len())?;
+    copy.copy_from_slice(name);
+    copy.make_ascii_lowercase();
+    Some(copy)
 }
 
 /// The suffixes of a wire-format name, longest first, down to the root: each is itself a wire-format name.
@@ -132,13 +164,14 @@ fn name_len(bytes: &[u8]) -> Option<usize> {
     }
 }
 
-/// The payload size of an OPT record that is all of `rest`: root owner, version 0, DO clear (what DNSSEC-enabled
-/// builds of hickory would echo), well-formed opaque options.
-fn plain_opt(rest: &[u8]) -> Option<u16> {
+/// The payload size and DO bit of an OPT record that is all of `rest`: root owner, version 0, well-formed opaque
+/// options.
+fn plain_opt(rest: &[u8]) -> Option<(u16, bool)> {
     let fixed = rest.get(..OPT_LEN)?;
-    if fixed[0] != 0 || be16(fixed, 1)? != TYPE_OPT || fixed[6] != 0 || fixed[7] & 0x80 != 0 {
+    if fixed[0] != 0 || be16(fixed, 1)? != TYPE_OPT || fixed[6] != 0 {
         return None;
     }
+    let dnssec_ok = fixed[7] & FLAG_DO != 0;
     let rdlen = usize::from(be16(fixed, 9)?);
     let mut options = rest.get(OPT_LEN..)?;
     if options.len() != rdlen {
@@ -152,7 +185,7 @@ fn plain_opt(rest: &[u8]) -> Option<u16> {
         }
         options = options.get(4 + len..)?;
     }
-    be16(fixed, 3)
+    Some((be16(fixed, 3)?, dnssec_ok))
 }
 
 fn be16(bytes: &[u8], at: usize) -> Option<u16> {
@@ -181,7 +214,7 @@ mod tests {
         let query = parse(&bytes).expect("plain");
         assert_eq!(query.qname, b"\x03www\x07example\x04test\x00");
         assert_eq!(query.qtype, RecordType::A);
-        assert_eq!(query.edns_payload, None);
+        assert_eq!(query.edns, None);
         assert_eq!(query.rd, 1);
     }
 
@@ -189,7 +222,10 @@ mod tests {
     fn parses_opt_with_a_cookie_but_not_other_options() {
         let cookie = [0, 0, 41, 4, 208, 0, 0, 0, 0, 0, 12, 0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8];
         let bytes = packet([0, 0], [1, 0, 0, 1], WWW_A, &cookie);
-        assert_eq!(parse(&bytes).expect("plain").edns_payload, Some(1232));
+        assert_eq!(parse(&bytes).expect("plain").edns, Some((1232, false)));
+        let mut with_do = cookie;
+        with_do[7] = 0x80;
+        assert_eq!(parse(&packet([0, 0], [1, 0, 0, 1], WWW_A, &with_do)).expect("plain").edns, Some((1232, true)));
         let mut nsid = cookie;
         nsid[12] = 3;
         assert_eq!(parse(&packet([0, 0], [1, 0, 0, 1], WWW_A, &nsid)), None);
@@ -229,6 +265,37 @@ mod tests {
         assert_eq!(&out[out.len() - OPT_LEN..], &[0, 0, 41, 2, 0, 0, 0, 0, 0, 0, 0], "payload raised to 512");
         let other = packet([0x84, 0], [1, 0, 0, 0], b"\x03wwx\x07example\x04test\x00\x00\x01\x00\x01", &[]);
         assert!(!respond(&query, &other, &mut out));
+    }
+
+    #[test]
+    fn respond_echoes_the_question_case_and_the_do_bit() {
+        let mixed = b"\x03wWw\x07ExAmple\x04TEST\x00\x00\x01\x00\x01";
+        let query_bytes = packet([0, 0], [1, 0, 0, 1], mixed, &[0, 0, 41, 4, 208, 0, 0, 0x80, 0, 0, 0]);
+        let query = parse(&query_bytes).expect("plain");
+        // The prebuilt answer: the question in lower case, an A record owned by the same name written out, a second
+        // owned by a pointer to the first.
+        let mut answers = WWW_A.to_vec();
+        answers.extend_from_slice(&[0, 0, 0, 30, 0, 4, 198, 51, 100, 1]);
+        answers.extend_from_slice(&[0xc0, 0x22, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4, 198, 51, 100, 2]);
+        let prebuilt = packet([0x84, 0], [1, 2, 0, 0], WWW_A, &answers);
+        let mut out = Vec::new();
+        assert!(respond(&query, &prebuilt, &mut out));
+        assert_eq!(&out[HEADER_LEN..HEADER_LEN + mixed.len()], mixed, "the question as asked");
+        let answer_section = &out[HEADER_LEN + mixed.len()..];
+        assert_eq!(&answer_section[..mixed.len()], mixed, "the first owner as asked");
+        assert_eq!(&answer_section[mixed.len()..answers.len()], &answers[mixed.len()..], "the rest untouched");
+        assert_eq!(&out[out.len() - OPT_LEN..], &[0, 0, 41, 4, 208, 0, 0, 0x80, 0, 0, 0], "DO copied");
+        let aaaa = b"\x03wWw\x07ExAmple\x04TEST\x00\x00\x1c\x00\x01";
+        let query_bytes = packet([0, 0], [1, 0, 0, 0], aaaa, &[]);
+        assert!(!respond(&parse(&query_bytes).expect("plain"), &prebuilt, &mut out), "another type");
+    }
+
+    #[test]
+    fn lowercase_copies_only_when_needed() {
+        let mut buf = [0; 255];
+        let lower = b"\x03www\x04test\x00";
+        assert!(std::ptr::eq(lowercase(lower, &mut buf).expect("fits"), &lower[..]));
+        assert_eq!(lowercase(b"\x03WwW\x04TeSt\x00", &mut buf), Some(&lower[..]));
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub(super) struct CompiledZone {
     pub(super) row: ZoneRow,
     pub(super) origin: LowerName,
     pub(super) soa: Arc<RecordSet>,
+    /// The SOA as negative answers carry it: TTL min(SOA TTL, MINIMUM) (RFC 2308 section 3), so a resolver caches
+    /// NXDOMAIN and NODATA no longer than the zone's MINIMUM says.
+    pub(super) negative_soa: Arc<RecordSet>,
     pub(super) ns: Arc<RecordSet>,
     pub(super) glue: Vec<Arc<RecordSet>>,
     pub(super) names: HashMap<LowerName, Arc<NameEntry>>,
@@ -61,7 +64,8 @@ pub(super) struct Rotations {
 impl CompiledZone {
     /// The zone of `row` with the names of its domains among `domains` that lie inside it.
     pub(super) fn compile(row: ZoneRow, domains: &HashMap<i64, Arc<CompiledDomain>>) -> Self {
-        let origin = LowerName::new(&row.origin);
+        let apex = row.origin.to_lowercase();
+        let origin = LowerName::new(&apex);
         let serial = u32::try_from(row.serial.rem_euclid(1 << 32)).unwrap_or(0);
         let mname = row
             .nameservers
@@ -69,9 +73,12 @@ impl CompiledZone {
             .and_then(|ns| Name::from_ascii(&ns.name).ok())
             .unwrap_or_else(|| row.origin.clone());
         let soa = SOA::new(mname, row.hostmaster.clone(), serial, row.refresh, row.retry, row.expire, row.minimum);
-        let soa = Arc::new(RecordSet::from(Record::from_rdata(row.origin.clone(), row.soa_ttl, RData::SOA(soa))));
+        let negative_ttl = row.soa_ttl.min(row.minimum);
+        let negative_soa =
+            Arc::new(RecordSet::from(Record::from_rdata(apex.clone(), negative_ttl, RData::SOA(soa.clone()))));
+        let soa = Arc::new(RecordSet::from(Record::from_rdata(apex.clone(), row.soa_ttl, RData::SOA(soa))));
 
-        let mut ns = RecordSet::with_ttl(row.origin.clone(), RecordType::NS, row.ns_ttl);
+        let mut ns = RecordSet::with_ttl(apex.clone(), RecordType::NS, row.ns_ttl);
         let mut names: HashMap<LowerName, Arc<NameEntry>> = HashMap::new();
         let mut glue = Vec::new();
         for server in &row.nameservers {
@@ -82,9 +89,10 @@ impl CompiledZone {
             if !row.origin.zone_of(&name) || server.ips.is_empty() {
                 continue;
             }
-            let entry = NameEntry::fixed(&name, &server.ips, row.ns_ttl);
+            let glue_owner = name.to_lowercase();
+            let entry = NameEntry::fixed(&glue_owner, &server.ips, row.ns_ttl);
             glue.extend(entry.a.iter().chain(entry.aaaa.iter()).map(|r| r.sets[0].clone()));
-            names.insert(LowerName::new(&name), Arc::new(entry));
+            names.insert(LowerName::new(&glue_owner), Arc::new(entry));
         }
 
         for domain in domains.values().filter(|d| d.zone_id == row.id) {
@@ -105,34 +113,36 @@ impl CompiledZone {
         }
         names.entry(origin.clone()).or_default();
 
-        Self { row, origin, soa, ns: Arc::new(ns), glue, names }
+        Self { row, origin, soa, negative_soa, ns: Arc::new(ns), glue, names }
     }
 }
 
 impl CompiledDomain {
     /// The names of `row`: its own addresses and its services.
     pub(super) fn compile(row: &DomainRow) -> Self {
+        // Names are served in lower case (answers echo the question's case, see `ZoneView`).
+        let fqdn = row.fqdn.to_lowercase();
         let mut names = Vec::new();
         let select = |family| answer::select(&row.addresses, &row.policy, family);
         let entry = NameEntry {
-            a: Rotations::build(&row.fqdn, &select(Family::V4), row.ttl).map(Arc::new),
-            aaaa: Rotations::build(&row.fqdn, &select(Family::V6), row.ttl).map(Arc::new),
+            a: Rotations::build(&fqdn, &select(Family::V4), row.ttl).map(Arc::new),
+            aaaa: Rotations::build(&fqdn, &select(Family::V6), row.ttl).map(Arc::new),
             ..NameEntry::default()
         };
-        names.push((LowerName::new(&row.fqdn), Arc::new(entry)));
+        names.push((LowerName::new(&fqdn), Arc::new(entry)));
 
         // SRV: one RRset per (service, transport) owner; address tuples get a generated target name.
         let mut by_owner: Vec<(Name, RecordSet, Vec<Arc<RecordSet>>)> = Vec::new();
         for svc in &row.services {
             let Ok(owner) = Name::from_ascii(format!("_{}._{}", svc.service, svc.transport))
-                .and_then(|prefix| prefix.append_domain(&row.fqdn))
+                .and_then(|prefix| prefix.append_domain(&fqdn))
             else {
                 continue;
             };
             let (target, extra) = match (&svc.target, svc.ip) {
                 (Some(target), _) => (target.clone(), None),
                 (None, Some(ip)) => {
-                    let Ok(target) = service_target(&row.fqdn, ip) else {
+                    let Ok(target) = service_target(&fqdn, ip) else {
                         continue;
                     };
                     let entry = NameEntry::fixed(&target, &[ip], row.ttl);

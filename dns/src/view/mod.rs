@@ -92,13 +92,15 @@ impl View {
         &self.catalog
     }
 
-    /// The prebuilt response to a query for `qname` (wire format, exactly as asked) and `rtype` (A or AAAA), taking
-    /// the next turn of its rotation; `None` when the catalog must answer. The caller patches it with
-    /// [`wire::respond`].
+    /// The prebuilt response to a query for `qname` (wire format, any case) and `rtype` (A or AAAA), taking the
+    /// next turn of its rotation; `None` when the catalog must answer. The caller patches it with [`wire::respond`],
+    /// which puts the question back in the case it was asked in.
     ///
-    /// Only names stored in lower case have one, and only exact (case-sensitive) matches are served, so the walk
-    /// from the name to its deepest zone agrees with the catalog's case-insensitive one.
+    /// Names, origins and the index are in lower case, and so is the name looked up, so the walk from the name to
+    /// its deepest zone agrees with the catalog's case-insensitive one.
     pub fn prebuilt_answer(&self, qname: &[u8], rtype: RecordType) -> Option<&[u8]> {
+        let mut buf = [0; 255];
+        let qname = wire::lowercase(qname, &mut buf)?;
         let zone = wire::suffixes(qname).find_map(|suffix| self.origins.get(suffix))?;
         let prebuilt = zone.prebuilt.get(qname)?;
         let rotations = match rtype {
@@ -187,6 +189,7 @@ mod tests {
         };
         let a = hickory_server::proto::rr::RecordType::A;
         assert!(view.prebuilt_answer(&wire("a.ho.test."), a).is_some());
+        assert!(view.prebuilt_answer(&wire("A.Ho.TEST."), a).is_some(), "any case");
         assert!(view.prebuilt_answer(&wire("nope.ho.test."), a).is_none());
         assert!(view.prebuilt_answer(&wire("a.nozone.test."), a).is_none());
         assert!(view.prebuilt_answer(&wire("a.ho.test."), hickory_server::proto::rr::RecordType::MX).is_none());

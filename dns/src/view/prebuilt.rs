@@ -60,7 +60,10 @@ impl Prebuilt {
 
 /// The catalog's answer to a plain query for `set` as a whole message with ID 0 and no EDNS (see [`wire`]), encoded
 /// the way the catalog encodes it (hickory's `MessageResponse`, the question echoed as asked), or `None` when the
-/// owner is not in lower case or the message might not fit a UDP response with an OPT record.
+/// owner is not in lower case, the message might not fit a UDP response with an OPT record, or the owner is written
+/// out anywhere but in the question and the first answer (hickory writes the question as received, so the first
+/// answer's owner is not compressed, and later answers point to it): [`wire::respond`] rewrites both in the
+/// question's case.
 fn prebuilt_message(owner: &Name, set: &RecordSet) -> Option<Box<[u8]>> {
     if !owner.eq_case(&owner.to_lowercase()) {
         return None;
@@ -76,5 +79,8 @@ fn prebuilt_message(owner: &Name, set: &RecordSet) -> Option<Box<[u8]>> {
     encoder.set_max_size(u16::try_from(wire::MAX_PLAIN_UDP - wire::OPT_LEN).ok()?);
     response.destructive_emit(&mut encoder).ok()?;
     let truncated = bytes.get(2).is_none_or(|flags| flags & 0x02 != 0);
-    (!truncated).then(|| bytes.into_boxed_slice())
+    let name = &question[..question.len() - 4];
+    let first_answer = wire::first_answer(question.len());
+    let at: Vec<usize> = bytes.windows(name.len()).enumerate().filter(|(_, w)| *w == name).map(|(i, _)| i).collect();
+    (!truncated && at == [wire::HEADER_LEN, first_answer]).then(|| bytes.into_boxed_slice())
 }

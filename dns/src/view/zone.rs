@@ -3,13 +3,15 @@
 use std::{collections::HashMap, sync::Arc};
 
 use hickory_server::{
+    dnssec::NxProofKind,
     proto::{
         op::ResponseCode,
-        rr::{LowerName, RecordSet, RecordType, TSigResponseContext},
+        rr::{LowerName, Name, RecordSet, RecordType, TSigResponseContext},
     },
     server::{Request, RequestInfo},
     zone_handler::{
-        AuthLookup, AxfrPolicy, LookupControlFlow, LookupError, LookupOptions, LookupRecords, ZoneHandler, ZoneType,
+        AuthLookup, AxfrPolicy, LookupControlFlow, LookupError, LookupOptions, LookupRecords, Nsec3QueryInfo,
+        ZoneHandler, ZoneType,
     },
 };
 
@@ -24,6 +26,7 @@ pub struct ZoneView {
     pub(super) row: ZoneRow,
     pub(super) origin: LowerName,
     soa: Arc<RecordSet>,
+    negative_soa: Arc<RecordSet>,
     ns: Arc<RecordSet>,
     glue: Vec<Arc<RecordSet>>,
     pub(super) names: HashMap<LowerName, Arc<NameEntry>>,
@@ -34,14 +37,17 @@ pub struct ZoneView {
 impl ZoneView {
     /// The zone of `row` with its domains among `domains`, and its prebuilt answers.
     pub(super) fn build(row: ZoneRow, domains: &HashMap<i64, Arc<CompiledDomain>>) -> Self {
-        let CompiledZone { row, origin, soa, ns, glue, names } = CompiledZone::compile(row, domains);
+        let CompiledZone { row, origin, soa, negative_soa, ns, glue, names } = CompiledZone::compile(row, domains);
         let prebuilt = prebuilt::index(&names);
-        Self { row, origin, soa, ns, glue, names, prebuilt }
+        Self { row, origin, soa, negative_soa, ns, glue, names, prebuilt }
     }
 
+    /// The answer to `name` and `rtype`, with answer owner names as `asked` spells them: NSD and Knot echo the
+    /// question's case, and resolvers' 0x20 checks and caches may expect it. Names are stored in lower case.
     fn lookup_now(
         &self,
         name: &LowerName,
+        asked: Option<&Name>,
         rtype: RecordType,
         options: LookupOptions,
     ) -> Result<AuthLookup, LookupError> {
@@ -52,18 +58,22 @@ impl ZoneView {
             return Err(LookupError::from(ResponseCode::NXDomain));
         };
         let apex = *name == self.origin;
-        let one = |set: Arc<RecordSet>| Ok(LookupRecords::new(options, set).into());
+        let owned = |set: &Arc<RecordSet>| match asked {
+            Some(asked) if !asked.eq_case(set.name()) => Arc::new(renamed(set, asked)),
+            _ => set.clone(),
+        };
+        let one = |set: &Arc<RecordSet>| Ok(LookupRecords::new(options, owned(set)).into());
         match rtype {
-            RecordType::SOA if apex => one(self.soa.clone()),
+            RecordType::SOA if apex => one(&self.soa),
             RecordType::NS if apex => Ok(AuthLookup::answers(
-                LookupRecords::new(options, self.ns.clone()),
+                LookupRecords::new(options, owned(&self.ns)),
                 (!self.glue.is_empty()).then(|| LookupRecords::many(options, self.glue.clone())),
             )),
-            RecordType::A => entry.a.as_deref().map(Rotations::pick).map_or_else(no_data, one),
-            RecordType::AAAA => entry.aaaa.as_deref().map(Rotations::pick).map_or_else(no_data, one),
+            RecordType::A => entry.a.as_deref().map(Rotations::pick).map_or_else(no_data, |set| one(&set)),
+            RecordType::AAAA => entry.aaaa.as_deref().map(Rotations::pick).map_or_else(no_data, |set| one(&set)),
             RecordType::SRV => match &entry.srv {
                 Some(srv) => Ok(AuthLookup::answers(
-                    LookupRecords::new(options, srv.clone()),
+                    LookupRecords::new(options, owned(srv)),
                     (!entry.srv_additionals.is_empty())
                         .then(|| LookupRecords::many(options, entry.srv_additionals.clone())),
                 )),
@@ -81,11 +91,26 @@ impl ZoneView {
                 if sets.is_empty() {
                     return no_data();
                 }
-                Ok(LookupRecords::many(options, sets).into())
+                Ok(LookupRecords::many(options, sets.iter().map(owned).collect()).into())
             }
             _ => no_data(),
         }
     }
+}
+
+/// A copy of `set` owned by `owner`.
+fn renamed(set: &RecordSet, owner: &Name) -> RecordSet {
+    let mut copy = RecordSet::with_ttl(owner.clone(), set.record_type(), set.ttl());
+    copy.set_records(
+        set.records_without_rrsigs()
+            .map(|record| {
+                let mut record = record.clone();
+                record.name = owner.clone();
+                record
+            })
+            .collect(),
+    );
+    copy
 }
 
 #[async_trait::async_trait]
@@ -102,6 +127,10 @@ impl ZoneHandler for ZoneView {
         &self.origin
     }
 
+    /// hickory's catalog answers queries through [`ZoneHandler::search`]; it calls `lookup` only to fill the
+    /// authority section: the zone's NS beside an SOA answer, and the zone's SOA beside a negative answer
+    /// (NXDOMAIN, NODATA). That SOA carries the negative-caching TTL, min(SOA TTL, MINIMUM), as RFC 2308 section
+    /// 3 requires; the SOA asked for as such keeps its own TTL.
     async fn lookup(
         &self,
         name: &LowerName,
@@ -109,7 +138,10 @@ impl ZoneHandler for ZoneView {
         _request_info: Option<&RequestInfo<'_>>,
         options: LookupOptions,
     ) -> LookupControlFlow<AuthLookup> {
-        LookupControlFlow::Break(self.lookup_now(name, rtype, options))
+        if rtype == RecordType::SOA && *name == self.origin {
+            return LookupControlFlow::Break(Ok(LookupRecords::new(options, self.negative_soa.clone()).into()));
+        }
+        LookupControlFlow::Break(self.lookup_now(name, None, rtype, options))
     }
 
     async fn search(
@@ -119,7 +151,9 @@ impl ZoneHandler for ZoneView {
     ) -> (LookupControlFlow<AuthLookup>, Option<TSigResponseContext>) {
         let result = match request.request_info() {
             Ok(info) if info.query.query_type() == RecordType::AXFR => Err(LookupError::from(ResponseCode::Refused)),
-            Ok(info) => self.lookup_now(info.query.name(), info.query.query_type(), options),
+            Ok(info) => {
+                self.lookup_now(info.query.name(), Some(info.query.original().name()), info.query.query_type(), options)
+            }
             Err(error) => Err(error),
         };
         (LookupControlFlow::Break(result), None)
@@ -127,6 +161,16 @@ impl ZoneHandler for ZoneView {
 
     async fn nsec_records(&self, _name: &LowerName, _options: LookupOptions) -> LookupControlFlow<AuthLookup> {
         LookupControlFlow::Break(Ok(AuthLookup::default()))
+    }
+
+    /// Zones are not signed: no denial-of-existence records.
+    async fn nsec3_records(&self, _info: Nsec3QueryInfo<'_>, _options: LookupOptions) -> LookupControlFlow<AuthLookup> {
+        LookupControlFlow::Break(Ok(AuthLookup::default()))
+    }
+
+    /// Zones are not signed.
+    fn nx_proof_kind(&self) -> Option<&NxProofKind> {
+        None
     }
 }
 
