@@ -65,7 +65,8 @@ pub async fn exchange_udp(server: SocketAddr, bytes: &[u8]) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-async fn exchange_tcp(server: SocketAddr, bytes: &[u8]) -> Result<Vec<u8>> {
+/// Sends raw bytes over TCP, length-prefixed, and waits up to 2 s for the response.
+pub async fn exchange_tcp(server: SocketAddr, bytes: &[u8]) -> Result<Vec<u8>> {
     let mut stream = TcpStream::connect(server).await?;
     let len = u16::try_from(bytes.len())?;
     stream.write_all(&len.to_be_bytes()).await?;

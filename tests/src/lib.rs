@@ -19,6 +19,7 @@ pub mod dns_client;
 pub mod fleet;
 pub mod hds_stack;
 pub mod netns;
+pub mod peers;
 pub mod stack;
 pub mod system;
 

@@ -129,8 +129,9 @@ impl ZoneHandler for ZoneView {
 
     /// hickory's catalog answers queries through [`ZoneHandler::search`]; it calls `lookup` only to fill the
     /// authority section: the zone's NS beside an SOA answer, and the zone's SOA beside a negative answer
-    /// (NXDOMAIN, NODATA). That SOA carries the negative-caching TTL, min(SOA TTL, MINIMUM), as RFC 2308 section
-    /// 3 requires; the SOA asked for as such keeps its own TTL.
+    /// (NXDOMAIN, NODATA). Responses are minimal (as NSD's `minimal-responses` and Knot's): no NS is added to a
+    /// positive answer. The SOA of a negative answer carries the negative-caching TTL, min(SOA TTL, MINIMUM), as
+    /// RFC 2308 section 3 requires; the SOA asked for as such keeps its own TTL.
     async fn lookup(
         &self,
         name: &LowerName,
@@ -138,8 +139,14 @@ impl ZoneHandler for ZoneView {
         _request_info: Option<&RequestInfo<'_>>,
         options: LookupOptions,
     ) -> LookupControlFlow<AuthLookup> {
-        if rtype == RecordType::SOA && *name == self.origin {
-            return LookupControlFlow::Break(Ok(LookupRecords::new(options, self.negative_soa.clone()).into()));
+        if *name == self.origin {
+            match rtype {
+                RecordType::SOA => {
+                    return LookupControlFlow::Break(Ok(LookupRecords::new(options, self.negative_soa.clone()).into()));
+                }
+                RecordType::NS => return LookupControlFlow::Break(Ok(AuthLookup::default())),
+                _ => {}
+            }
         }
         LookupControlFlow::Break(self.lookup_now(name, None, rtype, options))
     }

@@ -258,6 +258,8 @@ async fn nxdomain_and_nodata_carry_the_soa() -> Result<()> {
     assert!(nx.metadata.authoritative);
     assert!(nx.answers.is_empty());
     assert!(matches!(nx.authorities.first().map(|r| &r.data), Some(RData::SOA(_))), "{nx:?}");
+    // SOA TTL 60, MINIMUM 1 (the defaults): a negative answer is cached for 1 s (RFC 2308 section 3).
+    assert_eq!(nx.authorities[0].ttl, 1, "{nx:?}");
 
     for (name, rtype) in [
         ("a.b.tether.test.", RecordType::TXT),
@@ -270,6 +272,7 @@ async fn nxdomain_and_nodata_carry_the_soa() -> Result<()> {
         assert!(r.metadata.authoritative, "{name} {rtype}");
         assert!(r.answers.is_empty(), "{name} {rtype}");
         assert!(matches!(r.authorities.first().map(|r| &r.data), Some(RData::SOA(_))), "{name} {rtype}: {r:?}");
+        assert_eq!(r.authorities[0].ttl, 1, "{name} {rtype}: the negative-caching TTL");
     }
     Ok(())
 }

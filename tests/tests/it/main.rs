@@ -2,6 +2,7 @@
 
 mod admin_api;
 mod dns_answers;
+mod dns_differential;
 mod forwarder;
 mod hbs_metrics;
 mod hds;
