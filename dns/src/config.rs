@@ -34,6 +34,12 @@ pub struct Config {
     /// Longest wait between two attempts to reach Postgres.
     #[serde(default = "default_max_backoff", with = "humantime_serde")]
     pub max_backoff: Duration,
+    /// TSIG keys any zone's transfer policy may name (`[[tsig_keys]]` with `name`, `algorithm`, `secret`).
+    #[serde(default)]
+    pub tsig_keys: Vec<crate::xfr::TsigKey>,
+    /// Told by NOTIFY of every change of every zone that has a transfer policy, besides the zone's own targets.
+    #[serde(default)]
+    pub also_notify: Vec<SocketAddr>,
 }
 
 impl Load for Config {
@@ -53,6 +59,17 @@ impl Load for Config {
         }
         if self.dns_listen == self.api_listen && self.dns_listen.port() != 0 {
             return Err(invalid("api_listen", "must differ from dns_listen"));
+        }
+        for (i, key) in self.tsig_keys.iter().enumerate() {
+            if let Err(error) = key.signer() {
+                return Err(invalid("tsig_keys", format!("entry {i}: {error}")));
+            }
+            if self.tsig_keys[..i].iter().any(|k| k.name.eq_ignore_ascii_case(&key.name)) {
+                return Err(invalid("tsig_keys", format!("entry {i}: name {} defined twice", key.name)));
+            }
+        }
+        if let Some(addr) = self.also_notify.iter().find(|a| a.port() == 0 || a.ip().is_unspecified()) {
+            return Err(invalid("also_notify", format!("{addr} is not a unicast address with a port")));
         }
         if self.tcp_idle_timeout.is_zero() {
             return Err(invalid("tcp_idle_timeout", "must be above zero"));

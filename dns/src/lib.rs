@@ -23,6 +23,7 @@ pub mod sync;
 pub mod udp;
 pub mod view;
 pub mod wire;
+pub mod xfr;
 
 pub use config::Config;
 
@@ -89,9 +90,12 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
 
     let dns_addr = listeners.dns_addr()?;
     let api_addr = listeners.api_addr()?;
-    let udp_task =
-        tokio::spawn(udp::serve(listeners.dns_udp, Arc::new(server::Handler::new(shared.clone())), shutdown.clone()));
-    let mut dns = hickory_server::Server::new(server::Handler::new(shared.clone()));
+    let keys: Arc<[xfr::TsigKey]> = config.tsig_keys.clone().into();
+    let handler = || server::Handler::with_keys(shared.clone(), keys.clone());
+    let udp_task = tokio::spawn(udp::serve(listeners.dns_udp, Arc::new(handler()), shutdown.clone()));
+    let mut dns = hickory_server::Server::new(handler());
+    let notify_task =
+        tokio::spawn(xfr::notify::run(shared.clone(), config.also_notify.clone(), keys.clone(), shutdown.clone()));
     dns.register_listener(listeners.dns_tcp, config.tcp_idle_timeout, 64);
 
     let operator_token_hash = config.operator_token.as_ref().map(|t| api::token_hash(t.expose()));
@@ -103,6 +107,7 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
         shared,
         operator_token_hash,
         enrollment_ttl: config.enrollment_ttl,
+        tsig_keys: keys.clone(),
     });
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(async move {
@@ -125,6 +130,7 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
         Err(error) => warn!(%error, "admin API task failed"),
         Ok(Ok(())) => {}
     }
+    let _ = notify_task.await;
     let _ = sync_task.await;
     pool.close().await;
     Ok(())

@@ -28,6 +28,18 @@ pub struct Metrics {
     pub zones: Gauge,
     /// Admin API responses by status class.
     pub api_responses: Family<StatusLabel, Counter>,
+    /// Zone transfer requests by what they got: `axfr`, `ixfr` (incremental), `ixfr-full` (the whole zone in an
+    /// IXFR answer), `ixfr-current` (just the SOA), `refused`, `tsig-error`.
+    pub transfers: Family<KindLabel, Counter>,
+    /// NOTIFY messages by outcome: `sent`, `acknowledged`, `refused`, `given-up`.
+    pub notifies: Family<KindLabel, Counter>,
+}
+
+/// A label naming a kind of event.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// What happened.
+    pub kind: &'static str,
 }
 
 /// Label of an admin API response.
@@ -58,6 +70,8 @@ impl Metrics {
             domains: Gauge::default(),
             zones: Gauge::default(),
             api_responses: Family::default(),
+            transfers: Family::default(),
+            notifies: Family::default(),
             registry,
         };
         let mut registry = metrics.registry;
@@ -76,6 +90,8 @@ impl Metrics {
         registry.register("view_domains", "Domains in the served view", metrics.domains.clone());
         registry.register("view_zones", "Zones in the served view", metrics.zones.clone());
         registry.register("api_responses", "Admin API responses by status", metrics.api_responses.clone());
+        registry.register("zone_transfers", "Zone transfer requests by what they got", metrics.transfers.clone());
+        registry.register("notifies", "NOTIFY messages by outcome", metrics.notifies.clone());
         Self { registry, ..metrics }
     }
 
@@ -90,6 +106,11 @@ impl Metrics {
             _ => 5,
         };
         self.responses[index].inc();
+    }
+
+    /// Counts one event of `kind` in `family`.
+    pub fn count(family: &Family<KindLabel, Counter>, kind: &'static str) {
+        family.get_or_create(&KindLabel { kind }).inc();
     }
 
     /// The text exposition format.

@@ -33,12 +33,24 @@ pub struct Shared {
     pub last_sync_ms: AtomicI64,
     /// Counters and gauges.
     pub metrics: Metrics,
+    /// Bumped after every view swap, for those that act on changes (NOTIFY).
+    generation: watch::Sender<u64>,
 }
 
 impl Shared {
     /// An empty view, not yet synced.
     pub fn new() -> Self {
-        Self { view: ArcSwap::from_pointee(View::empty()), last_sync_ms: AtomicI64::new(0), metrics: Metrics::new() }
+        Self {
+            view: ArcSwap::from_pointee(View::empty()),
+            last_sync_ms: AtomicI64::new(0),
+            metrics: Metrics::new(),
+            generation: watch::Sender::new(0),
+        }
+    }
+
+    /// Wakes on every view swap after this call.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     fn publish(&self, view: View) {
@@ -46,6 +58,7 @@ impl Shared {
         self.metrics.zones.set(i64::try_from(view.zone_count()).unwrap_or(i64::MAX));
         self.view.store(Arc::new(view));
         self.last_sync_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+        self.generation.send_modify(|g| *g += 1);
     }
 }
 

@@ -280,6 +280,7 @@ mod tests {
             minimum: 1,
             soa_ttl: 60,
             ns_ttl: 3600,
+            transfer: crate::xfr::TransferPolicy::default(),
         };
         let address = |ip: &str, weight| Address {
             ip: ip.parse().expect("ip"),

@@ -245,6 +245,17 @@ where
     }
 }
 
+/// Sends the in-process servers' logs to stderr when `TETHER_TEST_LOG` holds a filter (RUST_LOG syntax, e.g.
+/// `dns=debug`); a test that fails can be rerun with it.
+pub fn log_from_env() {
+    if let Ok(filter) = std::env::var("TETHER_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// The loopback address with port 0, for servers under test.
 pub fn loopback0() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))

@@ -1,7 +1,8 @@
-//! The reference DNS servers from Debian's packages, NSD and Knot, each serving one zone file on a loopback port of
-//! its own, started as processes and killed on drop.
+//! The reference DNS servers from Debian's packages, NSD and Knot, started as processes on a loopback port of their
+//! own and killed on drop: as primaries of a zone file, or as secondaries that transfer zones from tether.
 
 use std::{
+    fmt::Write as _,
     net::{SocketAddr, TcpListener, UdpSocket},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -25,7 +26,35 @@ pub enum Kind {
     Knot,
 }
 
-/// A reference server answering for one zone.
+/// A TSIG key as both servers' configurations name it.
+#[derive(Debug, Clone)]
+pub struct Key {
+    /// Key name, without the trailing dot.
+    pub name: String,
+    /// `hmac-sha256` and the like.
+    pub algorithm: String,
+    /// Base64 secret.
+    pub secret: String,
+}
+
+/// A zone a peer serves.
+#[derive(Debug, Clone)]
+pub enum Zone {
+    /// From a zone file with this text.
+    Primary { origin: String, text: String },
+    /// Transferred from `primary`, which may NOTIFY it; signed with `key` when set.
+    Secondary { origin: String, primary: SocketAddr, key: Option<Key> },
+}
+
+impl Zone {
+    fn origin(&self) -> &str {
+        match self {
+            Self::Primary { origin, .. } | Self::Secondary { origin, .. } => origin,
+        }
+    }
+}
+
+/// A running reference server.
 pub struct Peer {
     /// Which server this is.
     pub kind: Kind,
@@ -36,18 +65,28 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// Starts `kind` serving `zone_text` as zone `origin` (no trailing dot) with minimal responses, no NSID and no
-    /// cookies, and waits until it answers the zone's SOA. A missing binary is an error naming the package.
+    /// Starts `kind` serving `zone_text` as zone `origin` (no trailing dot); see [`Peer::serve`].
     pub async fn start(kind: Kind, origin: &str, zone_text: &str) -> Result<Self> {
+        Self::serve(kind, &[Zone::Primary { origin: origin.to_owned(), text: zone_text.to_owned() }]).await
+    }
+
+    /// Starts `kind` serving `zones` with minimal responses, no NSID and no cookies, and waits until it answers the
+    /// SOA of each (for a secondary: once it has transferred the zone). A missing binary is an error naming the
+    /// package.
+    pub async fn serve(kind: Kind, zones: &[Zone]) -> Result<Self> {
         let binary = kind.binary()?;
         let mut last_error = None;
         // The port is found free and then handed to the server: another process may take it between the two.
         for _ in 0..3 {
             let dir = tempfile::Builder::new().prefix(kind.name()).tempdir()?;
-            std::fs::write(dir.path().join("zone"), zone_text)?;
+            for (i, zone) in zones.iter().enumerate() {
+                if let Zone::Primary { text, .. } = zone {
+                    std::fs::write(dir.path().join(format!("zone{i}")), text)?;
+                }
+            }
             let addr = free_port()?;
             let config = dir.path().join("server.conf");
-            std::fs::write(&config, kind.config(dir.path(), addr, origin))?;
+            std::fs::write(&config, kind.config(dir.path(), addr, zones))?;
             let log = std::fs::File::create(dir.path().join("stderr.log"))?;
             let mut command = Command::new(&binary);
             match kind {
@@ -62,12 +101,18 @@ impl Peer {
                 .spawn()
                 .with_context(|| format!("starting {}", binary.display()))?;
             let peer = Self { kind, addr, dir, child };
-            let apex = format!("{origin}.");
-            let answered = eventually(Duration::from_secs(10), &format!("{} to answer", kind.name()), || async {
-                let response = ask(addr, &apex, RecordType::SOA, Transport::Udp).await.ok()?;
-                (response.answers.len() == 1).then_some(())
-            })
-            .await;
+            let mut answered = Ok(());
+            for zone in zones {
+                let apex = format!("{}.", zone.origin());
+                answered = eventually(Duration::from_secs(20), &format!("{} to serve {apex}", kind.name()), || async {
+                    let response = ask(addr, &apex, RecordType::SOA, Transport::Udp).await.ok()?;
+                    (response.answers.len() == 1).then_some(())
+                })
+                .await;
+                if answered.is_err() {
+                    break;
+                }
+            }
             match answered {
                 Ok(()) => return Ok(peer),
                 Err(error) => last_error = Some(error.context(peer.logs())),
@@ -76,7 +121,7 @@ impl Peer {
         Err(last_error.unwrap_or_else(|| anyhow::anyhow!("{} never started", kind.name())))
     }
 
-    /// The server's own logs, for failure messages.
+    /// The server's own logs, for failure messages and for what they say about transfers.
     pub fn logs(&self) -> String {
         let read = |name: &str| std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
         format!("{} logs:\n{}{}", self.kind.name(), read("stderr.log"), read("server.log"))
@@ -112,26 +157,111 @@ impl Kind {
         }
     }
 
-    fn config(self, dir: &Path, addr: SocketAddr, origin: &str) -> String {
+    fn config(self, dir: &Path, addr: SocketAddr, zones: &[Zone]) -> String {
         let dir = dir.display();
         let (ip, port) = (addr.ip(), addr.port());
-        match self {
-            // username "" keeps NSD from switching to a user that may not own the directory; no database file.
-            Self::Nsd => format!(
-                "server:\n  ip-address: {ip}@{port}\n  port: {port}\n  username: \"\"\n  database: \"\"\n  \
-                 zonesdir: \"{dir}\"\n  zonelistfile: \"{dir}/zone.list\"\n  xfrdfile: \"{dir}/xfrd.state\"\n  \
-                 pidfile: \"{dir}/nsd.pid\"\n  logfile: \"{dir}/server.log\"\n  minimal-responses: yes\n  \
-                 hide-version: yes\n  verbosity: 1\nremote-control:\n  control-enable: no\n\
-                 zone:\n  name: {origin}\n  zonefile: zone\n"
-            ),
-            Self::Knot => format!(
-                "server:\n  listen: {ip}@{port}\n  rundir: \"{dir}\"\n  nsid: \"\"\n\
-                 log:\n  - target: \"{dir}/server.log\"\n    any: info\n\
-                 database:\n  storage: \"{dir}\"\n\
-                 template:\n  - id: default\n    storage: \"{dir}\"\n    journal-content: none\n\
-                 zone:\n  - domain: {origin}\n    file: zone\n"
-            ),
+        let mut keys: Vec<&Key> = Vec::new();
+        for zone in zones {
+            if let Zone::Secondary { key: Some(key), .. } = zone
+                && !keys.iter().any(|k| k.name == key.name)
+            {
+                keys.push(key);
+            }
         }
+        let mut text = String::new();
+        match self {
+            // username "" keeps NSD from switching to a user that may not own the directory; no database file;
+            // a transfer is served at once (no reload delay).
+            Self::Nsd => {
+                let _ = write!(
+                    text,
+                    "server:\n  ip-address: {ip}@{port}\n  port: {port}\n  username: \"\"\n  database: \"\"\n  \
+                     zonesdir: \"{dir}\"\n  zonelistfile: \"{dir}/zone.list\"\n  xfrdfile: \"{dir}/xfrd.state\"\n  \
+                     xfrdir: \"{dir}\"\n  pidfile: \"{dir}/nsd.pid\"\n  logfile: \"{dir}/server.log\"\n  \
+                     minimal-responses: yes\n  hide-version: yes\n  verbosity: 3\n  xfrd-reload-timeout: 0\n\
+                     remote-control:\n  control-enable: no\n"
+                );
+                for key in &keys {
+                    let _ = write!(
+                        text,
+                        "key:\n  name: {}\n  algorithm: {}\n  secret: \"{}\"\n",
+                        key.name, key.algorithm, key.secret
+                    );
+                }
+                for (i, zone) in zones.iter().enumerate() {
+                    let _ = write!(text, "zone:\n  name: {}\n  zonefile: zone{i}\n", zone.origin());
+                    if let Zone::Secondary { primary, key, .. } = zone {
+                        let key = key.as_ref().map_or("NOKEY", |k| k.name.as_str());
+                        let _ = write!(
+                            text,
+                            "  request-xfr: {}@{} {key}\n  allow-notify: {} {key}\n",
+                            primary.ip(),
+                            primary.port(),
+                            primary.ip()
+                        );
+                    }
+                }
+            }
+            Self::Knot => {
+                let _ = write!(
+                    text,
+                    "server:\n  listen: {ip}@{port}\n  rundir: \"{dir}\"\n  nsid: \"\"\n\
+                     log:\n  - target: \"{dir}/server.log\"\n    any: info\n\
+                     database:\n  storage: \"{dir}\"\n\
+                     template:\n  - id: default\n    storage: \"{dir}\"\n"
+                );
+                if !keys.is_empty() {
+                    text.push_str("key:\n");
+                    for key in &keys {
+                        let _ = write!(
+                            text,
+                            "  - id: {}\n    algorithm: {}\n    secret: {}\n",
+                            key.name, key.algorithm, key.secret
+                        );
+                    }
+                }
+                let secondaries: Vec<(usize, SocketAddr, Option<&Key>)> = zones
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, z)| match z {
+                        Zone::Secondary { primary, key, .. } => Some((i, *primary, key.as_ref())),
+                        Zone::Primary { .. } => None,
+                    })
+                    .collect();
+                if !secondaries.is_empty() {
+                    text.push_str("remote:\n");
+                    for (i, primary, key) in &secondaries {
+                        let _ = write!(text, "  - id: primary{i}\n    address: {}@{}\n", primary.ip(), primary.port());
+                        if let Some(key) = key {
+                            let _ = writeln!(text, "    key: {}", key.name);
+                        }
+                    }
+                    text.push_str("acl:\n");
+                    for (i, primary, key) in &secondaries {
+                        let _ = write!(text, "  - id: notify{i}\n    address: {}\n    action: notify\n", primary.ip());
+                        if let Some(key) = key {
+                            let _ = writeln!(text, "    key: {}", key.name);
+                        }
+                    }
+                }
+                text.push_str("zone:\n");
+                for (i, zone) in zones.iter().enumerate() {
+                    match zone {
+                        Zone::Primary { origin, .. } => {
+                            let _ =
+                                write!(text, "  - domain: {origin}\n    file: zone{i}\n    journal-content: none\n");
+                        }
+                        Zone::Secondary { origin, .. } => {
+                            let _ = write!(
+                                text,
+                                "  - domain: {origin}\n    file: zone{i}\n    master: primary{i}\n    acl: notify{i}\n"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        text
     }
 }
 

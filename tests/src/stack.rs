@@ -49,6 +49,7 @@ pub struct Api {
 impl Stack {
     /// Starts Postgres and a dns server, and waits until the server answers.
     pub async fn start() -> Result<Self> {
+        crate::log_from_env();
         let pg = Postgres::start().await?;
         let dns = DnsServer::start(&pg.url()).await?;
         let api = Api::new(dns.api_addr);

@@ -33,6 +33,8 @@ pub struct AppState {
     pub operator_token_hash: Option<[u8; 32]>,
     /// Lifetime of enrollment tokens.
     pub enrollment_ttl: Duration,
+    /// The configuration file's TSIG keys, which transfer policies may name.
+    pub tsig_keys: Arc<[crate::xfr::TsigKey]>,
 }
 
 /// Who is calling, from the bearer token.
@@ -50,6 +52,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/openapi.json", get(routes::openapi))
         .route("/v1/subscribers", post(routes::create_subscriber))
         .route("/v1/zones", post(routes::create_zone).get(routes::list_zones))
+        .route("/v1/zones/{origin}/transfer", get(routes::get_transfer).put(routes::put_transfer))
         .route("/v1/domains", post(routes::create_domain).get(routes::list_domains))
         .route("/v1/domains/{name}", get(routes::get_domain).delete(routes::delete_domain))
         .route("/v1/domains/{name}/addresses", post(routes::add_address))

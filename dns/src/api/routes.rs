@@ -17,7 +17,10 @@ use super::{
     input::{self, display},
     new_token, token_hash,
 };
-use crate::store::{self, admin};
+use crate::{
+    store::{self, admin},
+    xfr::{self, TransferPolicy},
+};
 
 /// A domain with its addresses and services.
 #[derive(Serialize)]
@@ -125,6 +128,44 @@ pub(super) async fn create_zone(
 pub(super) async fn list_zones(State(state): State<AppState>, _caller: Caller) -> Result<Response, ApiError> {
     let zones: Vec<Value> = admin::list_zones(&state.pool).await?.into_iter().map(zone_out).collect();
     Ok(Json(zones).into_response())
+}
+
+pub(super) async fn get_transfer(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(origin): Path<String>,
+) -> Result<Response, ApiError> {
+    caller.require_operator()?;
+    let origin = input::hostname("origin", &origin)?;
+    let policy = admin::zone_transfer(&state.pool, &origin)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no zone {}", display(&origin))))?;
+    Ok(Json(policy.masked()).into_response())
+}
+
+pub(super) async fn put_transfer(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(origin): Path<String>,
+    Body(policy): Body<TransferPolicy>,
+) -> Result<Response, ApiError> {
+    caller.require_operator()?;
+    let origin = input::hostname("origin", &origin)?;
+    let in_config = |name: &hickory_server::proto::rr::Name| {
+        state.tsig_keys.iter().any(|k| xfr::policy::key_name(&k.name).ok().as_ref() == Some(name))
+    };
+    policy.validate(&in_config).map_err(|e| ApiError::invalid(e.to_string()))?;
+    if !admin::set_zone_transfer(&state.pool, &origin, &policy).await? {
+        return Err(ApiError::not_found(format!("no zone {}", display(&origin))));
+    }
+    tracing::info!(
+        zone = %origin,
+        secondaries = policy.secondaries.len(),
+        notify = policy.notify.len(),
+        keys = policy.keys.len(),
+        "transfer policy replaced"
+    );
+    Ok(Json(policy.masked()).into_response())
 }
 
 pub(super) async fn create_domain(

@@ -8,7 +8,7 @@ use serde::Serialize;
 use sqlx::{FromRow, PgPool, types::Json};
 
 use super::StoreError;
-use crate::view::Nameserver;
+use crate::{view::Nameserver, xfr::TransferPolicy};
 
 /// A subscriber as the API shows it.
 #[derive(Debug, Clone, Serialize, FromRow)]
@@ -223,6 +223,24 @@ pub async fn list_zones(pool: &PgPool) -> Result<Vec<Zone>, StoreError> {
     )
     .fetch_all(pool)
     .await?)
+}
+
+/// The transfer policy of the zone `origin`, if it exists.
+pub async fn zone_transfer(pool: &PgPool, origin: &str) -> Result<Option<TransferPolicy>, StoreError> {
+    let row: Option<Json<TransferPolicy>> =
+        sqlx::query_scalar("SELECT transfer FROM zones WHERE origin = $1").bind(origin).fetch_optional(pool).await?;
+    Ok(row.map(|Json(policy)| policy))
+}
+
+/// Replaces the transfer policy of the zone `origin`; `false` when there is no such zone. The zone reloads (its
+/// row changed) without a serial bump: what it publishes is the same.
+pub async fn set_zone_transfer(pool: &PgPool, origin: &str, policy: &TransferPolicy) -> Result<bool, StoreError> {
+    let done = sqlx::query("UPDATE zones SET transfer = $2 WHERE origin = $1")
+        .bind(origin)
+        .bind(Json(policy))
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected() == 1)
 }
 
 /// The deepest zone containing `fqdn`.

@@ -11,10 +11,11 @@ use super::StoreError;
 use crate::{
     answer::{Address, Policy, State, WhenEmpty},
     view::{DomainRow, Nameserver, ServiceRow, ZoneRow},
+    xfr::TransferPolicy,
 };
 
 const ZONE_COLUMNS: &str = "id, origin, nameservers, hostmaster, serial, refresh, retry, expire, minimum, \
-                            soa_ttl, ns_ttl";
+                            soa_ttl, ns_ttl, transfer";
 
 /// Everything, from one consistent snapshot.
 pub async fn load_all(pool: &PgPool) -> Result<(Vec<ZoneRow>, Vec<DomainRow>), StoreError> {
@@ -51,6 +52,11 @@ fn zone_from(row: &PgRow) -> Result<ZoneRow, RowError> {
         minimum: u32::try_from(row.try_get::<i32, _>("minimum")?)?,
         soa_ttl: u32::try_from(row.try_get::<i32, _>("soa_ttl")?)?,
         ns_ttl: u32::try_from(row.try_get::<i32, _>("ns_ttl")?)?,
+        transfer: row.try_get::<Json<TransferPolicy>, _>("transfer").map(|Json(t)| t).unwrap_or_else(|error| {
+            // Written only through the API, which validates it; a bad row must not take the zone down with it.
+            tracing::warn!(%error, "unreadable zones.transfer; the zone is served without transfers");
+            TransferPolicy::default()
+        }),
     })
 }
 

@@ -192,6 +192,11 @@ impl NameEntry {
 }
 
 impl Rotations {
+    /// The whole set in base order (rotation 0): what a zone transfer publishes.
+    pub(super) fn base(&self) -> &Arc<RecordSet> {
+        &self.sets[0]
+    }
+
     /// The record set for this query: the next rotation in the weighted schedule. Lock-free, allocation-free.
     #[inline]
     pub(super) fn pick(&self) -> Arc<RecordSet> {
@@ -296,6 +301,7 @@ pub(super) mod tests {
             minimum: 1,
             soa_ttl: 60,
             ns_ttl: 3600,
+            transfer: crate::xfr::TransferPolicy::default(),
         }
     }
 

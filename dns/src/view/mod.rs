@@ -77,7 +77,11 @@ impl View {
             };
             match row {
                 Some(row) => {
-                    zones.insert(zone_id, Arc::new(ZoneView::build(row, &domains)));
+                    let mut zone = ZoneView::build(row, &domains);
+                    if let Some(previous) = zones.get(&zone_id) {
+                        zone.continue_journal(previous);
+                    }
+                    zones.insert(zone_id, Arc::new(zone));
                 }
                 None => {
                     zones.remove(&zone_id);
@@ -109,6 +113,17 @@ impl View {
             _ => return None,
         };
         rotations.pick_message()
+    }
+
+    /// The zone whose origin is `origin`, if served.
+    pub fn zone_at(&self, origin: &hickory_server::proto::rr::LowerName) -> Option<&Arc<ZoneView>> {
+        let key = prebuilt::wire_name(origin)?;
+        self.origins.get(&key)
+    }
+
+    /// Every zone served.
+    pub fn zones(&self) -> impl Iterator<Item = &Arc<ZoneView>> {
+        self.zones.values()
     }
 
     /// Number of zones served.

@@ -5,7 +5,10 @@ use std::net::IpAddr;
 use hickory_server::proto::rr::Name;
 use serde::{Deserialize, Serialize};
 
-use crate::answer::{Address, Policy};
+use crate::{
+    answer::{Address, Policy},
+    xfr::TransferPolicy,
+};
 
 /// A zone as stored in `zones`.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +35,8 @@ pub struct ZoneRow {
     pub soa_ttl: u32,
     /// TTL of the NS records and glue.
     pub ns_ttl: u32,
+    /// Who may transfer the zone and whom NOTIFY goes to.
+    pub transfer: TransferPolicy,
 }
 
 /// One authoritative server of a zone.

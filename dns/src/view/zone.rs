@@ -6,7 +6,7 @@ use hickory_server::{
     dnssec::NxProofKind,
     proto::{
         op::ResponseCode,
-        rr::{LowerName, Name, RecordSet, RecordType, TSigResponseContext},
+        rr::{LowerName, Name, Record, RecordSet, RecordType, TSigResponseContext},
     },
     server::{Request, RequestInfo},
     zone_handler::{
@@ -14,6 +14,8 @@ use hickory_server::{
         ZoneHandler, ZoneType,
     },
 };
+
+use crate::xfr::{Journal, Published, ZoneXfr, serial_of};
 
 use super::{
     compile::{CompiledDomain, CompiledZone, NameEntry, Rotations},
@@ -32,6 +34,8 @@ pub struct ZoneView {
     pub(super) names: HashMap<LowerName, Arc<NameEntry>>,
     /// The names with prebuilt A or AAAA answers, keyed by their wire format (lower case).
     pub(super) prebuilt: HashMap<Box<[u8]>, Prebuilt>,
+    /// What secondaries receive and the journal IXFR answers from; `None` when the zone has no secondaries.
+    xfr: Option<Arc<ZoneXfr>>,
 }
 
 impl ZoneView {
@@ -39,7 +43,54 @@ impl ZoneView {
     pub(super) fn build(row: ZoneRow, domains: &HashMap<i64, Arc<CompiledDomain>>) -> Self {
         let CompiledZone { row, origin, soa, negative_soa, ns, glue, names } = CompiledZone::compile(row, domains);
         let prebuilt = prebuilt::index(&names);
-        Self { row, origin, soa, negative_soa, ns, glue, names, prebuilt }
+        let mut zone = Self { row, origin, soa, negative_soa, ns, glue, names, prebuilt, xfr: None };
+        if !zone.row.transfer.secondaries.is_empty() {
+            zone.xfr = Some(Arc::new(ZoneXfr { published: zone.published(), journal: Journal::default() }));
+        }
+        zone
+    }
+
+    /// Carries `previous`'s journal on, with the change from it to this zone appended.
+    pub(super) fn continue_journal(&mut self, previous: &ZoneView) {
+        if let (Some(xfr), Some(old)) = (&mut self.xfr, &previous.xfr) {
+            let journal = old.journal.after(&old.published, &xfr.published);
+            if let Some(xfr) = Arc::get_mut(xfr) {
+                xfr.journal = journal;
+            }
+        }
+    }
+
+    /// The zone's row.
+    pub fn row(&self) -> &ZoneRow {
+        &self.row
+    }
+
+    /// What secondaries receive and the journal of its changes, when the zone has secondaries.
+    pub fn xfr(&self) -> Option<&ZoneXfr> {
+        self.xfr.as_deref()
+    }
+
+    /// The SOA serial.
+    pub fn serial(&self) -> u32 {
+        self.soa.records_without_rrsigs().next().map_or(0, serial_of)
+    }
+
+    /// The zone as a secondary receives it: no rotation (every address of a set, in base order), no liveness
+    /// after this moment.
+    fn published(&self) -> Published {
+        let soa = self.soa.records_without_rrsigs().next().cloned();
+        let soa = soa.unwrap_or_else(|| Record::update0(self.row.origin.clone(), 0, RecordType::SOA));
+        let mut records: Vec<Record> = self.ns.records_without_rrsigs().cloned().collect();
+        for entry in self.names.values() {
+            for set in [entry.a.as_deref().map(Rotations::base), entry.aaaa.as_deref().map(Rotations::base)]
+                .into_iter()
+                .flatten()
+                .chain(entry.srv.as_ref())
+            {
+                records.extend(set.records_without_rrsigs().cloned());
+            }
+        }
+        Published::new(soa, records)
     }
 
     /// The answer to `name` and `rtype`, with answer owner names as `asked` spells them: NSD and Knot echo the

@@ -13,3 +13,4 @@ mod sync;
 mod system;
 mod uplink_limit;
 mod uplinks;
+mod zone_transfer;
