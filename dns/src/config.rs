@@ -136,6 +136,23 @@ mod tests {
     }
 
     #[test]
+    fn transfer_keys_and_also_notify_are_checked_and_never_printed() {
+        let base = "database_url = 'postgres://localhost/tether'\nalso_notify = ['198.18.0.2:53']\n";
+        let good =
+            format!("{base}[[tsig_keys]]\nname = 'xfr'\nsecret = 'dGV0aGVyLXRyYW5zZmVyLWtleS0zMi1ieXRlcy1sb25n'\n");
+        let config = Config::parse(&good).expect("parses");
+        config.validate().expect("validates");
+        assert_eq!(config.also_notify.len(), 1);
+        assert!(!format!("{config:?}").contains("dGV0aGVy"), "Debug hides the secret");
+        let short = format!("{base}[[tsig_keys]]\nname = 'xfr'\nsecret = 'c2hvcnQ='\n");
+        let err = Config::parse(&short).expect("parses").validate().expect_err("short secret");
+        assert!(err.to_string().contains("tsig_keys") && err.to_string().contains("secret"), "{err}");
+        let zero = "database_url = 'postgres://localhost/tether'\nalso_notify = ['198.18.0.2:0']\n";
+        let err = Config::parse(zero).expect("parses").validate().expect_err("port 0");
+        assert!(err.to_string().contains("also_notify"), "{err}");
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let err = Config::parse("dns_lisen = '127.0.0.1:53'").expect_err("unknown key refused");
         assert!(err.to_string().contains("dns_lisen"), "{err}");

@@ -56,6 +56,9 @@ pub async fn run(
         (v4, v6) => (v4.ok(), v6.ok()),
     };
     let mut pending: HashMap<(i64, SocketAddr), Pending> = HashMap::new();
+    // The view loaded before this task started: its zones' targets hear of the current serial at once (they may
+    // have missed changes while this server was down).
+    track(&shared.view.load_full(), &also_notify, &config_keys, &mut pending);
     let (mut buf4, mut buf6) = (vec![0_u8; 4096], vec![0_u8; 4096]);
     loop {
         let due = pending.values().filter_map(|p| p.due).min();

@@ -147,10 +147,10 @@ async fn nsd_and_knot_transfer_then_follow_changes_by_notify_and_ixfr() -> Resul
     let policy = json!({ "secondaries": [{ "prefix": "127.0.0.1/32" }], "notify": notify });
     let (status, body) = put_transfer(&stack, "xfr.test", policy).await?;
     assert_eq!(status, StatusCode::OK, "{body}");
-    // The SOA refresh is an hour: only NOTIFY brings the change within the wait.
-    let (status, body) =
-        stack.api.call(Method::DELETE, "/v1/domains/www.xfr.test/addresses/198.18.1.2", Some(&token), None).await?;
-    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    // An address dies, written as hbs writes it. The SOA refresh is an hour: only NOTIFY brings the change within
+    // the wait.
+    let pool = stack.pg.pool().await?;
+    sqlx::query("UPDATE addresses SET state = 'dead' WHERE ip = '198.18.1.2'").execute(&pool).await?;
     tether_answers(&stack, "www.xfr.test.", &["198.18.1.1"]).await?;
     peers_match(&stack, &[&nsd, &knot], "www.xfr.test.", RecordType::A).await?;
     assert_eq!(
@@ -161,13 +161,25 @@ async fn nsd_and_knot_transfer_then_follow_changes_by_notify_and_ixfr() -> Resul
     stack.address(&token, "a.b.xfr.test", json!({ "ip": "198.18.2.2" })).await?;
     tether_answers(&stack, "a.b.xfr.test.", &["198.18.2.1", "198.18.2.2"]).await?;
     peers_match(&stack, &[&nsd, &knot], "a.b.xfr.test.", RecordType::A).await?;
-    let knot_logs = knot.logs();
-    ensure!(knot_logs.contains("IXFR, incoming"), "Knot followed by IXFR:\n{knot_logs}");
     // NSD's log does not name the kind of transfer; tether counts what it served: the two changes went to each
     // secondary as an IXFR, and the only whole zones were the first transfers (this test's, NSD's and Knot's).
     let metrics = transfer_counts(&stack).await?;
     ensure!(metrics.0 >= 4, "incremental transfers served: {metrics:?}\n{}", nsd.logs());
     ensure!(metrics.1 <= 3, "whole zones served: {metrics:?}\n{}", nsd.logs());
+    // Every name the zone publishes is answered alike by tether and both secondaries.
+    let (_, records) = axfr(stack.dns.dns_addr, "xfr.test.").await?;
+    let mut owners: Vec<(String, RecordType)> = records
+        .iter()
+        .filter(|r| matches!(r.record_type(), RecordType::A | RecordType::AAAA))
+        .map(|r| (r.name.to_string(), r.record_type()))
+        .collect();
+    owners.dedup();
+    ensure!(owners.len() >= 4, "{owners:?}");
+    for (name, rtype) in &owners {
+        peers_match(&stack, &[&nsd, &knot], name, *rtype).await?;
+    }
+    let knot_logs = knot.logs();
+    ensure!(knot_logs.contains("IXFR, incoming"), "Knot followed by IXFR:\n{knot_logs}");
 
     // An unlisted source is refused, whatever it asks.
     let output = dig_axfr(stack.dns.dns_addr, "xfr.test", "127.0.0.2", None).await?;
@@ -201,7 +213,7 @@ async fn a_tsig_zone_transfers_with_its_key_only_and_in_signed_messages() -> Res
     .context("inserting addresses")?;
     tx.commit().await?;
     let keys = json!([{ "name": "k1", "algorithm": "hmac-sha256", "secret": SECRET }]);
-    let policy = json!({ "secondaries": [{ "prefix": "127.0.0.0/8", "key": "k1" }], "keys": keys });
+    let policy = json!({ "secondaries": [{ "prefix": "127.0.0.0/8", "key": "k1" }], "keys": keys.clone() });
     let (status, body) = put_transfer(&stack, "sec.test", policy).await?;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["keys"][0]["secret"], "***", "secrets never leave: {body}");
@@ -237,7 +249,110 @@ async fn a_tsig_zone_transfers_with_its_key_only_and_in_signed_messages() -> Res
     let knot = Peer::serve(Kind::Knot, &[zone]).await?;
     let answer = ask(knot.addr, "h1500.sec.test.", RecordType::A, Transport::Udp).await?;
     assert_eq!(addresses(&answer), ["198.18.5.220"], "{}", knot.logs());
+
+    // A signed NOTIFY (Knot's ACL requires the key), then a signed IXFR.
+    let notify = json!([{ "addr": knot.addr.to_string(), "key": "k1" }]);
+    let policy = json!({ "secondaries": [{ "prefix": "127.0.0.0/8", "key": "k1" }], "notify": notify, "keys": keys });
+    let (status, body) = put_transfer(&stack, "sec.test", policy).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    sqlx::query("UPDATE addresses SET ip = '198.18.99.1' WHERE ip = '198.18.5.220'").execute(&pool).await?;
+    eventually(WAIT, "Knot to follow the signed NOTIFY", || async {
+        let answer = ask(knot.addr, "h1500.sec.test.", RecordType::A, Transport::Udp).await.ok()?;
+        (addresses(&answer) == ["198.18.99.1"]).then_some(())
+    })
+    .await
+    .with_context(|| knot.logs())?;
+    let logs = knot.logs();
+    ensure!(logs.contains("IXFR, incoming"), "Knot followed by IXFR:\n{logs}");
+    ensure!(!logs.contains("denied"), "Knot accepted the signed NOTIFY:\n{logs}");
     Ok(())
+}
+
+#[tokio::test]
+async fn a_storm_of_ten_thousand_transitions_is_a_few_deltas() -> Result<()> {
+    let stack = Stack::start().await?;
+    stack.zone("storm.test").await?;
+    stack.subscriber("acme").await?;
+    let pool = stack.pg.pool().await?;
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO domains (fqdn, zone_id, subscriber_id, ttl) \
+         SELECT format('s%s.storm.test.', i), z.id, s.id, 1 FROM generate_series(1, 10000) i, zones z, subscribers s \
+         WHERE z.origin = 'storm.test.'",
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO addresses (domain_id, ip, source, state) \
+         SELECT d.id, format('198.18.%s.%s', i / 256, i % 256)::inet, 'static', 'live' \
+         FROM generate_series(1, 10000) i JOIN domains d ON d.fqdn = format('s%s.storm.test.', i)",
+    )
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    let (status, body) =
+        put_transfer(&stack, "storm.test", json!({ "secondaries": [{ "prefix": "127.0.0.1/32" }] })).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let before = eventually(WAIT, "the whole zone", || async {
+        let (rcode, records) = axfr(stack.dns.dns_addr, "storm.test.").await.ok()?;
+        (rcode == ResponseCode::NoError && records.len() > 10_000).then_some(records)
+    })
+    .await?;
+    let serial = match &before[0].data {
+        hickory_proto::rr::RData::SOA(soa) => soa.serial,
+        other => anyhow::bail!("not an SOA: {other:?}"),
+    };
+    // Every address dies, in ten batches of a thousand as hbs writes them.
+    for batch in 0..10 {
+        sqlx::query(
+            "UPDATE addresses SET state = 'dead' WHERE ip IN \
+             (SELECT format('198.18.%s.%s', i / 256, i % 256)::inet FROM generate_series($1, $1 + 999) i)",
+        )
+        .bind(batch * 1000 + 1)
+        .execute(&pool)
+        .await?;
+    }
+    tether_answers(&stack, "s10000.storm.test.", &[]).await?;
+    let (rcode, records) = ixfr(stack.dns.dns_addr, "storm.test.", serial).await?;
+    assert_eq!(rcode, ResponseCode::NoError);
+    let soas = records.iter().filter(|r| r.record_type() == RecordType::SOA).count();
+    let deltas = (soas - 2) / 2;
+    ensure!((1..=10).contains(&deltas), "10,000 transitions in ten statements are at most ten deltas: {deltas}");
+    let deleted = records.iter().filter(|r| r.record_type() == RecordType::A).count();
+    assert_eq!(deleted, 10_000, "every address is deleted once in the incremental answer");
+    Ok(())
+}
+
+/// An IXFR over TCP from `serial`: every record until the answer's closing SOA.
+async fn ixfr(server: SocketAddr, origin: &str, serial: u32) -> Result<(ResponseCode, Vec<Record>)> {
+    let name = Name::from_ascii(origin)?;
+    let mut query = Message::new(rand::random(), MessageType::Query, OpCode::Query);
+    query.add_query(Query::query(name.clone(), RecordType::IXFR));
+    let soa = hickory_proto::rr::rdata::SOA::new(name.clone(), name.clone(), serial, 0, 0, 0, 0);
+    query.add_authority(Record::from_rdata(name, 0, hickory_proto::rr::RData::SOA(soa)));
+    let bytes = query.to_vec()?;
+    let mut stream = TcpStream::connect(server).await?;
+    stream.write_all(&u16::try_from(bytes.len())?.to_be_bytes()).await?;
+    stream.write_all(&bytes).await?;
+    let mut records: Vec<Record> = Vec::new();
+    loop {
+        let mut len = [0_u8; 2];
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut len)).await.context("IXFR stalled")??;
+        let mut buf = vec![0_u8; usize::from(u16::from_be_bytes(len))];
+        stream.read_exact(&mut buf).await?;
+        let message = Message::from_vec(&buf)?;
+        if message.metadata.response_code != ResponseCode::NoError {
+            return Ok((message.metadata.response_code, records));
+        }
+        records.extend(message.answers);
+        // Incremental: the current SOA first, (old SOA, deletions, new SOA, additions)*, the current SOA last.
+        let first = records.first().map(|r| r.data.clone());
+        let soas = records.iter().filter(|r| r.record_type() == RecordType::SOA).count();
+        let closed = records.len() > 1 && records.last().map(|r| r.data.clone()) == first && soas % 2 == 0 && soas >= 4;
+        if closed {
+            return Ok((ResponseCode::NoError, records));
+        }
+    }
 }
 
 #[tokio::test]
