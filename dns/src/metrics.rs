@@ -31,7 +31,7 @@ pub struct Metrics {
     /// Zone transfer requests by what they got: `axfr`, `ixfr` (incremental), `ixfr-full` (the whole zone in an
     /// IXFR answer), `ixfr-current` (just the SOA), `refused`, `tsig-error`.
     pub transfers: Family<KindLabel, Counter>,
-    /// NOTIFY messages by outcome: `sent`, `acknowledged`, `refused`, `given-up`.
+    /// NOTIFY messages by outcome: `sent`, `acknowledged`, `refused`, `unanswered` (after six attempts).
     pub notifies: Family<KindLabel, Counter>,
 }
 

@@ -1,6 +1,7 @@
 //! NOTIFY (RFC 1996): as soon as a view with a new serial is published, every NOTIFY target of the zone (and the
 //! configuration's `also_notify`) is told, signed with TSIG when the target has a key. Per target only the newest
-//! serial is pending (changes coalesce); it is sent again after 1, 2, 4, 8 and 16 s until the target answers.
+//! serial is pending (changes coalesce); it is sent again after 1, 2, 4, 8, 16 and 32 s, then every minute, until
+//! the target answers.
 
 use std::{
     collections::HashMap,
@@ -20,10 +21,12 @@ use tracing::{debug, info, warn};
 use super::{TsigKey, policy::key_name};
 use crate::{metrics::Metrics, sync::Shared, view::View};
 
-/// Attempts per serial before giving up until the next change.
+/// Attempts after which an unanswered NOTIFY is logged as a warning.
 pub const ATTEMPTS: u32 = 6;
-/// Wait before the first retry; doubled after each.
+/// Wait before the first retry; doubled after each, up to [`LAST_RETRY`].
 pub const FIRST_RETRY: Duration = Duration::from_secs(1);
+/// Longest wait between two attempts.
+pub const LAST_RETRY: Duration = Duration::from_secs(60);
 
 /// One target of one zone.
 struct Pending {
@@ -137,16 +140,14 @@ fn fresh(origin: Name) -> Pending {
 
 /// Sends one NOTIFY for `p` to `target` and schedules the next attempt.
 async fn send(socket: Option<&UdpSocket>, target: SocketAddr, p: &mut Pending, now: Instant, metrics: &Metrics) {
-    if p.attempts >= ATTEMPTS {
-        warn!(zone = %p.origin, %target, serial = p.serial, "NOTIFY not acknowledged; giving up until the next change");
-        Metrics::count(&metrics.notifies, "given-up");
-        p.due = None;
-        return;
+    if p.attempts == ATTEMPTS {
+        warn!(zone = %p.origin, %target, serial = p.serial, "NOTIFY not acknowledged; retrying every minute");
+        Metrics::count(&metrics.notifies, "unanswered");
     }
     p.id = rand::random();
-    p.attempts += 1;
+    p.attempts = p.attempts.saturating_add(1);
     p.sent_at = now;
-    p.due = Some(now + FIRST_RETRY * 2_u32.pow(p.attempts - 1));
+    p.due = Some(now + retry_after(p.attempts));
     let Some(socket) = socket else {
         debug!(%target, "no socket of this address family for NOTIFY");
         return;
@@ -161,6 +162,11 @@ async fn send(socket: Option<&UdpSocket>, target: SocketAddr, p: &mut Pending, n
             p.due = None;
         }
     }
+}
+
+/// The wait after attempt `attempt` (1-based): 1 s doubled each time, at most [`LAST_RETRY`].
+fn retry_after(attempt: u32) -> Duration {
+    FIRST_RETRY.saturating_mul(2_u32.saturating_pow(attempt.saturating_sub(1))).min(LAST_RETRY)
 }
 
 fn encode(p: &Pending) -> Result<Vec<u8>, String> {
@@ -221,6 +227,13 @@ async fn sleep_until(due: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retries_back_off_to_a_minute() {
+        let waits: Vec<u64> = (1..=9).map(|a| retry_after(a).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(retry_after(u32::MAX), LAST_RETRY);
+    }
 
     #[test]
     fn a_notify_carries_the_zone_and_its_soa_and_verifies_with_its_key() {
