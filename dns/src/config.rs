@@ -40,6 +40,10 @@ pub struct Config {
     /// Told by NOTIFY of every change of every zone that has a transfer policy, besides the zone's own targets.
     #[serde(default)]
     pub also_notify: Vec<SocketAddr>,
+    /// Proxies in front of the admin API whose `X-Forwarded-For` names a dyndns client's address; from anyone
+    /// else the header is ignored.
+    #[serde(default)]
+    pub dyndns_trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Load for Config {

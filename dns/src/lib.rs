@@ -108,10 +108,14 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
         operator_token_hash,
         enrollment_ttl: config.enrollment_ttl,
         tsig_keys: keys.clone(),
+        dyndns_trusted_proxies: config.dyndns_trusted_proxies.clone().into(),
+        dyndns_limiter: Arc::default(),
     });
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(async move {
-        axum::serve(listeners.api, app).with_graceful_shutdown(api_shutdown.cancelled_owned()).await
+        axum::serve(listeners.api, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(api_shutdown.cancelled_owned())
+            .await
     });
     info!(%dns_addr, %api_addr, "serving");
 

@@ -16,6 +16,7 @@ use sqlx::PgPool;
 
 use crate::{store, sync::Shared};
 
+pub mod dyndns;
 mod error;
 mod input;
 mod routes;
@@ -35,6 +36,10 @@ pub struct AppState {
     pub enrollment_ttl: Duration,
     /// The configuration file's TSIG keys, which transfer policies may name.
     pub tsig_keys: Arc<[crate::xfr::TsigKey]>,
+    /// Proxies whose `X-Forwarded-For` names a dyndns client's address.
+    pub dyndns_trusted_proxies: Arc<[ipnet::IpNet]>,
+    /// Rate limits of dyndns failed logins (per source) and no-change updates (per credential).
+    pub dyndns_limiter: Arc<dyndns::Limiter>,
 }
 
 /// Who is calling, from the bearer token.
@@ -60,6 +65,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/domains/{name}/services", axum::routing::put(routes::put_services))
         .route("/v1/domains/{name}/forwarding", axum::routing::put(routes::put_forwarding))
         .route("/v1/domains/{name}/enrollments", post(routes::create_enrollment))
+        .route(
+            "/v1/domains/{name}/dyndns-credentials",
+            post(routes::create_dyndns_credential).get(routes::list_dyndns_credentials),
+        )
+        .route("/v1/domains/{name}/dyndns-credentials/{username}", delete(routes::delete_dyndns_credential))
+        .route("/nic/update", get(dyndns::update))
         .route("/v1/heartbeat-servers", get(routes::list_heartbeat_servers))
         .route("/v1/heartbeat-servers/{name}/drain", post(routes::drain_heartbeat_server))
         .route("/v1/heartbeat-servers/{name}/activate", post(routes::activate_heartbeat_server))

@@ -372,6 +372,51 @@ pub(super) async fn create_enrollment(
     Ok(created(json!({ "token": token, "expires_at": expires_at })))
 }
 
+pub(super) async fn create_dyndns_credential(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let domain = owned_domain(&state, caller, &name).await?;
+    let username = new_token("dd").chars().take(19).collect::<String>();
+    let password = new_token("ddp");
+    let created_at = admin::create_dyndns_credential(&state.pool, domain.id, &username, &token_hash(&password))
+        .await
+        .map_err(|e| match e {
+        store::StoreError::Conflict(message) => ApiError::conflict(message),
+        other => other.into(),
+    })?;
+    tracing::info!(domain = %domain.fqdn, %username, "dyndns credential issued");
+    Ok(created(json!({
+        "username": username,
+        "password": password,
+        "hostname": display(&domain.fqdn),
+        "created_at": created_at,
+    })))
+}
+
+pub(super) async fn list_dyndns_credentials(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let domain = owned_domain(&state, caller, &name).await?;
+    Ok(Json(admin::dyndns_credentials(&state.pool, domain.id).await?).into_response())
+}
+
+pub(super) async fn delete_dyndns_credential(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((name, username)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let domain = owned_domain(&state, caller, &name).await?;
+    if !admin::delete_dyndns_credential(&state.pool, domain.id, &username).await? {
+        return Err(ApiError::not_found(format!("no credential {username:?} for {}", display(&domain.fqdn))));
+    }
+    tracing::info!(domain = %domain.fqdn, %username, "dyndns credential revoked");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 pub(super) async fn list_heartbeat_servers(
     State(state): State<AppState>,
     caller: Caller,

@@ -513,3 +513,122 @@ pub async fn set_forwarding(
     .fetch_optional(pool)
     .await?)
 }
+
+/// A dyndns2 update credential, without its secret.
+#[derive(Debug, Clone, FromRow, Serialize)]
+pub struct DyndnsCredential {
+    /// The login clients send.
+    pub username: String,
+    /// The domain it may update.
+    #[serde(skip)]
+    pub domain_id: i64,
+    /// The domain's name.
+    #[serde(skip)]
+    pub fqdn: String,
+    /// When it was made.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Most credentials per domain.
+pub const MAX_DYNDNS_CREDENTIALS: i64 = 16;
+
+/// Stores a new credential for `domain_id`; `Conflict` when the domain has [`MAX_DYNDNS_CREDENTIALS`].
+pub async fn create_dyndns_credential(
+    pool: &PgPool,
+    domain_id: i64,
+    username: &str,
+    secret_hash: &[u8],
+) -> Result<DateTime<Utc>, StoreError> {
+    let mut tx = pool.begin().await?;
+    // One writer per domain at a time, so the count below holds.
+    sqlx::query("SELECT id FROM domains WHERE id = $1 FOR UPDATE").bind(domain_id).execute(&mut *tx).await?;
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM dyndns_credentials WHERE domain_id = $1")
+        .bind(domain_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    if count >= MAX_DYNDNS_CREDENTIALS {
+        return Err(StoreError::Conflict(format!("at most {MAX_DYNDNS_CREDENTIALS} credentials per domain")));
+    }
+    let created_at = sqlx::query_scalar(
+        "INSERT INTO dyndns_credentials (domain_id, username, secret_hash) VALUES ($1, $2, $3) RETURNING created_at",
+    )
+    .bind(domain_id)
+    .bind(username)
+    .bind(secret_hash)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(created_at)
+}
+
+/// The credentials of `domain_id`.
+pub async fn dyndns_credentials(pool: &PgPool, domain_id: i64) -> Result<Vec<DyndnsCredential>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT c.username, c.domain_id, d.fqdn, c.created_at FROM dyndns_credentials c \
+         JOIN domains d ON d.id = c.domain_id WHERE c.domain_id = $1 ORDER BY c.created_at",
+    )
+    .bind(domain_id)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Revokes a credential of `domain_id`; `false` when it has none by that name.
+pub async fn delete_dyndns_credential(pool: &PgPool, domain_id: i64, username: &str) -> Result<bool, StoreError> {
+    let done = sqlx::query("DELETE FROM dyndns_credentials WHERE domain_id = $1 AND username = $2")
+        .bind(domain_id)
+        .bind(username)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// The credential `username` with the hash of its secret.
+pub async fn dyndns_credential(
+    pool: &PgPool,
+    username: &str,
+) -> Result<Option<(DyndnsCredential, Vec<u8>)>, StoreError> {
+    let row: Option<(String, i64, String, DateTime<Utc>, Vec<u8>)> = sqlx::query_as(
+        "SELECT c.username, c.domain_id, d.fqdn, c.created_at, c.secret_hash FROM dyndns_credentials c \
+         JOIN domains d ON d.id = c.domain_id WHERE c.username = $1",
+    )
+    .bind(username)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|(username, domain_id, fqdn, created_at, hash)| {
+        (DyndnsCredential { username, domain_id, fqdn, created_at }, hash)
+    }))
+}
+
+/// Makes `ip` the domain's dyndns address of its family: `true` when that changed something (the old address of the
+/// family, if any, is replaced), `false` when it already was. An address of the domain from another source with the
+/// same IP is left as it is (no change).
+pub async fn set_dyndns_address(pool: &PgPool, domain_id: i64, ip: IpAddr) -> Result<bool, StoreError> {
+    let mut tx = pool.begin().await?;
+    let family = if ip.is_ipv4() { 4 } else { 6 };
+    let current: Vec<IpAddr> = sqlx::query_scalar(
+        "SELECT ip FROM addresses WHERE domain_id = $1 AND source = 'dyndns' AND family(ip) = $2 FOR UPDATE",
+    )
+    .bind(domain_id)
+    .bind(family)
+    .fetch_all(&mut *tx)
+    .await?;
+    if current == [ip] {
+        return Ok(false);
+    }
+    sqlx::query("DELETE FROM addresses WHERE domain_id = $1 AND source = 'dyndns' AND family(ip) = $2 AND ip <> $3")
+        .bind(domain_id)
+        .bind(family)
+        .bind(ip)
+        .execute(&mut *tx)
+        .await?;
+    let inserted = sqlx::query(
+        "INSERT INTO addresses (domain_id, ip, source, state) VALUES ($1, $2, 'dyndns', 'live') \
+         ON CONFLICT (domain_id, ip) DO NOTHING",
+    )
+    .bind(domain_id)
+    .bind(ip)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(inserted.rows_affected() == 1 || !current.is_empty())
+}

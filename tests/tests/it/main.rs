@@ -3,6 +3,7 @@
 mod admin_api;
 mod dns_answers;
 mod dns_differential;
+mod dyndns;
 mod forwarder;
 mod hbs_metrics;
 mod hds;
