@@ -582,21 +582,27 @@ pub async fn delete_dyndns_credential(pool: &PgPool, domain_id: i64, username: &
     Ok(done.rows_affected() == 1)
 }
 
+/// A credential row with the hash of its secret.
+#[derive(FromRow)]
+struct CredentialRow {
+    #[sqlx(flatten)]
+    credential: DyndnsCredential,
+    secret_hash: Vec<u8>,
+}
+
 /// The credential `username` with the hash of its secret.
 pub async fn dyndns_credential(
     pool: &PgPool,
     username: &str,
 ) -> Result<Option<(DyndnsCredential, Vec<u8>)>, StoreError> {
-    let row: Option<(String, i64, String, DateTime<Utc>, Vec<u8>)> = sqlx::query_as(
+    let row: Option<CredentialRow> = sqlx::query_as(
         "SELECT c.username, c.domain_id, d.fqdn, c.created_at, c.secret_hash FROM dyndns_credentials c \
          JOIN domains d ON d.id = c.domain_id WHERE c.username = $1",
     )
     .bind(username)
     .fetch_optional(pool)
     .await?;
-    Ok(row.map(|(username, domain_id, fqdn, created_at, hash)| {
-        (DyndnsCredential { username, domain_id, fqdn, created_at }, hash)
-    }))
+    Ok(row.map(|row| (row.credential, row.secret_hash)))
 }
 
 /// Makes `ip` the domain's dyndns address of its family: `true` when that changed something (the old address of the
