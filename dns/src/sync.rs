@@ -111,10 +111,17 @@ async fn apply(pool: &PgPool, shared: &Shared, pending: &Changes) -> Result<(), 
         shared.metrics.full_reloads.inc();
         return Ok(());
     }
-    let zone_ids: Vec<i64> = pending.zones.iter().copied().collect();
     let domain_ids: Vec<i64> = pending.domains.iter().copied().collect();
-    let zones = store::view::load_zones(pool, &zone_ids).await?;
-    let domains = store::view::load_domains(pool, &domain_ids).await?;
+    // The zones of the changed domains are read again with them, in one snapshot: their serials then label exactly
+    // this content (a domain's change and its zone's serial bump commit together).
+    let current = shared.view.load();
+    let old_zones: Vec<i64> = domain_ids.iter().filter_map(|id| current.zone_of_domain(*id)).collect();
+    let zone_ids: Vec<i64> = pending.zones.iter().copied().collect();
+    let (zones, domains) = store::view::load_changes(pool, &zone_ids, &domain_ids, &old_zones).await?;
+    let mut zone_ids: Vec<i64> =
+        zone_ids.into_iter().chain(old_zones).chain(domains.iter().map(|d| d.zone_id)).collect();
+    zone_ids.sort_unstable();
+    zone_ids.dedup();
     let mut changes = Vec::with_capacity(zone_ids.len() + domain_ids.len());
     for id in zone_ids {
         changes.push(Change::Zone(id, zones.iter().find(|z| z.id == id).cloned()));
@@ -123,7 +130,7 @@ async fn apply(pool: &PgPool, shared: &Shared, pending: &Changes) -> Result<(), 
         changes.push(Change::Domain(id, domains.iter().find(|d| d.id == id).cloned()));
     }
     debug!(changes = changes.len(), "applying changes");
-    let next = shared.view.load().with_changes(changes);
+    let next = current.with_changes(changes);
     shared.publish(next);
     shared.metrics.partial_reloads.inc();
     Ok(())

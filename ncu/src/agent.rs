@@ -183,7 +183,14 @@ pub async fn run(
                 session.handle_timeout(Instant::now().into_std());
                 None
             }
-            Some(done) = done.recv() => agent.complete(done)?,
+            Some(done) = done.recv() => match agent.complete(done)? {
+                // Uplinks that changed while the registration was on its way are sent now, on the new session.
+                Some(Input::Registered) if agent.connected.as_ref().is_some_and(|c| c.sent != agent.uplinks_for_hbs()) => {
+                    session.handle(Input::Registered, Instant::now().into_std(), &mut rng);
+                    agent.uplinks_changed().await
+                }
+                other => other,
+            },
             message = control_message(agent.connected.as_mut()) => agent.control(message),
             changed = agent.uplinks.changed(), if agent.uplinks_open => {
                 if changed.is_err() {
@@ -260,6 +267,8 @@ struct Connected {
     key: [u8; 32],
     heartbeat: SocketAddr,
     accepted: Vec<String>,
+    /// The uplinks the registration carried: when the set changed while it was on its way, the new one is sent.
+    sent: Vec<Uplink>,
 }
 
 impl Agent {
@@ -539,7 +548,7 @@ async fn register(
     uplinks: Vec<Uplink>,
 ) -> anyhow::Result<Connected> {
     let (mut send, mut recv) = connection.open_bi().await?;
-    frame::write(&mut send, control::VERSION, &ToHbs::Register { uplinks }).await?;
+    frame::write(&mut send, control::VERSION, &ToHbs::Register { uplinks: uplinks.clone() }).await?;
     let first = frame::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME)
         .await?
         .context("the server closed the stream")?;
@@ -565,7 +574,7 @@ async fn register(
         }
     });
     let heartbeat = SocketAddr::new(connection.remote_address().ip(), heartbeat_port);
-    Ok(Connected { connection, send, messages, session, key, heartbeat, accepted })
+    Ok(Connected { connection, send, messages, session, key, heartbeat, accepted, sent: uplinks })
 }
 
 /// The next message of the control session; never without one.

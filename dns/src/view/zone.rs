@@ -53,6 +53,11 @@ impl ZoneView {
     /// Carries `previous`'s journal on, with the change from it to this zone appended.
     pub(super) fn continue_journal(&mut self, previous: &ZoneView) {
         if let (Some(xfr), Some(old)) = (&mut self.xfr, &previous.xfr) {
+            if old.published.serial() == xfr.published.serial() && !old.published.same_records(&xfr.published) {
+                // Secondaries at this serial would never see the change: the sync reads a zone's serial with its
+                // content in one snapshot, so this means a writer changed answers without bumping it.
+                tracing::warn!(zone = %self.origin, serial = xfr.published.serial(), "zone content changed without a serial bump");
+            }
             let journal = old.journal.after(&old.published, &xfr.published);
             if let Some(xfr) = Arc::get_mut(xfr) {
                 xfr.journal = journal;

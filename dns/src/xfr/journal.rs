@@ -73,6 +73,11 @@ impl Published {
         self.records.iter().map(|(_, r)| r)
     }
 
+    /// Whether `self` and `other` hold the same records (SOA aside).
+    pub fn same_records(&self, other: &Self) -> bool {
+        self.records.len() == other.records.len() && self.records.iter().zip(&other.records).all(|(a, b)| a.0 == b.0)
+    }
+
     /// What changed from `old` to `self`.
     fn since(&self, old: &Self) -> Delta {
         let (mut deleted, mut added) = (Vec::new(), Vec::new());
