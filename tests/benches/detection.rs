@@ -5,15 +5,13 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use hickory_proto::rr::RecordType;
-use reqwest::Method;
 use serde_json::json;
 use tether_tests::{
     dns_client::{Transport, addresses, ask},
     eventually,
-    fleet::{Agent, HbsServer, uplink},
-    hds_stack::{HdsServer, Pki},
+    fleet::LoopbackSite,
     stack::Stack,
 };
 
@@ -24,18 +22,8 @@ async fn main() -> Result<()> {
     let trials: usize = std::env::var("TRIALS").ok().and_then(|t| t.parse().ok()).unwrap_or(30);
     let (stack, acme) = Stack::with_acme().await?;
     stack.domain(&acme, json!({ "name": "bench.tether.test" })).await?;
-    let pki = Pki::new()?;
-    let hds = HdsServer::start(&stack.pg.url(), &pki, "").await?;
-    let hbs = HbsServer::start(&stack.pg.url(), &pki, "hbs-bench").await?;
-    let (_, body) =
-        stack.api.call(Method::POST, "/v1/domains/bench.tether.test/enrollments", Some(&acme), None).await?;
-    let token = body["token"].as_str().context("token")?.to_owned();
-    let dir = tempfile::tempdir()?;
-    tokio::time::sleep(Duration::from_millis(600)).await; // the fleet row
-    ncu::hds_client::enroll(&[hds.address()], &pki.ca_pem(), &token, dir.path(), None, None).await?;
-    let identity = ncu::identity::Identity::load(dir.path())?;
-    let agent =
-        Agent::start(vec![hds.address()], identity, vec![uplink("wan1", "127.0.0.2"), uplink("wan2", "127.0.0.3")]);
+    let site = LoopbackSite::start(&stack, &acme, "bench.tether.test").await?;
+    let (hbs, agent) = (&site.hbs, &site.agent);
     let dns = stack.dns.dns_addr;
     let answers = || async {
         let r = ask(dns, NAME, RecordType::A, Transport::Udp).await.ok()?;
@@ -79,6 +67,6 @@ async fn main() -> Result<()> {
         println!("p50 {:.0} ms  p90 {:.0} ms  p99 {:.0} ms  max {:.0} ms", pick(0.5), pick(0.9), pick(0.99), pick(1.0));
         println!("target p99 <= 1500 ms; forged replies seen: {forged}");
     }
-    agent.stop().await?;
+    site.agent.stop().await?;
     Ok(())
 }

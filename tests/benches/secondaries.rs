@@ -21,8 +21,7 @@ use serde_json::json;
 use tether_tests::{
     dns_client::{Transport, addresses, ask},
     eventually,
-    fleet::{Agent, HbsServer, uplink},
-    hds_stack::{HdsServer, Pki},
+    fleet::LoopbackSite,
     peers::{Kind, Peer, Zone},
     stack::{OPERATOR_TOKEN, Stack},
 };
@@ -52,18 +51,8 @@ async fn main() -> Result<()> {
         stack.domain(&acme, json!({ "name": name })).await?;
         stack.address(&acme, &name, json!({ "ip": format!("198.18.{}.{}", i / 200, i % 200 + 1) })).await?;
     }
-    let pki = Pki::new()?;
-    let hds = HdsServer::start(&stack.pg.url(), &pki, "").await?;
-    let hbs = HbsServer::start(&stack.pg.url(), &pki, "hbs-bench").await?;
-    let (_, body) =
-        stack.api.call(Method::POST, "/v1/domains/bench.tether.test/enrollments", Some(&acme), None).await?;
-    let token = body["token"].as_str().context("token")?.to_owned();
-    let dir = tempfile::tempdir()?;
-    tokio::time::sleep(Duration::from_millis(600)).await; // the fleet row
-    ncu::hds_client::enroll(&[hds.address()], &pki.ca_pem(), &token, dir.path(), None, None).await?;
-    let identity = ncu::identity::Identity::load(dir.path())?;
-    let agent =
-        Agent::start(vec![hds.address()], identity, vec![uplink("wan1", "127.0.0.2"), uplink("wan2", "127.0.0.3")]);
+    let site = LoopbackSite::start(&stack, &acme, "bench.tether.test").await?;
+    let agent = &site.agent;
     let dns = stack.dns.dns_addr;
     eventually(Duration::from_secs(20), "both uplinks live", || async { (answers(dns).await? == BOTH).then_some(()) })
         .await?;
@@ -144,8 +133,7 @@ async fn main() -> Result<()> {
             ixfr.0, ixfr.1, axfr.0, axfr.1
         );
     }
-    agent.stop().await?;
-    drop(hbs);
+    site.agent.stop().await?;
     Ok(())
 }
 

@@ -199,3 +199,37 @@ impl Site {
         self.hds.stop().await
     }
 }
+
+/// One domain's site: its hds, one heartbeat server, and an NCU agent enrolled for the domain with two loopback
+/// uplinks, `wan1` 127.0.0.2 and `wan2` 127.0.0.3 (the benches' setup).
+pub struct LoopbackSite {
+    /// The operator PKI.
+    pub pki: Pki,
+    /// hds.
+    pub hds: crate::hds_stack::HdsServer,
+    /// The heartbeat server.
+    pub hbs: HbsServer,
+    /// The agent.
+    pub agent: Agent,
+    _identity: tempfile::TempDir,
+}
+
+impl LoopbackSite {
+    /// Starts hds and one hbs against `stack`'s Postgres and enrolls an agent for `domain` (owned by `token`).
+    pub async fn start(stack: &crate::stack::Stack, token: &str, domain: &str) -> Result<Self> {
+        let pki = Pki::new()?;
+        let hds = crate::hds_stack::HdsServer::start(&stack.pg.url(), &pki, "").await?;
+        let hbs = HbsServer::start(&stack.pg.url(), &pki, "hbs-bench").await?;
+        let path = format!("/v1/domains/{domain}/enrollments");
+        let (_, body) = stack.api.call(reqwest::Method::POST, &path, Some(token), None).await?;
+        let enrollment = body["token"].as_str().map(str::to_owned);
+        let enrollment = enrollment.ok_or_else(|| anyhow::anyhow!("no enrollment token: {body}"))?;
+        let dir = tempfile::tempdir()?;
+        tokio::time::sleep(Duration::from_millis(600)).await; // the fleet row
+        ncu::hds_client::enroll(&[hds.address()], &pki.ca_pem(), &enrollment, dir.path(), None, None).await?;
+        let identity = ncu::identity::Identity::load(dir.path())?;
+        let uplinks = vec![uplink("wan1", "127.0.0.2"), uplink("wan2", "127.0.0.3")];
+        let agent = Agent::start(vec![hds.address()], identity, uplinks);
+        Ok(Self { pki, hds, hbs, agent, _identity: dir })
+    }
+}

@@ -95,6 +95,37 @@ async fn transfer_counts(stack: &Stack) -> Result<(u64, u64)> {
     Ok((count("ixfr"), count("axfr") + count("ixfr-full")))
 }
 
+/// `count` names `{prefix}{i}.{origin}` (i from 1) of the zone's first subscriber, each with one live address
+/// 198.18.(i / 256).(i % 256), in one transaction (as an operator's bulk import would write them).
+async fn insert_names(pool: &sqlx::PgPool, origin: &str, prefix: &str, count: i32) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO domains (fqdn, zone_id, subscriber_id, ttl) \
+         SELECT format('%s%s.%s', $2::text, i, $1::text), z.id, s.id, 1 \
+         FROM generate_series(1, $3) i, zones z, (SELECT id FROM subscribers ORDER BY id LIMIT 1) s \
+         WHERE z.origin = $1",
+    )
+    .bind(origin)
+    .bind(prefix)
+    .bind(count)
+    .execute(&mut *tx)
+    .await
+    .context("inserting names")?;
+    sqlx::query(
+        "INSERT INTO addresses (domain_id, ip, source, state) \
+         SELECT d.id, format('198.18.%s.%s', i / 256, i % 256)::inet, 'static', 'live' \
+         FROM generate_series(1, $3) i JOIN domains d ON d.fqdn = format('%s%s.%s', $2::text, i, $1::text)",
+    )
+    .bind(origin)
+    .bind(prefix)
+    .bind(count)
+    .execute(&mut *tx)
+    .await
+    .context("inserting addresses")?;
+    tx.commit().await?;
+    Ok(())
+}
+
 /// Waits until tether itself answers `name` A with `expected`.
 async fn tether_answers(stack: &Stack, name: &str, expected: &[&str]) -> Result<()> {
     eventually(WAIT, &format!("tether to answer {name} A {expected:?}"), || async {
@@ -194,24 +225,7 @@ async fn a_tsig_zone_transfers_with_its_key_only_and_in_signed_messages() -> Res
     stack.subscriber("acme").await?;
     // Enough names for several messages: each is signed, the later ones over the previous MAC.
     let pool = stack.pg.pool().await?;
-    let mut tx = pool.begin().await?;
-    sqlx::query(
-        "INSERT INTO domains (fqdn, zone_id, subscriber_id, ttl) \
-         SELECT format('h%s.sec.test.', i), z.id, s.id, 30 FROM generate_series(1, 1500) i, zones z, subscribers s \
-         WHERE z.origin = 'sec.test.'",
-    )
-    .execute(&mut *tx)
-    .await
-    .context("inserting names")?;
-    sqlx::query(
-        "INSERT INTO addresses (domain_id, ip, source, state) \
-         SELECT d.id, format('198.18.%s.%s', i / 256, i % 256)::inet, 'static', 'live' \
-         FROM generate_series(1, 1500) i JOIN domains d ON d.fqdn = format('h%s.sec.test.', i)",
-    )
-    .execute(&mut *tx)
-    .await
-    .context("inserting addresses")?;
-    tx.commit().await?;
+    insert_names(&pool, "sec.test.", "h", 1500).await?;
     let keys = json!([{ "name": "k1", "algorithm": "hmac-sha256", "secret": SECRET }]);
     let policy = json!({ "secondaries": [{ "prefix": "127.0.0.0/8", "key": "k1" }], "keys": keys.clone() });
     let (status, body) = put_transfer(&stack, "sec.test", policy).await?;
@@ -274,22 +288,7 @@ async fn a_storm_of_ten_thousand_transitions_is_a_few_deltas() -> Result<()> {
     stack.zone("storm.test").await?;
     stack.subscriber("acme").await?;
     let pool = stack.pg.pool().await?;
-    let mut tx = pool.begin().await?;
-    sqlx::query(
-        "INSERT INTO domains (fqdn, zone_id, subscriber_id, ttl) \
-         SELECT format('s%s.storm.test.', i), z.id, s.id, 1 FROM generate_series(1, 10000) i, zones z, subscribers s \
-         WHERE z.origin = 'storm.test.'",
-    )
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO addresses (domain_id, ip, source, state) \
-         SELECT d.id, format('198.18.%s.%s', i / 256, i % 256)::inet, 'static', 'live' \
-         FROM generate_series(1, 10000) i JOIN domains d ON d.fqdn = format('s%s.storm.test.', i)",
-    )
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
+    insert_names(&pool, "storm.test.", "s", 10_000).await?;
     let (status, body) =
         put_transfer(&stack, "storm.test", json!({ "secondaries": [{ "prefix": "127.0.0.1/32" }] })).await?;
     assert_eq!(status, StatusCode::OK, "{body}");
