@@ -102,6 +102,7 @@ fn view() -> View {
                 policy: Policy { fallback: None, when_empty: WhenEmpty::NoData, load_threshold_pct: 50 },
                 addresses,
                 services: Vec::new(),
+                txt: Vec::new(),
             }
         })
         .collect();

@@ -297,6 +297,7 @@ mod tests {
             policy: Policy { fallback: None, when_empty: WhenEmpty::NoData, load_threshold_pct: 50 },
             addresses,
             services: Vec::new(),
+            txt: Vec::new(),
         };
         let domains = vec![
             domain(1, "www.example.test.", vec![address("198.51.100.1", 1), address("198.51.100.2", 1)]),
@@ -304,6 +305,12 @@ mod tests {
             domain(3, "weighted.example.test.", vec![address("198.51.100.3", 3), address("198.51.100.4", 1)]),
             domain(4, "MiXed.example.test.", vec![address("198.51.100.5", 1)]),
         ];
+        let mut domains = domains;
+        domains[0].txt.push(crate::view::TxtRow {
+            owner: Name::from_ascii("www.example.test.").expect("owner"),
+            value: "v=spf1 -all".into(),
+            ttl: 30,
+        });
         let shared = Shared::new();
         shared.view.store(Arc::new(View::build(vec![zone], domains)));
         Handler::new(Arc::new(shared))
@@ -458,6 +465,7 @@ mod tests {
             ("Example.Test.", RecordType::ANY),
             ("WWW.example.test.", RecordType::ANY),
             ("Ns1.Example.Test.", RecordType::A),
+            ("WwW.example.test.", RecordType::TXT),
         ] {
             let bytes = by_catalog(&handler, &query(name, rtype, None, 5, false)).await;
             let message = Message::from_vec(&bytes).expect("response decodes");

@@ -26,7 +26,7 @@ pub enum Transport {
 /// Builds a query with a random id and RD clear.
 pub fn query(name: &str, rtype: RecordType, edns: Option<u16>) -> Result<Message> {
     let mut message = Message::new(rand::random(), MessageType::Query, OpCode::Query);
-    message.add_query(Query::query(Name::from_str(name)?, rtype));
+    message.add_query(Query::query(Name::from_ascii(name)?, rtype));
     if let Some(size) = edns {
         let mut opt = Edns::new();
         opt.set_max_payload(size);

@@ -206,6 +206,16 @@ pub(super) fn forwarding(current: admin::Forwarding, update: Forwarding) -> Resu
 
 /// Turns user input into the stored form: lower case, fully qualified (`www.example.com.`), or says what is wrong.
 pub(super) fn hostname(field: &str, input: &str) -> Result<String, ApiError> {
+    domain_name(field, input, false)
+}
+
+/// Like [`hostname`], for the owner of a record that is not a host: a label may also start with an underscore
+/// (`_acme-challenge.www.example.com`, `_dmarc.example.com`).
+pub(super) fn record_owner(field: &str, input: &str) -> Result<String, ApiError> {
+    domain_name(field, input, true)
+}
+
+fn domain_name(field: &str, input: &str, underscore: bool) -> Result<String, ApiError> {
     let name = input.strip_suffix('.').unwrap_or(input).to_ascii_lowercase();
     if name.is_empty() {
         return Err(ApiError::invalid(format!("{field}: empty name")));
@@ -217,6 +227,7 @@ pub(super) fn hostname(field: &str, input: &str) -> Result<String, ApiError> {
         if label.is_empty() {
             return Err(ApiError::invalid(format!("{field}: empty label in {input:?}")));
         }
+        let label = if underscore { label.strip_prefix('_').unwrap_or(label) } else { label };
         if label.len() > 63 {
             return Err(ApiError::invalid(format!("{field}: label {label:?} is longer than 63 characters")));
         }
@@ -385,4 +396,34 @@ mod tests {
         assert!(serde_json::from_str::<Check>(r#"{"kind":"icmp"}"#).is_err());
         assert!(serde_json::from_str::<Check>(r#"{"kind":"tcp","port":1,"x":2}"#).is_err());
     }
+}
+
+/// Most TXT records per domain.
+pub(super) const MAX_TXT: usize = 32;
+/// Longest TXT value, characters.
+pub(super) const MAX_TXT_VALUE: usize = 1024;
+
+/// A TXT record as a subscriber writes it: the owner (the domain when left out) and the text.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TxtSpec {
+    pub(super) name: Option<String>,
+    pub(super) value: String,
+    #[serde(default = "default_txt_ttl")]
+    pub(super) ttl: u32,
+}
+
+fn default_txt_ttl() -> u32 {
+    60
+}
+
+/// A TXT value: 1 to [`MAX_TXT_VALUE`] printable ASCII characters (no control characters).
+pub(super) fn txt_value(field: &str, value: &str) -> Result<String, ApiError> {
+    if value.is_empty() || value.chars().count() > MAX_TXT_VALUE {
+        return Err(ApiError::invalid(format!("{field}: 1 to {MAX_TXT_VALUE} characters")));
+    }
+    if !value.chars().all(|c| c.is_ascii() && !c.is_ascii_control()) {
+        return Err(ApiError::invalid(format!("{field}: printable ASCII only")));
+    }
+    Ok(value.to_owned())
 }

@@ -64,6 +64,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/domains/{name}/addresses/{ip}", delete(routes::delete_address))
         .route("/v1/domains/{name}/services", axum::routing::put(routes::put_services))
         .route("/v1/domains/{name}/forwarding", axum::routing::put(routes::put_forwarding))
+        .route("/v1/domains/{name}/txt", get(routes::get_txt).put(routes::put_txt))
         .route("/v1/domains/{name}/enrollments", post(routes::create_enrollment))
         .route(
             "/v1/domains/{name}/dyndns-credentials",

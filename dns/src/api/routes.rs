@@ -372,6 +372,54 @@ pub(super) async fn create_enrollment(
     Ok(created(json!({ "token": token, "expires_at": expires_at })))
 }
 
+pub(super) async fn get_txt(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let domain = owned_domain(&state, caller, &name).await?;
+    Ok(Json(txt_out(admin::txt_records(&state.pool, domain.id).await?)).into_response())
+}
+
+pub(super) async fn put_txt(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Body(body): Body<Vec<input::TxtSpec>>,
+) -> Result<Response, ApiError> {
+    let domain = owned_domain(&state, caller, &name).await?;
+    if body.len() > input::MAX_TXT {
+        return Err(ApiError::invalid(format!("at most {} TXT records", input::MAX_TXT)));
+    }
+    let mut records = Vec::with_capacity(body.len());
+    for (i, spec) in body.into_iter().enumerate() {
+        let owner = match spec.name {
+            Some(name) => input::record_owner(&format!("[{i}].name"), &name)?,
+            None => domain.fqdn.clone(),
+        };
+        if owner != domain.fqdn && !owner.ends_with(&format!(".{}", domain.fqdn)) {
+            return Err(ApiError::forbidden(format!(
+                "[{i}].name: {} is not {} or a name under it",
+                display(&owner),
+                display(&domain.fqdn)
+            )));
+        }
+        let value = input::txt_value(&format!("[{i}].value"), &spec.value)?;
+        let ttl = input::bounded(&format!("[{i}].ttl"), spec.ttl, 0, 86_400)?;
+        records.push(admin::Txt { name: owner, value, ttl });
+    }
+    admin::replace_txt(&state.pool, domain.id, &records).await.map_err(|e| match e {
+        store::StoreError::Conflict(message) => ApiError::conflict(message),
+        other => other.into(),
+    })?;
+    tracing::info!(domain = %domain.fqdn, records = records.len(), "TXT records replaced");
+    Ok(Json(txt_out(admin::txt_records(&state.pool, domain.id).await?)).into_response())
+}
+
+fn txt_out(records: Vec<admin::Txt>) -> Vec<Value> {
+    records.into_iter().map(|r| json!({ "name": display(&r.name), "value": r.value, "ttl": r.ttl })).collect()
+}
+
 pub(super) async fn create_dyndns_credential(
     State(state): State<AppState>,
     caller: Caller,

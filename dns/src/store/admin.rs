@@ -638,3 +638,53 @@ pub async fn set_dyndns_address(pool: &PgPool, domain_id: i64, ip: IpAddr) -> Re
     tx.commit().await?;
     Ok(inserted.rows_affected() == 1 || !current.is_empty())
 }
+
+/// A TXT record as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, FromRow, Serialize)]
+pub struct Txt {
+    /// Owner, fully qualified, lower case.
+    pub name: String,
+    /// The text.
+    pub value: String,
+    /// TTL, seconds.
+    pub ttl: i32,
+}
+
+/// The TXT records of `domain_id`.
+pub async fn txt_records(pool: &PgPool, domain_id: i64) -> Result<Vec<Txt>, StoreError> {
+    Ok(sqlx::query_as("SELECT owner AS name, value, ttl FROM txt_records WHERE domain_id = $1 ORDER BY owner, value")
+        .bind(domain_id)
+        .fetch_all(pool)
+        .await?)
+}
+
+/// Replaces the TXT records of `domain_id`; `Conflict` naming the owner when one is another domain's name.
+pub async fn replace_txt(pool: &PgPool, domain_id: i64, records: &[Txt]) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    let owners: Vec<String> = records.iter().map(|r| r.name.clone()).collect();
+    let taken: Option<String> =
+        sqlx::query_scalar("SELECT fqdn FROM domains WHERE fqdn = ANY($1) AND id <> $2 LIMIT 1")
+            .bind(&owners)
+            .bind(domain_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if let Some(fqdn) = taken {
+        return Err(StoreError::Conflict(format!("{} is another domain", fqdn.trim_end_matches('.'))));
+    }
+    sqlx::query("DELETE FROM txt_records WHERE domain_id = $1").bind(domain_id).execute(&mut *tx).await?;
+    if !records.is_empty() {
+        // One statement, so the triggers bump the serial once.
+        sqlx::query(
+            "INSERT INTO txt_records (domain_id, owner, value, ttl) SELECT $1, * FROM UNNEST($2::text[], $3::text[], \
+             $4::int[]) ON CONFLICT DO NOTHING",
+        )
+        .bind(domain_id)
+        .bind(owners)
+        .bind(records.iter().map(|r| r.value.clone()).collect::<Vec<_>>())
+        .bind(records.iter().map(|r| r.ttl).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}

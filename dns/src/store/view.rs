@@ -10,7 +10,7 @@ use tether_db::domains::{self, Domain, RowError};
 use super::StoreError;
 use crate::{
     answer::{Address, Policy, State, WhenEmpty},
-    view::{DomainRow, Nameserver, ServiceRow, ZoneRow},
+    view::{DomainRow, Nameserver, ServiceRow, TxtRow, ZoneRow},
     xfr::TransferPolicy,
 };
 
@@ -21,7 +21,8 @@ const ZONE_COLUMNS: &str = "id, origin, nameservers, hostmaster, serial, refresh
 pub async fn load_all(pool: &PgPool) -> Result<(Vec<ZoneRow>, Vec<DomainRow>), StoreError> {
     let mut tx = domains::snapshot(pool).await?;
     let zones = sqlx::query(&format!("SELECT {ZONE_COLUMNS} FROM zones")).fetch_all(&mut *tx).await?;
-    let domains = domains::read_in(&mut tx, None).await?;
+    let mut domains = domains::read_in(&mut tx, None).await?;
+    attach_txt(&mut tx, &mut domains, None).await?;
     tx.commit().await?;
     Ok((domains::rows(&zones, "zone", zone_from), domains))
 }
@@ -36,7 +37,8 @@ pub async fn load_changes(
     also_zones: &[i64],
 ) -> Result<(Vec<ZoneRow>, Vec<DomainRow>), StoreError> {
     let mut tx = domains::snapshot(pool).await?;
-    let domains: Vec<DomainRow> = domains::read_in(&mut tx, Some(domain_ids)).await?;
+    let mut domains: Vec<DomainRow> = domains::read_in(&mut tx, Some(domain_ids)).await?;
+    attach_txt(&mut tx, &mut domains, Some(domain_ids)).await?;
     let mut ids: Vec<i64> =
         zone_ids.iter().chain(also_zones).copied().chain(domains.iter().map(|d| d.zone_id)).collect();
     ids.sort_unstable();
@@ -47,6 +49,34 @@ pub async fn load_changes(
         .await?;
     tx.commit().await?;
     Ok((domains::rows(&rows, "zone", zone_from), domains))
+}
+
+/// Reads the TXT records of `domains` (all, or those of `ids`) in the caller's snapshot and gives each its own.
+async fn attach_txt(
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    domains: &mut [DomainRow],
+    ids: Option<&[i64]>,
+) -> Result<(), StoreError> {
+    let rows = sqlx::query(
+        "SELECT domain_id, owner, value, ttl FROM txt_records WHERE $1::bigint[] IS NULL OR domain_id = ANY($1) \
+         ORDER BY domain_id, owner, value",
+    )
+    .bind(ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    let read = |row: &PgRow| -> Result<(i64, TxtRow), RowError> {
+        let owner = Name::from_ascii(row.try_get::<&str, _>("owner")?)?;
+        let ttl = u32::try_from(row.try_get::<i32, _>("ttl")?)?;
+        Ok((row.try_get("domain_id")?, TxtRow { owner, value: row.try_get("value")?, ttl }))
+    };
+    let mut by_domain: std::collections::HashMap<i64, Vec<TxtRow>> = std::collections::HashMap::new();
+    for (domain_id, txt) in domains::rows(&rows, "txt record", read) {
+        by_domain.entry(domain_id).or_default().push(txt);
+    }
+    for domain in domains {
+        domain.txt = by_domain.remove(&domain.id).unwrap_or_default();
+    }
+    Ok(())
 }
 
 fn zone_from(row: &PgRow) -> Result<ZoneRow, RowError> {
@@ -124,6 +154,7 @@ fn domain_from(row: &PgRow) -> Result<DomainRow, RowError> {
         },
         addresses: Vec::new(),
         services: Vec::new(),
+        txt: Vec::new(),
     })
 }
 

@@ -11,12 +11,12 @@ use std::{
 
 use hickory_server::proto::rr::{
     LowerName, Name, RData, Record, RecordSet, RecordType,
-    rdata::{A, AAAA, NS, SOA, SRV},
+    rdata::{A, AAAA, NS, SOA, SRV, TXT},
 };
 
 use super::{
     prebuilt,
-    rows::{DomainRow, ZoneRow},
+    rows::{DomainRow, TxtRow, ZoneRow},
 };
 use crate::answer::{self, Family};
 
@@ -46,6 +46,7 @@ pub(super) struct NameEntry {
     pub(super) aaaa: Option<Arc<Rotations>>,
     pub(super) srv: Option<Arc<RecordSet>>,
     pub(super) srv_additionals: Vec<Arc<RecordSet>>,
+    pub(super) txt: Option<Arc<RecordSet>>,
 }
 
 /// Every rotation of an address set, prebuilt, and the weighted order they are served in.
@@ -124,9 +125,11 @@ impl CompiledDomain {
         let fqdn = row.fqdn.to_lowercase();
         let mut names = Vec::new();
         let select = |family| answer::select(&row.addresses, &row.policy, family);
+        let mut txt = txt_sets(&fqdn, &row.txt);
         let entry = NameEntry {
             a: Rotations::build(&fqdn, &select(Family::V4), row.ttl).map(Arc::new),
             aaaa: Rotations::build(&fqdn, &select(Family::V6), row.ttl).map(Arc::new),
+            txt: txt.remove(&LowerName::new(&fqdn)),
             ..NameEntry::default()
         };
         names.push((LowerName::new(&fqdn), Arc::new(entry)));
@@ -169,11 +172,57 @@ impl CompiledDomain {
             }
         }
         for (owner, set, additionals) in by_owner {
-            let entry = NameEntry { srv: Some(Arc::new(set)), srv_additionals: additionals, ..NameEntry::default() };
-            names.push((LowerName::new(&owner), Arc::new(entry)));
+            let owner = LowerName::new(&owner);
+            let txt = txt.remove(&owner);
+            let entry =
+                NameEntry { srv: Some(Arc::new(set)), srv_additionals: additionals, txt, ..NameEntry::default() };
+            names.push((owner, Arc::new(entry)));
+        }
+        // TXT under the domain at names of their own (an ACME challenge, say); one at a generated SRV target's name is
+        // dropped (the API never writes one there).
+        for (owner, set) in txt {
+            if !names.iter().any(|(name, _)| *name == owner) {
+                names.push((owner, Arc::new(NameEntry { txt: Some(set), ..NameEntry::default() })));
+            }
         }
         Self { zone_id: row.zone_id, names }
     }
+}
+
+/// The TXT records of a domain as one set per owner (lower case), within the domain; each value split into strings of
+/// at most 255 bytes, the set's TTL the lowest of its records'.
+fn txt_sets(fqdn: &Name, rows: &[TxtRow]) -> HashMap<LowerName, Arc<RecordSet>> {
+    let mut sets: HashMap<LowerName, RecordSet> = HashMap::new();
+    for row in rows {
+        let owner = row.owner.to_lowercase();
+        if !fqdn.zone_of(&owner) {
+            continue;
+        }
+        let strings = split_txt(&row.value);
+        let set =
+            sets.entry(LowerName::new(&owner)).or_insert_with(|| RecordSet::with_ttl(owner, RecordType::TXT, row.ttl));
+        if row.ttl < set.ttl() {
+            set.set_ttl(row.ttl);
+        }
+        set.add_rdata(RData::TXT(TXT::new(strings)));
+    }
+    sets.into_iter().map(|(owner, set)| (owner, Arc::new(set))).collect()
+}
+
+/// `value` as character strings of at most 255 bytes, cut at character boundaries.
+fn split_txt(value: &str) -> Vec<String> {
+    let mut strings = Vec::new();
+    let mut current = String::new();
+    for c in value.chars() {
+        if current.len() + c.len_utf8() > 255 {
+            strings.push(std::mem::take(&mut current));
+        }
+        current.push(c);
+    }
+    if !current.is_empty() || strings.is_empty() {
+        strings.push(current);
+    }
+    strings
 }
 
 impl NameEntry {
@@ -318,6 +367,7 @@ pub(super) mod tests {
             policy: Policy { fallback: None, when_empty: WhenEmpty::NoData, load_threshold_pct: 0 },
             addresses,
             services: Vec::new(),
+            txt: Vec::new(),
         }
     }
 

@@ -16,7 +16,7 @@ use hickory_server::{
 };
 
 pub use compile::service_target;
-pub use rows::{Change, DomainRow, Nameserver, ServiceRow, ZoneRow};
+pub use rows::{Change, DomainRow, Nameserver, ServiceRow, TxtRow, ZoneRow};
 pub use zone::ZoneView;
 
 use crate::wire;

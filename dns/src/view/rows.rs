@@ -67,6 +67,19 @@ pub struct DomainRow {
     pub addresses: Vec<Address>,
     /// Its service tuples, served as SRV.
     pub services: Vec<ServiceRow>,
+    /// Its TXT records, at the domain or under it.
+    pub txt: Vec<TxtRow>,
+}
+
+/// A TXT record of a domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxtRow {
+    /// Owner: the domain or a name under it.
+    pub owner: Name,
+    /// The text; served as strings of at most 255 bytes.
+    pub value: String,
+    /// TTL.
+    pub ttl: u32,
 }
 
 /// A service tuple (service, transport, address or target, port, priority, weight).

@@ -91,6 +91,7 @@ impl ZoneView {
                 .into_iter()
                 .flatten()
                 .chain(entry.srv.as_ref())
+                .chain(entry.txt.as_ref())
             {
                 records.extend(set.records_without_rrsigs().cloned());
             }
@@ -135,6 +136,7 @@ impl ZoneView {
                 )),
                 None => no_data(),
             },
+            RecordType::TXT => entry.txt.as_ref().map_or_else(no_data, one),
             RecordType::ANY => {
                 let mut sets = Vec::new();
                 if apex {
@@ -144,6 +146,7 @@ impl ZoneView {
                 sets.extend(entry.a.as_deref().map(Rotations::pick));
                 sets.extend(entry.aaaa.as_deref().map(Rotations::pick));
                 sets.extend(entry.srv.clone());
+                sets.extend(entry.txt.clone());
                 if sets.is_empty() {
                     return no_data();
                 }

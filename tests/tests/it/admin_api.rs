@@ -311,6 +311,8 @@ async fn health_metrics_and_openapi() -> Result<()> {
         ("/v1/domains/{name}/addresses/{ip}", "delete"),
         ("/v1/domains/{name}/services", "put"),
         ("/v1/domains/{name}/enrollments", "post"),
+        ("/v1/domains/{name}/txt", "get"),
+        ("/v1/domains/{name}/txt", "put"),
         ("/v1/domains/{name}/dyndns-credentials", "post"),
         ("/v1/domains/{name}/dyndns-credentials", "get"),
         ("/v1/domains/{name}/dyndns-credentials/{username}", "delete"),

@@ -340,3 +340,82 @@ async fn malformed_packets_do_not_stop_the_server() -> Result<()> {
     assert_eq!(addresses(&r), ["198.18.10.1"]);
     Ok(())
 }
+
+#[tokio::test]
+async fn txt_records_at_the_domain_and_under_it() -> Result<()> {
+    let (stack, token) = Stack::with_acme().await?;
+    stack.domain(&token, json!({ "name": "txt.tether.test" })).await?;
+    let long = "x".repeat(300);
+    let records = json!([
+        { "value": "v=spf1 -all" },
+        { "name": "_acme-challenge.txt.tether.test", "value": "token-1", "ttl": 5 },
+        { "name": "_acme-challenge.txt.tether.test", "value": "token-2", "ttl": 5 },
+        { "name": "long.txt.tether.test", "value": long },
+    ]);
+    let (status, body) =
+        stack.api.call(Method::PUT, "/v1/domains/txt.tether.test/txt", Some(&token), Some(records)).await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body.as_array().map(Vec::len), Some(4), "{body}");
+
+    let texts = |r: &hickory_proto::op::Message| -> Vec<String> {
+        let mut all: Vec<String> = r
+            .answers
+            .iter()
+            .filter_map(|rec| match &rec.data {
+                RData::TXT(txt) => Some(txt.txt_data.iter().map(|s| String::from_utf8_lossy(s).into_owned()).collect()),
+                _ => None,
+            })
+            .collect();
+        all.sort();
+        all
+    };
+    let challenge = eventually(WAIT, "the challenge TXT", || async {
+        let r =
+            ask(stack.dns.dns_addr, "_acme-challenge.txt.tether.test.", RecordType::TXT, Transport::Udp).await.ok()?;
+        (r.answers.len() == 2).then_some(r)
+    })
+    .await?;
+    assert_eq!(texts(&challenge), ["token-1", "token-2"]);
+    assert!(challenge.answers.iter().all(|r| r.ttl == 5));
+    let apex = ask(stack.dns.dns_addr, "TXT.tether.test.", RecordType::TXT, Transport::Udp).await?;
+    assert_eq!(texts(&apex), ["v=spf1 -all"]);
+    assert_eq!(apex.answers[0].name.to_string(), "TXT.tether.test.", "the question's case");
+    let split = ask(stack.dns.dns_addr, "long.txt.tether.test.", RecordType::TXT, Transport::Tcp).await?;
+    let RData::TXT(txt) = &split.answers[0].data else { panic!("not TXT: {split:?}") };
+    assert_eq!(txt.txt_data.iter().map(|s| s.len()).collect::<Vec<_>>(), [255, 45], "split into <= 255 bytes");
+    let none = ask(stack.dns.dns_addr, "long.txt.tether.test.", RecordType::A, Transport::Udp).await?;
+    assert_eq!(none.metadata.response_code, ResponseCode::NoError, "the TXT name exists: NODATA for A");
+
+    // Refusals: outside the domain, another tenant's domain under it, bounds.
+    for (records, status) in [
+        (json!([{ "name": "other.tether.test", "value": "x" }]), 403),
+        (json!([{ "value": "" }]), 422),
+        (json!([{ "value": "a\u{7}b" }]), 422),
+        (json!([{ "value": "x".repeat(1025) }]), 422),
+        (json!([{ "value": "x", "ttl": 86_401 }]), 422),
+        (json!((0..33).map(|i| json!({ "value": format!("v{i}") })).collect::<Vec<_>>()), 422),
+        (json!([{ "value": "x", "extra": 1 }]), 422),
+    ] {
+        let (got, body) =
+            stack.api.call(Method::PUT, "/v1/domains/txt.tether.test/txt", Some(&token), Some(records.clone())).await?;
+        assert_eq!(got, status, "{records} → {body}");
+    }
+    let neighbour = stack.subscriber("neighbour").await?;
+    stack.domain(&neighbour, json!({ "name": "sub.txt.tether.test" })).await?;
+    let (got, body) = stack
+        .api
+        .call(
+            Method::PUT,
+            "/v1/domains/txt.tether.test/txt",
+            Some(&token),
+            Some(json!([{ "name": "sub.txt.tether.test", "value": "mine" }])),
+        )
+        .await?;
+    assert_eq!(got, 409, "another tenant's domain under ours: {body}");
+    let (got, _) =
+        stack.api.call(Method::PUT, "/v1/domains/txt.tether.test/txt", Some(&neighbour), Some(json!([]))).await?;
+    assert_eq!(got, 403, "not the neighbour's to change");
+    let (got, body) = stack.api.call(Method::GET, "/v1/domains/txt.tether.test/txt", Some(&token), None).await?;
+    assert_eq!((got.as_u16(), body.as_array().map(Vec::len)), (200, Some(4)), "nothing changed: {body}");
+    Ok(())
+}

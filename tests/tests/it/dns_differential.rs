@@ -31,14 +31,22 @@ struct Site {
     ips: &'static [&'static str],
     /// (service, transport, target name or address, port, priority, weight)
     services: &'static [(&'static str, &'static str, &'static str, u16, u16, u16)],
+    /// (owner below the site, "" for the site itself; text), TTL 60
+    txt: &'static [(&'static str, &'static str)],
 }
 
 const SITES: &[Site] = &[
-    Site { name: "www", ttl: 30, ips: &["198.18.1.1", "198.18.1.2", "fd00::1:1"], services: &[] },
-    Site { name: "v4", ttl: 5, ips: &["198.18.2.1"], services: &[] },
-    Site { name: "a.b.deep", ttl: 60, ips: &["fd00::2:1"], services: &[] },
+    Site {
+        name: "www",
+        ttl: 30,
+        ips: &["198.18.1.1", "198.18.1.2", "fd00::1:1"],
+        services: &[],
+        txt: &[("", "v=spf1 -all"), ("_acme-challenge", "token-1"), ("_acme-challenge", "token-2")],
+    },
+    Site { name: "v4", ttl: 5, ips: &["198.18.2.1"], services: &[], txt: &[] },
+    Site { name: "a.b.deep", ttl: 60, ips: &["fd00::2:1"], services: &[], txt: &[] },
     // Registered as "CaSe": names are case-insensitive and stored in lower case.
-    Site { name: "CaSe", ttl: 10, ips: &["198.18.4.1"], services: &[] },
+    Site { name: "CaSe", ttl: 10, ips: &["198.18.4.1"], services: &[], txt: &[] },
     Site {
         name: "svc",
         ttl: 20,
@@ -48,6 +56,7 @@ const SITES: &[Site] = &[
             ("http", "tcp", "backup.example.net", 80, 20, 0),
             ("sip", "udp", "fd00::8:1", 5060, 0, 0),
         ],
+        txt: &[],
     },
 ];
 
@@ -66,6 +75,8 @@ const OTHER_NAMES: &[&str] = &[
     "z.a.b.deep",
     "x.ns1",
     "nope.svc",
+    "_acme-challenge.www",
+    "x._acme-challenge.www",
 ];
 const OUTSIDE: &[&str] = &["other.test.", "test.", "example.net.", "diff.test.example."];
 const TYPES: &[RecordType] = &[
@@ -179,7 +190,7 @@ impl Ask {
         let mut message = Message::new(rand::random(), MessageType::Query, OpCode::Query);
         message.metadata.recursion_desired = self.rd;
         message.metadata.checking_disabled = self.cd;
-        message.add_query(Query::query(Name::from_str(&self.name)?, self.rtype));
+        message.add_query(Query::query(Name::from_ascii(&self.name)?, self.rtype));
         if let Some(ask) = self.edns {
             let mut edns = Edns::new();
             edns.set_max_payload(ask.payload);
@@ -317,7 +328,8 @@ impl Coverage {
             self.negative_soa_ttls
                 .extend(ours.authorities.iter().filter(|r| r.record_type() == RecordType::SOA).map(|r| r.ttl));
         }
-        if ask.name.bytes().any(|b| b.is_ascii_uppercase()) && !ours.answers.is_empty() {
+        // Upper case in an answer's owner: the question's case went out on the wire and came back.
+        if ours.answers.first().is_some_and(|r| r.name.to_string().bytes().any(|b| b.is_ascii_uppercase())) {
             self.mixed_case_answers += 1;
         }
         self.tcp += usize::from(ask.tcp);
@@ -383,6 +395,19 @@ async fn build_in_tether(stack: &Stack) -> Result<()> {
         for ip in site.ips {
             stack.address(&token, &name.to_ascii_lowercase(), json!({ "ip": ip })).await?;
         }
+        if !site.txt.is_empty() {
+            let records: Vec<Value> = site
+                .txt
+                .iter()
+                .map(|(below, text)| {
+                    let owner = if below.is_empty() { name.clone() } else { format!("{below}.{name}") };
+                    json!({ "name": owner, "value": text, "ttl": 60 })
+                })
+                .collect();
+            let path = format!("/v1/domains/{}/txt", name.to_ascii_lowercase());
+            let (status, body) = stack.api.call(Method::PUT, &path, Some(&token), Some(json!(records))).await?;
+            expect(status, reqwest::StatusCode::OK, &body)?;
+        }
         if !site.services.is_empty() {
             let tuples: Vec<Value> = site
                 .services
@@ -430,6 +455,10 @@ fn zone_file(serial: u32) -> Result<String> {
         for ip in site.ips {
             let rtype = if ip.contains(':') { "AAAA" } else { "A" };
             writeln!(zone, "{} {} IN {rtype} {ip}", site.name, site.ttl)?;
+        }
+        for (below, text) in site.txt {
+            let owner = if below.is_empty() { site.name.to_owned() } else { format!("{below}.{}", site.name) };
+            writeln!(zone, "{owner} 60 IN TXT \"{text}\"")?;
         }
         for (service, transport, target, port, priority, weight) in site.services {
             let target = match target.parse() {
