@@ -1,6 +1,6 @@
 //! A minimal DNS client over real UDP and TCP sockets, with hickory-proto doing the wire format.
 
-use std::{net::SocketAddr, str::FromStr, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context, Result};
 use hickory_proto::{
