@@ -21,6 +21,7 @@ pub mod server;
 pub mod store;
 pub mod sync;
 pub mod udp;
+pub mod update;
 pub mod view;
 pub mod wire;
 pub mod xfr;
@@ -91,7 +92,7 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
     let dns_addr = listeners.dns_addr()?;
     let api_addr = listeners.api_addr()?;
     let keys: Arc<[xfr::TsigKey]> = config.tsig_keys.clone().into();
-    let handler = || server::Handler::with_keys(shared.clone(), keys.clone());
+    let handler = || server::Handler::with_keys(shared.clone(), keys.clone()).with_pool(pool.clone());
     let udp_task = tokio::spawn(udp::serve(listeners.dns_udp, Arc::new(handler()), shutdown.clone()));
     let mut dns = hickory_server::Server::new(handler());
     let notify_task =

@@ -19,6 +19,8 @@ pub struct Handler {
     shared: Arc<Shared>,
     /// The configuration file's TSIG keys, for transfers.
     keys: Arc<[TsigKey]>,
+    /// Where UPDATE writes; without it UPDATE is not implemented.
+    pool: Option<sqlx::PgPool>,
 }
 
 impl Handler {
@@ -29,7 +31,12 @@ impl Handler {
 
     /// A handler over `shared` with the configuration file's TSIG keys.
     pub fn with_keys(shared: Arc<Shared>, keys: Arc<[TsigKey]>) -> Self {
-        Self { shared, keys }
+        Self { shared, keys, pool: None }
+    }
+
+    /// The same handler, applying RFC 2136 UPDATE through `pool`.
+    pub fn with_pool(self, pool: sqlx::PgPool) -> Self {
+        Self { pool: Some(pool), ..self }
     }
 
     /// The view and metrics it answers from.
@@ -51,6 +58,8 @@ impl RequestHandler for Handler {
                 .is_some_and(|q| matches!(q.query_type(), RecordType::AXFR | RecordType::IXFR));
         let info = if transfer {
             xfr::serve::serve(&view, &self.keys, &self.shared.metrics, request, response_handle).await
+        } else if let (OpCode::Update, Some(pool)) = (request.metadata.op_code, &self.pool) {
+            crate::update::serve(pool, &view, request, response_handle).await
         } else {
             view.catalog().handle_request::<R, T>(request, response_handle).await
         };

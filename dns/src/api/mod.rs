@@ -72,6 +72,8 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/domains/{name}/dyndns-credentials/{username}", delete(routes::delete_dyndns_credential))
         .route("/nic/update", get(dyndns::update))
+        .route("/v1/domains/{name}/update-keys", post(routes::create_update_key).get(routes::list_update_keys))
+        .route("/v1/domains/{name}/update-keys/{key}", delete(routes::delete_update_key))
         .route("/v1/heartbeat-servers", get(routes::list_heartbeat_servers))
         .route("/v1/heartbeat-servers/{name}/drain", post(routes::drain_heartbeat_server))
         .route("/v1/heartbeat-servers/{name}/activate", post(routes::activate_heartbeat_server))

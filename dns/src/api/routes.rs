@@ -420,6 +420,55 @@ fn txt_out(records: Vec<admin::Txt>) -> Vec<Value> {
     records.into_iter().map(|r| json!({ "name": display(&r.name), "value": r.value, "ttl": r.ttl })).collect()
 }
 
+pub(super) async fn create_update_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let domain = owned_domain(&state, caller, &name).await?;
+    // The key's name says whose it is; the random part keeps names unguessable and unique.
+    let key_name = format!("{}.key.{}", &new_token("u")[2..14], domain.fqdn);
+    let mut secret = [0_u8; 32];
+    rand::Rng::fill(&mut rand::rng(), &mut secret);
+    let secret = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, secret);
+    let algorithm = "hmac-sha256";
+    let created_at =
+        admin::create_update_key(&state.pool, domain.id, &key_name, algorithm, &secret).await.map_err(|e| match e {
+            store::StoreError::Conflict(message) => ApiError::conflict(message),
+            other => other.into(),
+        })?;
+    tracing::info!(domain = %domain.fqdn, key = %key_name, "UPDATE key issued");
+    Ok(created(json!({
+        "name": key_name,
+        "algorithm": algorithm,
+        "secret": secret,
+        "created_at": created_at,
+    })))
+}
+
+pub(super) async fn list_update_keys(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let domain = owned_domain(&state, caller, &name).await?;
+    Ok(Json(admin::update_keys(&state.pool, domain.id).await?).into_response())
+}
+
+pub(super) async fn delete_update_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((name, key)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let domain = owned_domain(&state, caller, &name).await?;
+    let key = format!("{}.", key.trim_end_matches('.').to_ascii_lowercase());
+    if !admin::delete_update_key(&state.pool, domain.id, &key).await? {
+        return Err(ApiError::not_found(format!("no UPDATE key {} for {}", display(&key), display(&domain.fqdn))));
+    }
+    tracing::info!(domain = %domain.fqdn, %key, "UPDATE key revoked");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 pub(super) async fn create_dyndns_credential(
     State(state): State<AppState>,
     caller: Caller,

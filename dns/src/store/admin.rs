@@ -688,3 +688,183 @@ pub async fn replace_txt(pool: &PgPool, domain_id: i64, records: &[Txt]) -> Resu
     tx.commit().await?;
     Ok(())
 }
+
+/// An UPDATE key as the API lists it (no secret).
+#[derive(Debug, Clone, FromRow, Serialize)]
+pub struct UpdateKey {
+    /// Key name, fully qualified.
+    pub name: String,
+    /// HMAC algorithm.
+    pub algorithm: String,
+    /// When it was made.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Most UPDATE keys per domain.
+pub const MAX_UPDATE_KEYS: i64 = 8;
+
+/// Stores a new UPDATE key for `domain_id`; `Conflict` when the domain has [`MAX_UPDATE_KEYS`].
+pub async fn create_update_key(
+    pool: &PgPool,
+    domain_id: i64,
+    name: &str,
+    algorithm: &str,
+    secret: &str,
+) -> Result<DateTime<Utc>, StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT id FROM domains WHERE id = $1 FOR UPDATE").bind(domain_id).execute(&mut *tx).await?;
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM update_keys WHERE domain_id = $1")
+        .bind(domain_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    if count >= MAX_UPDATE_KEYS {
+        return Err(StoreError::Conflict(format!("at most {MAX_UPDATE_KEYS} UPDATE keys per domain")));
+    }
+    let created_at = sqlx::query_scalar(
+        "INSERT INTO update_keys (domain_id, name, algorithm, secret) VALUES ($1, $2, $3, $4) RETURNING created_at",
+    )
+    .bind(domain_id)
+    .bind(name)
+    .bind(algorithm)
+    .bind(secret)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(created_at)
+}
+
+/// The UPDATE keys of `domain_id`.
+pub async fn update_keys(pool: &PgPool, domain_id: i64) -> Result<Vec<UpdateKey>, StoreError> {
+    Ok(sqlx::query_as("SELECT name, algorithm, created_at FROM update_keys WHERE domain_id = $1 ORDER BY created_at")
+        .bind(domain_id)
+        .fetch_all(pool)
+        .await?)
+}
+
+/// Revokes an UPDATE key of `domain_id`; `false` when it has none by that name.
+pub async fn delete_update_key(pool: &PgPool, domain_id: i64, name: &str) -> Result<bool, StoreError> {
+    let done = sqlx::query("DELETE FROM update_keys WHERE domain_id = $1 AND name = $2")
+        .bind(domain_id)
+        .bind(name)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// The key named `name` with its secret, and the id and name of its domain.
+pub async fn update_key(pool: &PgPool, name: &str) -> Result<Option<(String, String, i64, String)>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT k.algorithm, k.secret, d.id, d.fqdn FROM update_keys k JOIN domains d ON d.id = k.domain_id \
+         WHERE k.name = $1",
+    )
+    .bind(name)
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// One change an UPDATE asks for, as rows see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RowChange {
+    /// Add an address to the domain (source static, live).
+    AddAddress(IpAddr),
+    /// Delete one address of the domain (static or dyndns).
+    DeleteAddress(IpAddr),
+    /// Delete every static and dyndns address of a family (4 or 6).
+    DeleteFamily(i32),
+    /// Add a TXT record at an owner.
+    AddTxt { owner: String, value: String, ttl: i32 },
+    /// Delete one TXT record at an owner.
+    DeleteTxt { owner: String, value: String },
+    /// Delete every TXT record at an owner.
+    DeleteTxtAt(String),
+    /// Add a service tuple with an explicit target (an SRV record).
+    AddService { service: String, transport: String, target: String, port: i32, priority: i32, weight: i32 },
+    /// Delete the service tuples of (service, transport) with this target and port.
+    DeleteService { service: String, transport: String, target: String, port: i32 },
+    /// Delete every service tuple of (service, transport).
+    DeleteServices { service: String, transport: String },
+}
+
+/// Applies `changes` to `domain_id` in one transaction, in order; `Conflict` when the domain would hold more than
+/// the API's bounds allow (`max_txt` TXT records).
+pub async fn apply_update(
+    pool: &PgPool,
+    domain_id: i64,
+    changes: &[RowChange],
+    max_txt: i64,
+) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    for change in changes {
+        let query = match change {
+            RowChange::AddAddress(ip) => sqlx::query(
+                "INSERT INTO addresses (domain_id, ip, source, state) VALUES ($1, $2, 'static', 'live') \
+                 ON CONFLICT (domain_id, ip) DO NOTHING",
+            )
+            .bind(domain_id)
+            .bind(*ip),
+            RowChange::DeleteAddress(ip) => {
+                sqlx::query("DELETE FROM addresses WHERE domain_id = $1 AND ip = $2 AND source IN ('static', 'dyndns')")
+                    .bind(domain_id)
+                    .bind(*ip)
+            }
+            RowChange::DeleteFamily(family) => sqlx::query(
+                "DELETE FROM addresses WHERE domain_id = $1 AND family(ip) = $2 AND source IN ('static', 'dyndns')",
+            )
+            .bind(domain_id)
+            .bind(*family),
+            RowChange::AddTxt { owner, value, ttl } => sqlx::query(
+                "INSERT INTO txt_records (domain_id, owner, value, ttl) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            )
+            .bind(domain_id)
+            .bind(owner)
+            .bind(value)
+            .bind(*ttl),
+            RowChange::DeleteTxt { owner, value } => {
+                sqlx::query("DELETE FROM txt_records WHERE domain_id = $1 AND owner = $2 AND value = $3")
+                    .bind(domain_id)
+                    .bind(owner)
+                    .bind(value)
+            }
+            RowChange::DeleteTxtAt(owner) => {
+                sqlx::query("DELETE FROM txt_records WHERE domain_id = $1 AND owner = $2").bind(domain_id).bind(owner)
+            }
+            RowChange::AddService { service, transport, target, port, priority, weight } => sqlx::query(
+                "INSERT INTO services (domain_id, service, transport, target, port, priority, weight) \
+                 SELECT $1, $2, $3, $4, $5, $6, $7 WHERE NOT EXISTS (SELECT 1 FROM services WHERE domain_id = $1 \
+                 AND service = $2 AND transport = $3 AND target = $4 AND port = $5)",
+            )
+            .bind(domain_id)
+            .bind(service)
+            .bind(transport)
+            .bind(target)
+            .bind(*port)
+            .bind(*priority)
+            .bind(*weight),
+            RowChange::DeleteService { service, transport, target, port } => sqlx::query(
+                "DELETE FROM services WHERE domain_id = $1 AND service = $2 AND transport = $3 AND target = $4 \
+                 AND port = $5",
+            )
+            .bind(domain_id)
+            .bind(service)
+            .bind(transport)
+            .bind(target)
+            .bind(*port),
+            RowChange::DeleteServices { service, transport } => {
+                sqlx::query("DELETE FROM services WHERE domain_id = $1 AND service = $2 AND transport = $3")
+                    .bind(domain_id)
+                    .bind(service)
+                    .bind(transport)
+            }
+        };
+        query.execute(&mut *tx).await?;
+    }
+    let txt: i64 = sqlx::query_scalar("SELECT count(*) FROM txt_records WHERE domain_id = $1")
+        .bind(domain_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    if txt > max_txt {
+        return Err(StoreError::Conflict(format!("at most {max_txt} TXT records per domain")));
+    }
+    tx.commit().await?;
+    Ok(())
+}

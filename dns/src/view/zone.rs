@@ -6,7 +6,7 @@ use hickory_server::{
     dnssec::NxProofKind,
     proto::{
         op::ResponseCode,
-        rr::{LowerName, Name, Record, RecordSet, RecordType, TSigResponseContext},
+        rr::{LowerName, Name, RData, Record, RecordSet, RecordType, TSigResponseContext},
     },
     server::{Request, RequestInfo},
     zone_handler::{
@@ -78,6 +78,31 @@ impl ZoneView {
     /// The SOA serial.
     pub fn serial(&self) -> u32 {
         self.soa.records_without_rrsigs().next().map_or(0, serial_of)
+    }
+
+    /// The record data of the RRset at `name` of `rtype`, as a transfer publishes it (every address of a set, no
+    /// rotation); empty when there is none. For UPDATE prerequisites (RFC 2136 section 3.2).
+    pub fn rrset_data(&self, name: &LowerName, rtype: RecordType) -> Vec<RData> {
+        let apex = *name == self.origin;
+        let set = match (rtype, self.names.get(name)) {
+            (RecordType::SOA, _) if apex => Some(self.soa.clone()),
+            (RecordType::NS, _) if apex => Some(self.ns.clone()),
+            (RecordType::A, Some(entry)) => entry.a.as_deref().map(|r| r.base().clone()),
+            (RecordType::AAAA, Some(entry)) => entry.aaaa.as_deref().map(|r| r.base().clone()),
+            (RecordType::SRV, Some(entry)) => entry.srv.clone(),
+            (RecordType::TXT, Some(entry)) => entry.txt.clone(),
+            _ => None,
+        };
+        set.map(|set| set.records_without_rrsigs().map(|r| r.data.clone()).collect()).unwrap_or_default()
+    }
+
+    /// Whether `name` owns any record (an empty non-terminal does not).
+    pub fn name_in_use(&self, name: &LowerName) -> bool {
+        *name == self.origin
+            || self
+                .names
+                .get(name)
+                .is_some_and(|e| e.a.is_some() || e.aaaa.is_some() || e.srv.is_some() || e.txt.is_some())
     }
 
     /// The zone as a secondary receives it: no rotation (every address of a set, in base order), no liveness

@@ -38,7 +38,7 @@ enum Verdict {
 }
 
 /// A verified request signature: the key and the request's MAC, which the first response signature covers.
-struct Signed {
+pub(crate) struct Signed {
     signer: TSigner,
     request_mac: Vec<u8>,
 }
@@ -154,11 +154,30 @@ fn allowed(policy: &TransferPolicy, src: SocketAddr, key: Option<&Name>) -> bool
     })
 }
 
-/// Checks the request's TSIG, if it has one; `Err` is the context of the error response.
+/// Checks the request's TSIG, if it has one, with the zone's or the configuration's key of that name; `Err` is the
+/// context of the error response.
 fn verify(
     request: &Request,
     policy: &TransferPolicy,
     config_keys: &[TsigKey],
+    now: u64,
+) -> Result<Option<Signed>, TSigResponseContext> {
+    check_tsig(
+        request,
+        |name| {
+            policy
+                .signer(name)
+                .or_else(|| config_keys.iter().filter_map(|k| k.signer().ok()).find(|s| s.signer_name() == name))
+        },
+        now,
+    )
+}
+
+/// Checks the request's TSIG, if it has one, with the key `find` gives for its name (RFC 8945 section 5.2): an
+/// unknown key, a bad MAC or a time outside the fudge is `Err`, the context of the error response.
+pub(crate) fn check_tsig(
+    request: &Request,
+    find: impl FnOnce(&Name) -> Option<TSigner>,
     now: u64,
 ) -> Result<Option<Signed>, TSigResponseContext> {
     let Some(signature) = &request.signature else {
@@ -166,10 +185,7 @@ fn verify(
     };
     let name = signature.name.to_lowercase();
     let id = request.metadata.id;
-    let signer = policy
-        .signer(&name)
-        .or_else(|| config_keys.iter().filter_map(|k| k.signer().ok()).find(|s| *s.signer_name() == name));
-    let Some(signer) = signer else {
+    let Some(signer) = find(&name) else {
         return Err(TSigResponseContext::unknown_key(id, now, name));
     };
     match signer.verify_message_byte(request.as_slice(), None, true) {
@@ -190,7 +206,7 @@ fn verify(
 
 /// Sends `records` in messages of at most [`MESSAGE_BUDGET`] bytes (one message when there are none), each signed
 /// when the request was.
-async fn send<R: ResponseHandler>(
+pub(crate) async fn send<R: ResponseHandler>(
     request: &Request,
     rcode: ResponseCode,
     records: &[Record],
@@ -259,7 +275,7 @@ async fn send<R: ResponseHandler>(
 }
 
 /// A TSIG error answer: NOTAUTH, no records, the TSIG record the context makes (unsigned for BADKEY and BADSIG).
-async fn send_tsig_error<R: ResponseHandler>(
+pub(crate) async fn send_tsig_error<R: ResponseHandler>(
     request: &Request,
     context: TSigResponseContext,
     handle: &mut R,
@@ -343,7 +359,7 @@ fn failed(request: &Request) -> ResponseInfo {
     ResponseInfo::from(Header { metadata, counts: HeaderCounts::default() })
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     u64::try_from(chrono::Utc::now().timestamp()).unwrap_or(0)
 }
 

@@ -12,6 +12,7 @@ mod layout;
 mod ncu_binary;
 mod sync;
 mod system;
+mod update;
 mod uplink_limit;
 mod uplinks;
 mod zone_transfer;
