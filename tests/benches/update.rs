@@ -37,9 +37,13 @@ async fn main() -> Result<()> {
         let mut delete = Record::update0(Name::from_ascii("www.tether.test.")?, 0, RecordType::A);
         delete.dns_class = DNSClass::ANY;
         message.add_authority(delete);
-        let add = Record::from_rdata(Name::from_ascii("www.tether.test.")?, 1, RData::A(A::from(std::net::Ipv4Addr::from(ip))));
+        let add = Record::from_rdata(
+            Name::from_ascii("www.tether.test.")?,
+            1,
+            RData::A(A::from(std::net::Ipv4Addr::from(ip))),
+        );
         message.add_authority(add);
-        let now = u64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs())?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
         let (signature, _) = signer.sign_message(&message, now)?;
         message.signature = Some(signature);
         let sent = Instant::now();
