@@ -514,6 +514,20 @@ pub async fn set_forwarding(
     .await?)
 }
 
+/// The rows of `table` (a child table of `domains`) that belong to `domain_id`, with the domain row locked so that
+/// the count holds until the transaction ends (one writer per domain at a time).
+async fn count_locked(
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    table: &'static str,
+    domain_id: i64,
+) -> Result<i64, StoreError> {
+    sqlx::query("SELECT id FROM domains WHERE id = $1 FOR UPDATE").bind(domain_id).execute(&mut **tx).await?;
+    Ok(sqlx::query_scalar(&format!("SELECT count(*) FROM {table} WHERE domain_id = $1"))
+        .bind(domain_id)
+        .fetch_one(&mut **tx)
+        .await?)
+}
+
 /// A dyndns2 update credential, without its secret.
 #[derive(Debug, Clone, FromRow, Serialize)]
 pub struct DyndnsCredential {
@@ -540,13 +554,7 @@ pub async fn create_dyndns_credential(
     secret_hash: &[u8],
 ) -> Result<DateTime<Utc>, StoreError> {
     let mut tx = pool.begin().await?;
-    // One writer per domain at a time, so the count below holds.
-    sqlx::query("SELECT id FROM domains WHERE id = $1 FOR UPDATE").bind(domain_id).execute(&mut *tx).await?;
-    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM dyndns_credentials WHERE domain_id = $1")
-        .bind(domain_id)
-        .fetch_one(&mut *tx)
-        .await?;
-    if count >= MAX_DYNDNS_CREDENTIALS {
+    if count_locked(&mut tx, "dyndns_credentials", domain_id).await? >= MAX_DYNDNS_CREDENTIALS {
         return Err(StoreError::Conflict(format!("at most {MAX_DYNDNS_CREDENTIALS} credentials per domain")));
     }
     let created_at = sqlx::query_scalar(
@@ -712,12 +720,7 @@ pub async fn create_update_key(
     secret: &str,
 ) -> Result<DateTime<Utc>, StoreError> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SELECT id FROM domains WHERE id = $1 FOR UPDATE").bind(domain_id).execute(&mut *tx).await?;
-    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM update_keys WHERE domain_id = $1")
-        .bind(domain_id)
-        .fetch_one(&mut *tx)
-        .await?;
-    if count >= MAX_UPDATE_KEYS {
+    if count_locked(&mut tx, "update_keys", domain_id).await? >= MAX_UPDATE_KEYS {
         return Err(StoreError::Conflict(format!("at most {MAX_UPDATE_KEYS} UPDATE keys per domain")));
     }
     let created_at = sqlx::query_scalar(

@@ -32,16 +32,28 @@ async fn put_transfer(stack: &Stack, origin: &str, policy: Value) -> Result<(Sta
 
 /// An AXFR over TCP with tether_tests' plain client: every record of every message until the closing SOA.
 async fn axfr(server: SocketAddr, origin: &str) -> Result<(ResponseCode, Vec<Record>)> {
-    let mut stream = TcpStream::connect(server).await?;
     let mut query = Message::new(rand::random(), MessageType::Query, OpCode::Query);
     query.add_query(Query::query(Name::from_ascii(origin)?, RecordType::AXFR));
+    transfer(server, &query, |records| records.iter().filter(|r| r.record_type() == RecordType::SOA).count() >= 2).await
+}
+
+/// Sends `query` over TCP and gathers the answer records of every message until `complete` says they are, or until
+/// a message with an error rcode.
+async fn transfer(
+    server: SocketAddr,
+    query: &Message,
+    complete: impl Fn(&[Record]) -> bool,
+) -> Result<(ResponseCode, Vec<Record>)> {
+    let mut stream = TcpStream::connect(server).await?;
     let bytes = query.to_vec()?;
     stream.write_all(&u16::try_from(bytes.len())?.to_be_bytes()).await?;
     stream.write_all(&bytes).await?;
     let mut records: Vec<Record> = Vec::new();
     loop {
         let mut len = [0_u8; 2];
-        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut len)).await.context("AXFR stalled")??;
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut len))
+            .await
+            .context("transfer stalled")??;
         let mut buf = vec![0_u8; usize::from(u16::from_be_bytes(len))];
         stream.read_exact(&mut buf).await?;
         let message = Message::from_vec(&buf)?;
@@ -49,8 +61,7 @@ async fn axfr(server: SocketAddr, origin: &str) -> Result<(ResponseCode, Vec<Rec
             return Ok((message.metadata.response_code, records));
         }
         records.extend(message.answers);
-        let soas = records.iter().filter(|r| r.record_type() == RecordType::SOA).count();
-        if soas >= 2 {
+        if complete(&records) {
             return Ok((ResponseCode::NoError, records));
         }
     }
@@ -329,29 +340,15 @@ async fn ixfr(server: SocketAddr, origin: &str, serial: u32) -> Result<(Response
     query.add_query(Query::query(name.clone(), RecordType::IXFR));
     let soa = hickory_proto::rr::rdata::SOA::new(name.clone(), name.clone(), serial, 0, 0, 0, 0);
     query.add_authority(Record::from_rdata(name, 0, hickory_proto::rr::RData::SOA(soa)));
-    let bytes = query.to_vec()?;
-    let mut stream = TcpStream::connect(server).await?;
-    stream.write_all(&u16::try_from(bytes.len())?.to_be_bytes()).await?;
-    stream.write_all(&bytes).await?;
-    let mut records: Vec<Record> = Vec::new();
-    loop {
-        let mut len = [0_u8; 2];
-        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut len)).await.context("IXFR stalled")??;
-        let mut buf = vec![0_u8; usize::from(u16::from_be_bytes(len))];
-        stream.read_exact(&mut buf).await?;
-        let message = Message::from_vec(&buf)?;
-        if message.metadata.response_code != ResponseCode::NoError {
-            return Ok((message.metadata.response_code, records));
-        }
-        records.extend(message.answers);
-        // Incremental: the current SOA first, (old SOA, deletions, new SOA, additions)*, the current SOA last.
-        let first = records.first().map(|r| r.data.clone());
+    // Incremental: the current SOA first, (old SOA, deletions, new SOA, additions)*, the current SOA last.
+    transfer(server, &query, |records| {
         let soas = records.iter().filter(|r| r.record_type() == RecordType::SOA).count();
-        let closed = records.len() > 1 && records.last().map(|r| r.data.clone()) == first && soas % 2 == 0 && soas >= 4;
-        if closed {
-            return Ok((ResponseCode::NoError, records));
-        }
-    }
+        records.len() > 1
+            && records.last().map(|r| &r.data) == records.first().map(|r| &r.data)
+            && soas % 2 == 0
+            && soas >= 4
+    })
+    .await
 }
 
 #[tokio::test]
