@@ -112,16 +112,18 @@ async fn apply(pool: &PgPool, shared: &Shared, pending: &Changes) -> Result<(), 
         return Ok(());
     }
     let domain_ids: Vec<i64> = pending.domains.iter().copied().collect();
-    // The zones of the changed domains are read again with them, in one snapshot: their serials then label exactly
-    // this content (a domain's change and its zone's serial bump commit together).
-    let current = shared.view.load();
-    let old_zones: Vec<i64> = domain_ids.iter().filter_map(|id| current.zone_of_domain(*id)).collect();
+    // A zone's row (its serial) is taken only from its own notification, which a change sends after its domains'
+    // (migrations/20261204000005): a serial then never labels a part of the change it was bumped for.
     let zone_ids: Vec<i64> = pending.zones.iter().copied().collect();
-    let (zones, domains) = store::view::load_changes(pool, &zone_ids, &domain_ids, &old_zones).await?;
-    let mut zone_ids: Vec<i64> =
-        zone_ids.into_iter().chain(old_zones).chain(domains.iter().map(|d| d.zone_id)).collect();
-    zone_ids.sort_unstable();
-    zone_ids.dedup();
+    let (mut zones, domains) = store::view::load_changes(pool, &zone_ids, &domain_ids).await?;
+    // The zone row may carry a serial a later change bumped, whose domains are not among these changes yet: the
+    // serial its notifications named labels what is applied now.
+    for zone in &mut zones {
+        if let Some(&notified) = pending.serials.get(&zone.id) {
+            zone.serial = zone.serial.min(notified);
+        }
+    }
+    let current = shared.view.load();
     let mut changes = Vec::with_capacity(zone_ids.len() + domain_ids.len());
     for id in zone_ids {
         changes.push(Change::Zone(id, zones.iter().find(|z| z.id == id).cloned()));

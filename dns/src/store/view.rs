@@ -27,24 +27,17 @@ pub async fn load_all(pool: &PgPool) -> Result<(Vec<ZoneRow>, Vec<DomainRow>), S
     Ok((domains::rows(&zones, "zone", zone_from), domains))
 }
 
-/// The named zones and domains that still exist, and the zones of those domains, all from one snapshot, so that a
-/// zone's serial always labels the content it was bumped for (a zone transfer's journal depends on it). `also_zones`
-/// names zones to read besides (those of domains that may be gone).
+/// The named zones and domains that still exist, from one snapshot.
 pub async fn load_changes(
     pool: &PgPool,
     zone_ids: &[i64],
     domain_ids: &[i64],
-    also_zones: &[i64],
 ) -> Result<(Vec<ZoneRow>, Vec<DomainRow>), StoreError> {
     let mut tx = domains::snapshot(pool).await?;
     let mut domains: Vec<DomainRow> = domains::read_in(&mut tx, Some(domain_ids)).await?;
     attach_txt(&mut tx, &mut domains, Some(domain_ids)).await?;
-    let mut ids: Vec<i64> =
-        zone_ids.iter().chain(also_zones).copied().chain(domains.iter().map(|d| d.zone_id)).collect();
-    ids.sort_unstable();
-    ids.dedup();
     let rows = sqlx::query(&format!("SELECT {ZONE_COLUMNS} FROM zones WHERE id = ANY($1)"))
-        .bind(&ids)
+        .bind(zone_ids)
         .fetch_all(&mut *tx)
         .await?;
     tx.commit().await?;

@@ -115,11 +115,6 @@ impl View {
         rotations.pick_message()
     }
 
-    /// The zone a served domain belongs to.
-    pub fn zone_of_domain(&self, domain_id: i64) -> Option<i64> {
-        self.domains.get(&domain_id).map(|d| d.zone_id)
-    }
-
     /// The zone whose origin is `origin`, if served.
     pub fn zone_at(&self, origin: &hickory_server::proto::rr::LowerName) -> Option<&Arc<ZoneView>> {
         let key = prebuilt::wire_name(origin)?;

@@ -45,7 +45,7 @@ impl ZoneView {
         let prebuilt = prebuilt::index(&names);
         let mut zone = Self { row, origin, soa, negative_soa, ns, glue, names, prebuilt, xfr: None };
         if !zone.row.transfer.secondaries.is_empty() {
-            zone.xfr = Some(Arc::new(ZoneXfr { published: zone.published(), journal: Journal::default() }));
+            zone.xfr = Some(Arc::new(ZoneXfr { published: Arc::new(zone.published()), journal: Journal::default() }));
         }
         zone
     }
@@ -53,14 +53,26 @@ impl ZoneView {
     /// Carries `previous`'s journal on, with the change from it to this zone appended.
     pub(super) fn continue_journal(&mut self, previous: &ZoneView) {
         if let (Some(xfr), Some(old)) = (&mut self.xfr, &previous.xfr) {
-            if old.published.serial() == xfr.published.serial() && !old.published.same_records(&xfr.published) {
-                // Secondaries at this serial would never see the change: the sync reads a zone's serial with its
-                // content in one snapshot, so this means a writer changed answers without bumping it.
-                tracing::warn!(zone = %self.origin, serial = xfr.published.serial(), "zone content changed without a serial bump");
-            }
-            let journal = old.journal.after(&old.published, &xfr.published);
-            if let Some(xfr) = Arc::get_mut(xfr) {
-                xfr.journal = journal;
+            let Some(xfr) = Arc::get_mut(xfr) else { return };
+            if old.published.serial() == xfr.published.serial() {
+                // One content per serial: a secondary that transferred this serial must be able to apply the next
+                // delta. What changed since is published with the next serial, which the change's own zone
+                // notification brings (it comes after its domains').
+                if !old.published.same_records(&xfr.published) {
+                    tracing::debug!(zone = %self.origin, serial = xfr.published.serial(), "content ahead of the serial");
+                }
+                xfr.published = old.published.clone();
+                xfr.journal = old.journal.clone();
+            } else {
+                xfr.journal = old.journal.after(&old.published, &xfr.published);
+                tracing::debug!(
+                    zone = %self.origin,
+                    from = old.published.serial(),
+                    to = xfr.published.serial(),
+                    records = xfr.published.records().len(),
+                    deltas = xfr.journal.len(),
+                    "zone published"
+                );
             }
         }
     }

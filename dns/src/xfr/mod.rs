@@ -13,8 +13,8 @@ pub use policy::{NotifyTarget, PolicyError, Secondary, TransferPolicy, TsigKey};
 /// A zone with secondaries: what they receive, and its recent changes.
 #[derive(Debug)]
 pub struct ZoneXfr {
-    /// The zone as transferred.
-    pub published: Published,
+    /// The zone as transferred: one content per serial, fixed when the serial is first seen.
+    pub published: std::sync::Arc<Published>,
     /// The deltas that led to it.
     pub journal: Journal,
 }

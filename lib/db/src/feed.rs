@@ -29,6 +29,9 @@ pub struct Changes {
     pub full: bool,
     /// Zones whose row changed.
     pub zones: BTreeSet<i64>,
+    /// The highest serial each zone's notifications named (`zone:<id>:<serial>`): the serial the changes notified so
+    /// far add up to, which the zone row, read later, may already have passed.
+    pub serials: std::collections::BTreeMap<i64, i64>,
     /// Domains whose row, addresses or services changed.
     pub domains: BTreeSet<i64>,
 }
@@ -186,8 +189,12 @@ impl Changes {
         match event {
             Event::Resync => self.full = true,
             Event::Notify(payload) => match parse_payload(&payload) {
-                Some(Target::Zone(id)) => {
+                Some(Target::Zone(id, serial)) => {
                     self.zones.insert(id);
+                    if let Some(serial) = serial {
+                        let known = self.serials.entry(id).or_insert(serial);
+                        *known = (*known).max(serial);
+                    }
                 }
                 Some(Target::Domain(id)) => {
                     self.domains.insert(id);
@@ -201,22 +208,27 @@ impl Changes {
         if self.full {
             self.zones.clear();
             self.domains.clear();
+            self.serials.clear();
         }
     }
 }
 
 #[derive(Debug, PartialEq, Eq)]
 enum Target {
-    Zone(i64),
+    /// A zone and, when the notification names it, its serial after the change.
+    Zone(i64, Option<i64>),
     Domain(i64),
 }
 
+/// `domain:<id>`, `zone:<id>` or `zone:<id>:<serial>`.
 fn parse_payload(payload: &str) -> Option<Target> {
-    let (kind, id) = payload.split_once(':')?;
-    let id = id.parse().ok()?;
+    let (kind, rest) = payload.split_once(':')?;
     match kind {
-        "zone" => Some(Target::Zone(id)),
-        "domain" => Some(Target::Domain(id)),
+        "zone" => match rest.split_once(':') {
+            Some((id, serial)) => Some(Target::Zone(id.parse().ok()?, Some(serial.parse().ok()?))),
+            None => Some(Target::Zone(rest.parse().ok()?, None)),
+        },
+        "domain" => Some(Target::Domain(rest.parse().ok()?)),
         _ => None,
     }
 }
@@ -250,7 +262,9 @@ mod tests {
     #[test]
     fn payloads_parse() {
         assert_eq!(parse_payload("domain:42"), Some(Target::Domain(42)));
-        assert_eq!(parse_payload("zone:7"), Some(Target::Zone(7)));
+        assert_eq!(parse_payload("zone:7"), Some(Target::Zone(7, None)));
+        assert_eq!(parse_payload("zone:7:1234"), Some(Target::Zone(7, Some(1234))));
+        assert_eq!(parse_payload("zone:7:x"), None);
         assert_eq!(parse_payload("domain:x"), None);
         assert_eq!(parse_payload("host:1"), None);
         assert_eq!(parse_payload(""), None);
@@ -261,6 +275,9 @@ mod tests {
         let mut pending = Changes::default();
         pending.add(Event::Notify("domain:1".into()));
         pending.add(Event::Notify("zone:2".into()));
+        pending.add(Event::Notify("zone:2:41".into()));
+        pending.add(Event::Notify("zone:2:40".into()));
+        assert_eq!(pending.serials.get(&2), Some(&41), "the highest serial named");
         assert!(!pending.full);
         assert_eq!(pending.domains.len(), 1);
         pending.add(Event::Resync);
