@@ -408,10 +408,7 @@ pub(super) async fn put_txt(
         let ttl = input::bounded(&format!("[{i}].ttl"), spec.ttl, 0, 86_400)?;
         records.push(admin::Txt { name: owner, value, ttl });
     }
-    admin::replace_txt(&state.pool, domain.id, &records).await.map_err(|e| match e {
-        store::StoreError::Conflict(message) => ApiError::conflict(message),
-        other => other.into(),
-    })?;
+    admin::replace_txt(&state.pool, domain.id, &records).await.map_err(stored_conflict)?;
     tracing::info!(domain = %domain.fqdn, records = records.len(), "TXT records replaced");
     Ok(Json(txt_out(admin::txt_records(&state.pool, domain.id).await?)).into_response())
 }
@@ -432,11 +429,9 @@ pub(super) async fn create_update_key(
     rand::Rng::fill(&mut rand::rng(), &mut secret);
     let secret = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, secret);
     let algorithm = "hmac-sha256";
-    let created_at =
-        admin::create_update_key(&state.pool, domain.id, &key_name, algorithm, &secret).await.map_err(|e| match e {
-            store::StoreError::Conflict(message) => ApiError::conflict(message),
-            other => other.into(),
-        })?;
+    let created_at = admin::create_update_key(&state.pool, domain.id, &key_name, algorithm, &secret)
+        .await
+        .map_err(stored_conflict)?;
     tracing::info!(domain = %domain.fqdn, key = %key_name, "UPDATE key issued");
     Ok(created(json!({
         "name": key_name,
@@ -479,10 +474,7 @@ pub(super) async fn create_dyndns_credential(
     let password = new_token("ddp");
     let created_at = admin::create_dyndns_credential(&state.pool, domain.id, &username, &token_hash(&password))
         .await
-        .map_err(|e| match e {
-        store::StoreError::Conflict(message) => ApiError::conflict(message),
-        other => other.into(),
-    })?;
+        .map_err(stored_conflict)?;
     tracing::info!(domain = %domain.fqdn, %username, "dyndns credential issued");
     Ok(created(json!({
         "username": username,
@@ -568,6 +560,14 @@ async fn owned_domain(state: &AppState, caller: Caller, name: &str) -> Result<ad
     };
     caller.require_owner(domain.subscriber_id)?;
     Ok(domain)
+}
+
+/// A store conflict as a 409 with the store's own message (a bound reached, a name taken).
+fn stored_conflict(error: store::StoreError) -> ApiError {
+    match error {
+        store::StoreError::Conflict(message) => ApiError::conflict(message),
+        other => other.into(),
+    }
 }
 
 /// A store conflict with a message naming what collided.
