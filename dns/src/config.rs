@@ -44,6 +44,16 @@ pub struct Config {
     /// else the header is ignored.
     #[serde(default)]
     pub dyndns_trusted_proxies: Vec<ipnet::IpNet>,
+    /// A migration's default hold: this many times the longest TTL its name was ever served with.
+    #[serde(default = "default_migration_hold_factor")]
+    pub migration_hold_factor: u32,
+    /// A migration's default quiet time: it ends only after this long without a redirected flow.
+    #[serde(default = "default_migration_quiet", with = "humantime_serde")]
+    pub migration_quiet: Duration,
+    /// Ranges of private or reserved space that migration targets may still use (say, a lab's 10.0.0.0/8); the
+    /// rest of that space is refused.
+    #[serde(default)]
+    pub allowed_target_ranges: Vec<ipnet::IpNet>,
 }
 
 impl Load for Config {
@@ -77,6 +87,12 @@ impl Load for Config {
         }
         if self.tcp_idle_timeout.is_zero() {
             return Err(invalid("tcp_idle_timeout", "must be above zero"));
+        }
+        if !(1..=1000).contains(&self.migration_hold_factor) {
+            return Err(invalid("migration_hold_factor", "must be 1 to 1000"));
+        }
+        if self.migration_quiet > Duration::from_secs(604_800) {
+            return Err(invalid("migration_quiet", "must be at most 7d"));
         }
         if self.enrollment_ttl < Duration::from_secs(60) {
             return Err(invalid("enrollment_ttl", "must be at least 1m"));
@@ -112,6 +128,14 @@ fn default_tcp_idle_timeout() -> Duration {
 
 fn default_enrollment_ttl() -> Duration {
     Duration::from_secs(3600)
+}
+
+fn default_migration_hold_factor() -> u32 {
+    10
+}
+
+fn default_migration_quiet() -> Duration {
+    Duration::from_secs(300)
 }
 
 fn default_max_backoff() -> Duration {

@@ -17,6 +17,7 @@ pub mod answer;
 pub mod api;
 pub mod config;
 pub mod metrics;
+pub mod migrate;
 pub mod server;
 pub mod store;
 pub mod sync;
@@ -98,6 +99,7 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
     let notify_task =
         tokio::spawn(xfr::notify::run(shared.clone(), config.also_notify.clone(), keys.clone(), shutdown.clone()));
     dns.register_listener(listeners.dns_tcp, config.tcp_idle_timeout, 64);
+    let migrate_task = tokio::spawn(migrate::run(pool.clone(), shutdown.clone()));
 
     let operator_token_hash = config.operator_token.as_ref().map(|t| api::token_hash(t.expose()));
     if operator_token_hash.is_none() {
@@ -111,6 +113,11 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
         tsig_keys: keys.clone(),
         dyndns_trusted_proxies: config.dyndns_trusted_proxies.clone().into(),
         dyndns_limiter: Arc::default(),
+        migrations: api::MigrationSettings {
+            hold_factor: config.migration_hold_factor,
+            quiet: config.migration_quiet,
+            allowed_target_ranges: config.allowed_target_ranges.clone().into(),
+        },
     });
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(async move {
@@ -136,6 +143,7 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
         Ok(Ok(())) => {}
     }
     let _ = notify_task.await;
+    let _ = migrate_task.await;
     let _ = sync_task.await;
     pool.close().await;
     Ok(())

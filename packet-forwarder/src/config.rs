@@ -35,6 +35,10 @@ pub struct Config {
     /// How long running flows may take to finish after a shutdown signal before they are cut.
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// How this forwarder names itself in the host migrations it relays (`relay` in the API); default: the host
+    /// name.
+    #[serde(default)]
+    pub relay_name: Option<String>,
 }
 
 impl Load for Config {
@@ -55,6 +59,11 @@ impl Load for Config {
         if !(1024..=16 << 20).contains(&self.tcp_buffer) {
             return Err(invalid("tcp_buffer", "must be between 1024 and 16777216 bytes"));
         }
+        if let Some(name) = &self.relay_name
+            && (name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control()))
+        {
+            return Err(invalid("relay_name", "must be 1-64 printable characters"));
+        }
         tether_config::check_backoff(self.max_backoff)
     }
 }
@@ -66,6 +75,17 @@ impl tether_service::ServerConfig for Config {
 }
 
 impl Config {
+    /// [`Config::relay_name`], else the host name, else `packet-forwarder`.
+    pub fn relay_name(&self) -> String {
+        self.relay_name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "packet-forwarder".to_owned())
+        })
+    }
+
     /// The database URL; present once `validate` has passed.
     pub fn database_url(&self) -> &str {
         self.database_url.as_ref().map_or("", Secret::expose)

@@ -19,6 +19,8 @@ pub mod flows;
 pub mod limits;
 pub mod listeners;
 pub mod metrics;
+pub mod migrate;
+pub mod nft;
 pub mod proxy;
 pub mod splice;
 pub mod store;
@@ -69,6 +71,8 @@ pub struct Shared {
     /// Pipes of `tcp_buffer` bytes, lent to TCP flows while they splice.
     pub pipes: splice::Pipes,
     changed: watch::Sender<()>,
+    /// Every unfinished host migration, for the relay ([`migrate`]).
+    pub redirects: watch::Sender<Vec<nft::Redirect>>,
 }
 
 impl Shared {
@@ -85,6 +89,7 @@ impl Shared {
             tcp_buffer: config.tcp_buffer,
             pipes: splice::Pipes::new(config.tcp_buffer),
             changed: watch::Sender::new(()),
+            redirects: watch::Sender::new(Vec::new()),
         }
     }
 
@@ -113,11 +118,14 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
     let sync_task =
         tokio::spawn(sync::run(pool.clone(), shared.clone(), config.max_backoff, synced_tx, shutdown.clone()));
     let listener_task = tokio::spawn(listeners::run(shared.clone(), shared.changed.subscribe(), shutdown.clone()));
+    let relay_task =
+        tokio::spawn(migrate::run(pool.clone(), config.relay_name(), shared.redirects.subscribe(), shutdown.clone()));
 
     shutdown.cancelled().await;
     info!("shutting down: no new flows");
     let _ = listener_task.await;
     let _ = sync_task.await;
+    let _ = relay_task.await;
     shared.flows.close();
     if tokio::time::timeout(config.shutdown_grace, shared.flows.wait()).await.is_err() {
         warn!(flows = shared.flows.len(), "flows still running after the shutdown grace; cutting them");

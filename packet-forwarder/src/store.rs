@@ -30,6 +30,23 @@ async fn load(pool: &PgPool, ids: Option<&[i64]>) -> Result<Vec<DomainRow>, Stor
     Ok(rows)
 }
 
+/// Every unfinished host migration's redirect (few: at most one per domain).
+pub async fn redirects(pool: &PgPool) -> Result<Vec<crate::nft::Redirect>, StoreError> {
+    let rows: Vec<(i64, IpAddr, IpAddr, Vec<i32>)> =
+        sqlx::query_as("SELECT id, from_ip, to_ip, ports FROM host_migrations WHERE phase <> 'done' ORDER BY id")
+            .fetch_all(pool)
+            .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, from, to, ports)| crate::nft::Redirect {
+            id,
+            from,
+            to,
+            ports: ports.into_iter().filter_map(|p| u16::try_from(p).ok()).collect(),
+        })
+        .collect())
+}
+
 /// A listener a service tuple asks for.
 type Listen = (Protocol, u16);
 
@@ -39,9 +56,15 @@ impl Domain for DomainRow {
     const DOMAINS: &'static str = "SELECT id, fqdn, static_ip, fallback_ip, forward_ports, forward_policy, \
                                    proxy_protocol, max_flows, max_flows_per_client FROM domains \
                                    WHERE static_ip IS NOT NULL AND ($1::bigint[] IS NULL OR id = ANY($1))";
-    const ADDRESSES: &'static str = "SELECT a.domain_id, a.ip, a.priority, a.weight FROM addresses a \
-                                     JOIN domains d ON d.id = a.domain_id WHERE d.static_ip IS NOT NULL \
-                                     AND a.state = 'live' AND ($1::bigint[] IS NULL OR a.domain_id = ANY($1))";
+    /// Live addresses, host migrations applied as dns applies them: a migration's old address takes no new flows
+    /// (its running flows go on), its new address takes the old one's priority when that is better.
+    const ADDRESSES: &'static str = "SELECT a.domain_id, a.ip, \
+           LEAST(a.priority, (SELECT min(f.priority) FROM host_migrations m JOIN addresses f \
+                ON f.domain_id = m.domain_id AND f.ip = m.from_ip \
+                WHERE m.domain_id = a.domain_id AND m.to_ip = a.ip)) AS priority, a.weight, \
+           EXISTS (SELECT 1 FROM host_migrations m WHERE m.domain_id = a.domain_id AND m.from_ip = a.ip) AS draining \
+      FROM addresses a JOIN domains d ON d.id = a.domain_id WHERE d.static_ip IS NOT NULL \
+       AND a.state = 'live' AND ($1::bigint[] IS NULL OR a.domain_id = ANY($1))";
     const SERVICES: &'static str = "SELECT s.domain_id, s.transport, s.port FROM services s \
                                     JOIN domains d ON d.id = s.domain_id WHERE d.static_ip IS NOT NULL \
                                     AND ($1::bigint[] IS NULL OR s.domain_id = ANY($1))";
@@ -105,6 +128,7 @@ fn address_from(row: &PgRow) -> Result<(i64, AddressRow), RowError> {
             ip: row.try_get("ip")?,
             priority: u32::try_from(row.try_get::<i32, _>("priority")?)?,
             weight: u32::try_from(row.try_get::<i32, _>("weight")?)?,
+            draining: row.try_get("draining")?,
         },
     ))
 }

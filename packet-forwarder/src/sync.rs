@@ -58,6 +58,15 @@ async fn apply(pool: &PgPool, shared: &Shared, pending: &Changes) -> Result<(), 
             "two domains claim one listener; the older keeps it");
     }
     shared.publish(table);
+    // Migrations notify their domain when created, deleted or moved on; the relay wants them all (a handful).
+    shared.redirects.send_if_modified({
+        let redirects = store::redirects(pool).await?;
+        move |current| {
+            let changed = *current != redirects;
+            *current = redirects;
+            changed
+        }
+    });
     // New flows already avoid these addresses; now close the ones running to them.
     if !removed.is_empty() {
         debug!(targets = removed.len(), "closing flows to addresses no longer live");

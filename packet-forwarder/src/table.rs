@@ -93,12 +93,15 @@ pub struct AddressRow {
     pub priority: u32,
     /// Share among equals.
     pub weight: u32,
+    /// Takes no new flows; its running flows go on (a host migration's old address).
+    pub draining: bool,
 }
 
 /// What a listener relays to.
 #[derive(Debug, Clone)]
 pub enum Entry {
-    /// The domain's live addresses, on `port`. (Host migration will add `Migrate { .. }`: a fixed server.)
+    /// The domain's live addresses, on `port`. (A host migration's redirect of its old address is the kernel's:
+    /// see [`crate::nft`]; here its old address only stops taking new flows.)
     Forward {
         /// The domain.
         domain: Arc<Domain>,
@@ -127,6 +130,8 @@ pub struct Target {
     pub priority: u32,
     /// Share among equals.
     pub weight: u32,
+    /// Takes no new flows.
+    pub draining: bool,
     /// Shared with the flows; outlives reloads while the address stays live.
     pub state: Arc<TargetState>,
 }
@@ -268,7 +273,7 @@ fn compile(row: DomainRow, previous: &Table) -> Arc<Domain> {
             let state = before
                 .and_then(|b| b.targets.iter().find(|t| t.ip == a.ip))
                 .map_or_else(|| Arc::new(TargetState::default()), |t| t.state.clone());
-            Target { ip: a.ip, priority: a.priority, weight: a.weight, state }
+            Target { ip: a.ip, priority: a.priority, weight: a.weight, draining: a.draining, state }
         })
         .collect();
     targets.sort_by_key(|t| (t.priority, t.ip));
@@ -320,7 +325,7 @@ impl Domain {
                 priority: t.priority,
                 weight: t.weight,
                 active: t.state.active(),
-                excluded: tried.contains(&t.ip) || t.state.is_closed(),
+                excluded: t.draining || tried.contains(&t.ip) || t.state.is_closed(),
             })
             .collect();
         let mut current = self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -454,7 +459,7 @@ mod tests {
             max_flows_per_client: 2,
             addresses: addresses
                 .iter()
-                .map(|&(last, priority, weight)| AddressRow { ip: ip(last), priority, weight })
+                .map(|&(last, priority, weight)| AddressRow { ip: ip(last), priority, weight, draining: false })
                 .collect(),
         }
     }
@@ -543,7 +548,7 @@ mod tests {
     #[test]
     fn unchanged_rows_share_their_domain_and_the_static_address_is_never_a_target() {
         let mut r = row(1, &[(1, 0, 1)]);
-        r.addresses.push(AddressRow { ip: r.static_ip, priority: 0, weight: 1 });
+        r.addresses.push(AddressRow { ip: r.static_ip, priority: 0, weight: 1, draining: false });
         let (t1, _) = Table::build(vec![r.clone()], &Table::empty());
         let (t2, _) = t1.with_changes(vec![(1, Some(r))]);
         assert!(Arc::ptr_eq(&t1.domains[&1], &t2.domains[&1]));
@@ -559,5 +564,26 @@ mod tests {
             assert_eq!(domain.choose(&[]).map(|t| t.ip), Some(ip(2)));
         }
         assert!(domain.choose(&[ip(2)]).is_none());
+    }
+
+    #[test]
+    fn a_draining_target_takes_no_new_flows_but_keeps_its_running_ones() {
+        let (t1, _) = Table::build(vec![row(1, &[(1, 0, 1), (2, 0, 1)])], &Table::empty());
+        let flow = t1.domains[&1].targets[0].state.enter();
+        let mut migrating = row(1, &[(1, 0, 1), (2, 0, 1)]);
+        migrating.addresses[0].draining = true;
+        let (t2, removed) = t1.with_changes(vec![(1, Some(migrating))]);
+        assert!(removed.is_empty(), "the old address's flows are not closed");
+        let domain = &t2.domains[&1];
+        assert!(Arc::ptr_eq(&domain.targets[0].state, flow_state(&flow)));
+        assert!(!domain.targets[0].state.is_closed());
+        for _ in 0..4 {
+            assert_eq!(domain.choose(&[]).map(|t| t.ip), Some(ip(2)));
+        }
+        assert!(domain.choose(&[ip(2)]).is_none(), "a draining target is never a retry either");
+    }
+
+    fn flow_state(guard: &ActiveGuard) -> &Arc<TargetState> {
+        &guard.0
     }
 }

@@ -262,7 +262,7 @@ pub fn default_route(ns: &Namespaces, i: u8) -> Result<()> {
 }
 
 /// A veth pair with one end in each namespace, both up.
-fn veth(ns: &Namespaces, (a, a_dev): (&str, &str), (b, b_dev): (&str, &str)) -> Result<()> {
+pub fn veth(ns: &Namespaces, (a, a_dev): (&str, &str), (b, b_dev): (&str, &str)) -> Result<()> {
     crate::netns::ip(&[
         "link",
         "add",
@@ -281,7 +281,8 @@ fn veth(ns: &Namespaces, (a, a_dev): (&str, &str), (b, b_dev): (&str, &str)) -> 
     ns.ip(b, &["link", "set", b_dev, "up"])
 }
 
-fn sh(ns: &Namespaces, name: &str, script: &str) -> Result<()> {
+/// Runs `sh -c script` inside namespace `name`.
+pub fn sh(ns: &Namespaces, name: &str, script: &str) -> Result<()> {
     run_in(&ns.name(name), Path::new("sh"), &[OsStr::new("-c"), OsStr::new(script)])?;
     Ok(())
 }

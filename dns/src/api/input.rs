@@ -7,6 +7,21 @@ use serde::Deserialize;
 use super::ApiError;
 use crate::{store::admin, view::Nameserver};
 
+/// `POST /v1/domains/{name}/migrations`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct NewMigration {
+    pub(super) from: IpAddr,
+    pub(super) to: IpAddr,
+    pub(super) temporary: Option<IpAddr>,
+    /// Seconds; default: the configured factor times the longest TTL the name was served with.
+    pub(super) hold: Option<u32>,
+    /// Seconds without a redirected flow; default: the configured quiet time.
+    pub(super) quiet: Option<u32>,
+    /// Default: the domain's forwarded ports, else its service tuples' ports.
+    pub(super) ports: Option<Vec<u16>>,
+}
+
 /// `POST /v1/subscribers`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -265,6 +280,38 @@ pub(super) fn service_label(field: &str, input: &str) -> Result<String, ApiError
 pub(super) fn usable_ip(field: &str, ip: IpAddr) -> Result<IpAddr, ApiError> {
     let bad = ip.is_unspecified() || ip.is_multicast() || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
     if bad { Err(ApiError::invalid(format!("{field}: {ip} cannot be used as a host address"))) } else { Ok(ip) }
+}
+
+/// Private, loopback, shared and link-local space: nothing a subscriber's traffic may be sent into.
+const PRIVATE_RANGES: [&str; 9] = [
+    "127.0.0.0/8",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "169.254.0.0/16",
+    "::1/128",
+    "fc00::/7",
+    "fe80::/10",
+];
+
+/// Refuses what [`usable_ip`] refuses and private space ([`PRIVATE_RANGES`], IPv4-mapped addresses included), unless
+/// the operator allows a range containing the address.
+pub(super) fn public_ip(field: &str, ip: IpAddr, allowed: &[ipnet::IpNet]) -> Result<IpAddr, ApiError> {
+    let ip = usable_ip(field, ip.to_canonical())?;
+    if allowed.iter().any(|range| range.contains(&ip)) {
+        return Ok(ip);
+    }
+    for range in PRIVATE_RANGES {
+        let range: ipnet::IpNet = range.parse().map_err(|_| ApiError::invalid("internal: bad range"))?;
+        if range.contains(&ip) {
+            return Err(ApiError::invalid(format!(
+                "{field}: {ip} is in private or reserved space ({range}); the operator may allow it with \
+                 allowed_target_ranges"
+            )));
+        }
+    }
+    Ok(ip)
 }
 
 /// A number within bounds, or an error naming the field.

@@ -19,9 +19,11 @@ use crate::{store, sync::Shared};
 pub mod dyndns;
 mod error;
 mod input;
+mod migrations;
 mod routes;
 
 pub use error::ApiError;
+pub use migrations::MigrationSettings;
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -40,6 +42,8 @@ pub struct AppState {
     pub dyndns_trusted_proxies: Arc<[ipnet::IpNet]>,
     /// Rate limits of dyndns failed logins (per source) and no-change updates (per credential).
     pub dyndns_limiter: Arc<dyndns::Limiter>,
+    /// Host migration defaults.
+    pub migrations: MigrationSettings,
 }
 
 /// Who is calling, from the bearer token.
@@ -65,6 +69,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/domains/{name}/services", axum::routing::put(routes::put_services))
         .route("/v1/domains/{name}/forwarding", axum::routing::put(routes::put_forwarding))
         .route("/v1/domains/{name}/txt", get(routes::get_txt).put(routes::put_txt))
+        .route("/v1/domains/{name}/migrations", post(migrations::create).get(migrations::list))
+        .route("/v1/domains/{name}/migrations/{id}", get(migrations::get).delete(migrations::delete))
         .route("/v1/domains/{name}/enrollments", post(routes::create_enrollment))
         .route(
             "/v1/domains/{name}/dyndns-credentials",

@@ -547,7 +547,7 @@ async fn set_heartbeat_server_state(
 }
 
 /// The named domain, if it exists and the caller may touch it.
-async fn owned_domain(state: &AppState, caller: Caller, name: &str) -> Result<admin::Domain, ApiError> {
+pub(super) async fn owned_domain(state: &AppState, caller: Caller, name: &str) -> Result<admin::Domain, ApiError> {
     let fqdn = input::hostname("name", name).map_err(|e| {
         if e.status() == StatusCode::UNPROCESSABLE_ENTITY {
             ApiError::new(StatusCode::BAD_REQUEST, "bad_path", format!("{name:?} is not a valid domain name"))

@@ -99,9 +99,22 @@ impl Domain for DomainRow {
     type Service = ServiceRow;
     const DOMAINS: &'static str = "SELECT id, zone_id, fqdn, ttl, fallback_ip, when_empty, load_threshold_pct \
                                    FROM domains WHERE $1::bigint[] IS NULL OR id = ANY($1)";
-    const ADDRESSES: &'static str = "SELECT domain_id, ip, priority, weight, load, state::text AS state \
-                                     FROM addresses WHERE state <> 'pending' \
-                                     AND ($1::bigint[] IS NULL OR domain_id = ANY($1))";
+    /// The addresses as the answers see them, host migrations applied: a migration's old address is left out, its
+    /// new address takes the old one's priority when that is better, and while it is announced with a temporary
+    /// address the temporary one is answered instead of the new one.
+    const ADDRESSES: &'static str = "SELECT a.domain_id, a.ip, \
+           LEAST(a.priority, (SELECT min(f.priority) FROM host_migrations m JOIN addresses f \
+                ON f.domain_id = m.domain_id AND f.ip = m.from_ip \
+                WHERE m.domain_id = a.domain_id AND m.to_ip = a.ip)) AS priority, \
+           a.weight, a.load, a.state::text AS state \
+      FROM addresses a WHERE a.state <> 'pending' AND ($1::bigint[] IS NULL OR a.domain_id = ANY($1)) \
+       AND NOT EXISTS (SELECT 1 FROM host_migrations m WHERE m.domain_id = a.domain_id AND (m.from_ip = a.ip \
+            OR (m.phase = 'announced' AND m.temporary_ip IS NOT NULL AND m.to_ip = a.ip))) \
+    UNION ALL \
+    SELECT m.domain_id, m.temporary_ip, COALESCE(f.priority, 0), COALESCE(f.weight, 1), 0::real, 'live' \
+      FROM host_migrations m LEFT JOIN addresses f ON f.domain_id = m.domain_id AND f.ip = m.from_ip \
+     WHERE m.phase = 'announced' AND m.temporary_ip IS NOT NULL AND ($1::bigint[] IS NULL OR m.domain_id = ANY($1)) \
+       AND NOT EXISTS (SELECT 1 FROM addresses x WHERE x.domain_id = m.domain_id AND x.ip = m.temporary_ip)";
     const SERVICES: &'static str = "SELECT domain_id, service, transport, ip, target, port, priority, weight \
                                     FROM services WHERE $1::bigint[] IS NULL OR domain_id = ANY($1)";
 

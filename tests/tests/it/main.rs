@@ -9,6 +9,7 @@ mod hbs_metrics;
 mod hds;
 mod heartbeat;
 mod layout;
+mod migration;
 mod ncu_binary;
 mod sync;
 mod system;

@@ -1,0 +1,197 @@
+//! The kernel half of a host migration's redirect: an nftables table of tether's own (`inet tether_migrate`), never
+//! touching anyone else's rules. New flows (conntrack state `new`) to the old address and the migration's ports are
+//! sent on to the new address (DNAT) with this host's address as their source (masquerade), so the new server's
+//! replies come back the same way. Established connections are not new: they stay with the old server untouched.
+//!
+//! The table is replaced whole in one `nft -f -` run (one kernel transaction), so a change never opens a gap; each
+//! rule carries a counter and the comment `migration <id>`, read back with `nft -j`.
+
+use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, process::Stdio};
+
+use serde::Deserialize;
+use tokio::{io::AsyncWriteExt, process::Command};
+
+/// The table's name, in family `inet`.
+pub const TABLE: &str = "tether_migrate";
+
+/// One migration's redirect.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Redirect {
+    /// The migration's id.
+    pub id: i64,
+    /// The old address: held by this host.
+    pub from: IpAddr,
+    /// Where new flows go.
+    pub to: IpAddr,
+    /// Ports redirected, TCP and UDP.
+    pub ports: Vec<u16>,
+}
+
+/// An `nft` run that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    /// No `nft` binary.
+    #[error("cannot run nft ({0}); install nftables")]
+    Missing(std::io::Error),
+    /// `nft` refused the script or the listing failed.
+    #[error("nft failed: {0}")]
+    Failed(String),
+    /// `nft -j` printed something unexpected.
+    #[error("unreadable nft -j output: {0}")]
+    Output(String),
+}
+
+/// The script that replaces the table with one holding `redirects` (none: the table is removed). Every value in it
+/// is an address or a number, so nothing in it comes from a person's text.
+pub fn script(redirects: &[Redirect]) -> String {
+    // `table` creates it when missing, so the delete never fails; all of it is one transaction.
+    let mut s = format!("table inet {TABLE}\ndelete table inet {TABLE}\n");
+    if redirects.is_empty() {
+        return s;
+    }
+    let _ = writeln!(s, "table inet {TABLE} {{");
+    s.push_str("  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n");
+    for r in redirects {
+        let family = family(r.from);
+        let ports = r.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+        // A TCP connection the old server already has may be picked up by conntrack mid-stream (when nothing
+        // tracked this host's flows before), and then looks new: only a SYN starts a flow worth redirecting.
+        for (l4, only) in [("tcp", "tcp flags & (syn | ack) == syn "), ("udp", "")] {
+            let _ = writeln!(
+                s,
+                "    {family} daddr {} {l4} dport {{ {ports} }} {only}ct state new counter dnat {family} to {} \
+                 comment \"migration {}\"",
+                r.from, r.to, r.id
+            );
+        }
+    }
+    s.push_str("  }\n  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n");
+    for r in redirects {
+        let _ = writeln!(
+            s,
+            "    ct status dnat ct original {} daddr {} masquerade comment \"migration {}\"",
+            family(r.from),
+            r.from,
+            r.id
+        );
+    }
+    s.push_str("  }\n}\n");
+    s
+}
+
+fn family(ip: IpAddr) -> &'static str {
+    if ip.is_ipv4() { "ip" } else { "ip6" }
+}
+
+/// Replaces the table (see [`script`]).
+pub async fn apply(redirects: &[Redirect]) -> Result<(), NftError> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(NftError::Missing)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(script(redirects).as_bytes()).await.map_err(|e| NftError::Failed(e.to_string()))?;
+    }
+    let output = child.wait_with_output().await.map_err(|e| NftError::Failed(e.to_string()))?;
+    if !output.status.success() {
+        return Err(NftError::Failed(String::from_utf8_lossy(&output.stderr).trim().to_owned()));
+    }
+    Ok(())
+}
+
+/// New flows redirected so far, by migration id, from the rules' counters.
+pub async fn counters() -> Result<BTreeMap<i64, u64>, NftError> {
+    let output = Command::new("nft")
+        .args(["-j", "list", "table", "inet", TABLE])
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(NftError::Missing)?;
+    if !output.status.success() {
+        return Err(NftError::Failed(String::from_utf8_lossy(&output.stderr).trim().to_owned()));
+    }
+    parse_counters(&output.stdout)
+}
+
+#[derive(Deserialize)]
+struct Listing {
+    nftables: Vec<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct Rule {
+    chain: String,
+    #[serde(default)]
+    comment: Option<String>,
+    #[serde(default)]
+    expr: Vec<serde_json::Value>,
+}
+
+/// Sums the packet counters of the prerouting rules by the id in their comment.
+fn parse_counters(json: &[u8]) -> Result<BTreeMap<i64, u64>, NftError> {
+    let listing: Listing = serde_json::from_slice(json).map_err(|e| NftError::Output(e.to_string()))?;
+    let mut flows = BTreeMap::new();
+    for item in listing.nftables {
+        let Some(rule) = item.get("rule") else { continue };
+        let rule: Rule = serde_json::from_value(rule.clone()).map_err(|e| NftError::Output(e.to_string()))?;
+        let id = rule.comment.as_deref().and_then(|c| c.strip_prefix("migration ")).and_then(|id| id.parse().ok());
+        let (Some(id), "prerouting") = (id, rule.chain.as_str()) else { continue };
+        let packets: u64 = rule.expr.iter().filter_map(|e| e.get("counter")?.get("packets")?.as_u64()).sum();
+        *flows.entry(id).or_insert(0) += packets;
+    }
+    Ok(flows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_script_replaces_the_table_and_counts_new_flows_only() {
+        let empty = script(&[]);
+        assert_eq!(empty, "table inet tether_migrate\ndelete table inet tether_migrate\n");
+        let r = Redirect {
+            id: 7,
+            from: "198.18.1.2".parse().expect("ip"),
+            to: "198.18.2.2".parse().expect("ip"),
+            ports: vec![80, 443],
+        };
+        let v6 = Redirect {
+            id: 8,
+            from: "fd00::1".parse().expect("ip"),
+            to: "fd00::2".parse().expect("ip"),
+            ports: vec![53],
+        };
+        let s = script(&[r, v6]);
+        assert!(s.starts_with(&empty), "{s}");
+        assert!(s.contains(
+            "ip daddr 198.18.1.2 tcp dport { 80, 443 } tcp flags & (syn | ack) == syn ct state new counter dnat ip to \
+             198.18.2.2 comment \"migration 7\""
+        ));
+        assert!(s.contains("ip daddr 198.18.1.2 udp dport { 80, 443 } ct state new counter dnat ip to 198.18.2.2"));
+        assert!(s.contains("ip6 daddr fd00::1 udp dport { 53 } ct state new counter dnat ip6 to fd00::2"));
+        assert!(s.contains("ct status dnat ct original ip daddr 198.18.1.2 masquerade comment \"migration 7\""));
+        assert!(s.contains("ct status dnat ct original ip6 daddr fd00::1 masquerade"));
+    }
+
+    #[test]
+    fn counters_are_summed_per_migration_from_prerouting_rules() {
+        let json = br#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+          {"table": {"family": "inet", "name": "tether_migrate", "handle": 1}},
+          {"rule": {"family": "inet", "table": "tether_migrate", "chain": "prerouting", "handle": 4,
+            "comment": "migration 7", "expr": [{"match": {}}, {"counter": {"packets": 3, "bytes": 180}}, {"dnat": {}}]}},
+          {"rule": {"family": "inet", "table": "tether_migrate", "chain": "prerouting", "handle": 5,
+            "comment": "migration 7", "expr": [{"counter": {"packets": 2, "bytes": 100}}]}},
+          {"rule": {"family": "inet", "table": "tether_migrate", "chain": "postrouting", "handle": 6,
+            "comment": "migration 7", "expr": [{"counter": {"packets": 99, "bytes": 1}}]}},
+          {"rule": {"family": "inet", "table": "tether_migrate", "chain": "prerouting", "handle": 7,
+            "comment": "someone else", "expr": [{"counter": {"packets": 50, "bytes": 1}}]}}]}"#;
+        let flows = parse_counters(json).expect("parses");
+        assert_eq!(flows.into_iter().collect::<Vec<_>>(), [(7, 5)]);
+        assert!(parse_counters(b"not json").is_err());
+    }
+}
