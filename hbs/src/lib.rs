@@ -9,6 +9,7 @@ pub mod config;
 pub mod driver;
 pub mod fleet;
 pub mod metrics;
+pub mod redirects;
 pub mod registrar;
 pub mod server;
 pub mod store;
@@ -144,6 +145,8 @@ mod run {
             },
             inner.clone(),
         ));
+        let (redirects_tx, redirects_rx) = watch::channel(crate::redirects::ByNcu::default());
+        tasks.spawn(crate::redirects::run(pool.clone(), config.name.clone(), redirects_tx, inner.clone()));
         let context = Arc::new(server::Context {
             pool: pool.clone(),
             me: config.name.clone(),
@@ -156,6 +159,7 @@ mod run {
             session_grace: config.session_grace,
             refused,
             metrics,
+            redirects: redirects_rx,
         });
         info!(name = %config.name, %control_addr, %heartbeat_addr, %advertise, "hbs serving");
         server::serve(endpoint, context, shutdown.clone()).await;

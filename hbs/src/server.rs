@@ -55,6 +55,8 @@ pub struct Context {
     pub refused: Arc<AtomicU64>,
     /// Sessions and connections show here.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The redirects each NCU should hold (host migrations moving a site).
+    pub redirects: watch::Receiver<crate::redirects::ByNcu>,
 }
 
 /// Builds the QUIC endpoint on an already bound UDP socket.
@@ -94,6 +96,10 @@ struct Session {
     targets: BTreeMap<String, (i64, Uplink)>,
     /// Its control connection, to tell whether the NCU is still there after a slow write.
     connection: Connection,
+    /// True once a registration was answered: only then may unsolicited messages follow.
+    registered: bool,
+    /// The redirects last sent.
+    redirects: Vec<control::Redirect>,
 }
 
 async fn session(connection: Connection, context: Arc<Context>, shutdown: CancellationToken) {
@@ -142,10 +148,13 @@ async fn session(connection: Connection, context: Arc<Context>, shutdown: Cancel
         remote: connection.remote_address(),
         targets: BTreeMap::new(),
         connection: connection.clone(),
+        registered: false,
+        redirects: Vec::new(),
     };
     info!(ncu = ncu.id, domain = %ncu.domain, session = session.id, "NCU connected");
     context.metrics.sessions.inc();
     let mut draining = context.draining.clone();
+    let mut redirects = context.redirects.clone();
     let mut asked_to_drain = false;
     loop {
         let wants_drain = *draining.borrow() && !asked_to_drain && !session.targets.is_empty();
@@ -153,8 +162,14 @@ async fn session(connection: Connection, context: Arc<Context>, shutdown: Cancel
             () = shutdown.cancelled() => break,
             frame = frame::read::<ToHbs>(&mut recv, control::VERSION, control::MAX_FRAME) => match frame {
                 Ok(Some(message)) => {
-                    let answer = handle(&mut session, message, &context).await;
-                    if reply(&mut send, answer).await.is_err() {
+                    if let Some(answer) = handle(&mut session, message, &context).await {
+                        session.registered |= matches!(answer, ToNcu::Registered { .. });
+                        if reply(&mut send, answer).await.is_err() {
+                            break;
+                        }
+                    }
+                    let all = redirects.borrow_and_update().clone();
+                    if send_redirects(&mut session, &mut send, &all).await.is_err() {
                         break;
                     }
                 }
@@ -172,6 +187,15 @@ async fn session(connection: Connection, context: Arc<Context>, shutdown: Cancel
                     break;
                 }
             },
+            changed = redirects.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let all = redirects.borrow_and_update().clone();
+                if send_redirects(&mut session, &mut send, &all).await.is_err() {
+                    break;
+                }
+            }
             changed = draining.changed(), if !asked_to_drain => {
                 if changed.is_err() {
                     break;
@@ -193,7 +217,60 @@ async fn session(connection: Connection, context: Arc<Context>, shutdown: Cancel
     end_session(&session, &context);
 }
 
-async fn handle(session: &mut Session, message: ToHbs, context: &Context) -> ToNcu {
+/// Sends the NCU its redirects when they differ from what it was last sent (and it has registered).
+async fn send_redirects(
+    session: &mut Session,
+    send: &mut SendStream,
+    all: &crate::redirects::ByNcu,
+) -> Result<(), FrameError> {
+    if !session.registered {
+        return Ok(());
+    }
+    let mine = all.get(&session.ncu_id).cloned().unwrap_or_default();
+    if mine == session.redirects {
+        return Ok(());
+    }
+    info!(session = session.id, redirects = mine.len(), "sending the NCU its redirects");
+    session.redirects.clone_from(&mine);
+    reply(send, ToNcu::Redirect { redirects: mine }).await
+}
+
+/// Writes an NCU's report on a redirect it was sent; a report on any other is ignored (and logged).
+async fn redirected(session: &Session, context: &Context, id: i64, flows: u64, error: Option<String>) {
+    if !session.redirects.iter().any(|r| r.id == id) {
+        warn!(session = session.id, ncu = session.ncu_id, migration = id, "report on a redirect never sent; ignored");
+        return;
+    }
+    let mut error = error;
+    if let Some(text) = error.as_mut()
+        && text.len() > control::MAX_REASON
+    {
+        let mut end = control::MAX_REASON;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    if let Some(text) = &error {
+        warn!(session = session.id, migration = id, error = %text, "the NCU cannot redirect");
+    }
+    let relay = format!("ncu {}", session.ncu_id);
+    if let Err(e) = crate::redirects::report(&context.pool, &relay, id, flows, error.as_deref()).await {
+        warn!(error = %e, migration = id, "cannot write the NCU's redirect report");
+    }
+}
+
+async fn handle(session: &mut Session, message: ToHbs, context: &Context) -> Option<ToNcu> {
+    Some(match message {
+        ToHbs::Redirected { id, flows, error } => {
+            redirected(session, context, id, flows, error).await;
+            return None;
+        }
+        other => register(session, other, context).await,
+    })
+}
+
+async fn register(session: &mut Session, message: ToHbs, context: &Context) -> ToNcu {
     let (uplinks, replace_all) = match message {
         ToHbs::Register { uplinks } => {
             if let Err(reason) = control::validate(&uplinks) {
@@ -223,6 +300,7 @@ async fn handle(session: &mut Session, message: ToHbs, context: &Context) -> ToN
             }
             return registered(session, context, Vec::new());
         }
+        ToHbs::Redirected { .. } => return error(ControlError::Invalid, "not a registration"),
     };
     if *context.draining.borrow() && session.targets.is_empty() {
         return error(ControlError::Unavailable, "this heartbeat server is draining; ask hds for another");

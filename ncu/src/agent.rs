@@ -33,7 +33,7 @@ pub use crate::session::{BACKUP_SETTLE, BACKUP_SPREAD};
 use crate::{
     hds_client::{self, Assignment, NcuError},
     identity::Identity,
-    load,
+    load, redirect,
     session::{CONNECT_TIMEOUT, Command, Input, STANDBY_TIMEOUT, Session},
 };
 
@@ -100,6 +100,9 @@ struct UplinkSocket {
     reader: JoinHandle<()>,
 }
 
+/// How long a new heartbeat server has to confirm the redirects the last one asked for.
+const REDIRECTS_CONFIRM: Duration = Duration::from_secs(3);
+
 /// One received heartbeat datagram: uplink index, bytes, source.
 type Datagram = (u8, Vec<u8>, SocketAddr);
 
@@ -127,6 +130,12 @@ pub async fn run(
     );
     let (datagrams_tx, mut datagrams) = mpsc::channel(1024);
     let (done_tx, mut done) = mpsc::unbounded_channel();
+    // Host migrations moving this site: the kernel's redirects live as long as the agent.
+    let (redirects, redirects_rx) = watch::channel(Vec::new());
+    let (reports_tx, mut redirect_reports) = mpsc::unbounded_channel();
+    let relay_stop = shutdown.child_token();
+    let relay = tokio::spawn(redirect::run(redirects_rx, reports_tx, relay_stop.clone()));
+    let _stop_relay = relay_stop.clone().drop_guard();
     let mut agent = Agent {
         hds,
         identity,
@@ -143,6 +152,8 @@ pub async fn run(
         load: load::current(),
         standby: None,
         connected: None,
+        redirects,
+        confirm_redirects_by: None,
     };
     agent.sync_sockets().await;
     let mut session = Session::new();
@@ -211,6 +222,16 @@ pub async fn run(
                 agent.load = load::current();
                 None
             }
+            Some(report) = redirect_reports.recv() => {
+                agent.report_redirect(report).await;
+                None
+            }
+            () = sleep_until(agent.confirm_redirects_by), if agent.confirm_redirects_by.is_some() => {
+                info!("the new heartbeat server sent no redirects: dropping the old ones");
+                agent.confirm_redirects_by = None;
+                agent.redirects.send_replace(Vec::new());
+                None
+            }
         };
         if let Some(input) = input {
             session.handle(input, Instant::now().into_std(), &mut rng);
@@ -226,7 +247,17 @@ pub async fn run(
     if let Some(connected) = agent.connected.take() {
         connected.connection.close(0_u32.into(), b"shutting down");
     }
+    relay_stop.cancel();
+    let _ = relay.await;
     Ok(())
+}
+
+/// Resolves at `deadline`; never without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
 struct Agent {
@@ -249,6 +280,10 @@ struct Agent {
     standby: Option<Standby>,
     /// The registered control session.
     connected: Option<Connected>,
+    /// The redirects the heartbeat server asked for ([`redirect`]).
+    redirects: watch::Sender<Vec<control::Redirect>>,
+    /// After a move to another server, the redirects are dropped unless it confirms them by then.
+    confirm_redirects_by: Option<Instant>,
 }
 
 /// An idle, authenticated connection to the backup server: the TLS handshake (the costly part of a move, and what
@@ -350,6 +385,9 @@ impl Agent {
                 self.responder.set_session(connected.session, connected.key, connected.heartbeat, &indexes, now);
                 info!(hbs = %server.name, session = connected.session, accepted = connected.accepted.len(), "registered");
                 self.connected = Some(connected);
+                if !self.redirects.borrow().is_empty() {
+                    self.confirm_redirects_by = Some(Instant::now() + REDIRECTS_CONFIRM);
+                }
                 Input::Registered
             }
             Done::Registered(server, Err(error)) => {
@@ -375,6 +413,17 @@ impl Agent {
                 }
                 None
             }
+            Ok(ToNcu::Redirect { redirects }) => {
+                self.confirm_redirects_by = None;
+                match control::validate_redirects(&redirects) {
+                    Ok(()) => {
+                        info!(redirects = redirects.len(), "redirects from the heartbeat server");
+                        self.redirects.send_replace(redirects);
+                    }
+                    Err(reason) => warn!(%reason, "redirects refused"),
+                }
+                None
+            }
             Ok(ToNcu::Drain { reason }) => {
                 info!(%reason, "asked to move; asking hds for another server");
                 Some(Input::Drain)
@@ -391,6 +440,16 @@ impl Agent {
                 }
                 Some(Input::Closed)
             }
+        }
+    }
+
+    /// Sends a redirect report on the running session; without one it is dropped (the next server asks again and
+    /// the counts are sent again when they grow).
+    async fn report_redirect(&mut self, report: ToHbs) {
+        if let Some(connected) = self.connected.as_mut()
+            && let Err(error) = frame::write(&mut connected.send, control::VERSION, &report).await
+        {
+            debug!(%error, "cannot send a redirect report");
         }
     }
 

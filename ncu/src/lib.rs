@@ -8,5 +8,6 @@ pub mod config;
 pub mod hds_client;
 pub mod identity;
 pub mod load;
+pub mod redirect;
 pub mod session;
 pub mod uplinks;

@@ -20,7 +20,6 @@ pub mod limits;
 pub mod listeners;
 pub mod metrics;
 pub mod migrate;
-pub mod nft;
 pub mod proxy;
 pub mod splice;
 pub mod store;
@@ -72,7 +71,7 @@ pub struct Shared {
     pub pipes: splice::Pipes,
     changed: watch::Sender<()>,
     /// Every unfinished host migration, for the relay ([`migrate`]).
-    pub redirects: watch::Sender<Vec<nft::Redirect>>,
+    pub redirects: watch::Sender<Vec<tether_nft::Redirect>>,
 }
 
 impl Shared {

@@ -31,14 +31,14 @@ async fn load(pool: &PgPool, ids: Option<&[i64]>) -> Result<Vec<DomainRow>, Stor
 }
 
 /// Every unfinished host migration's redirect (few: at most one per domain).
-pub async fn redirects(pool: &PgPool) -> Result<Vec<crate::nft::Redirect>, StoreError> {
+pub async fn redirects(pool: &PgPool) -> Result<Vec<tether_nft::Redirect>, StoreError> {
     let rows: Vec<(i64, IpAddr, IpAddr, Vec<i32>)> =
         sqlx::query_as("SELECT id, from_ip, to_ip, ports FROM host_migrations WHERE phase <> 'done' ORDER BY id")
             .fetch_all(pool)
             .await?;
     Ok(rows
         .into_iter()
-        .map(|(id, from, to, ports)| crate::nft::Redirect {
+        .map(|(id, from, to, ports)| tether_nft::Redirect {
             id,
             from,
             to,

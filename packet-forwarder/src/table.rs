@@ -101,7 +101,7 @@ pub struct AddressRow {
 #[derive(Debug, Clone)]
 pub enum Entry {
     /// The domain's live addresses, on `port`. (A host migration's redirect of its old address is the kernel's:
-    /// see [`crate::nft`]; here its old address only stops taking new flows.)
+    /// see [`tether_nft`]; here its old address only stops taking new flows.)
     Forward {
         /// The domain.
         domain: Arc<Domain>,

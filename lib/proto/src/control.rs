@@ -1,6 +1,8 @@
 //! The NCU ↔ HBS control protocol (QUIC, ALPN `tether-hbs/1`, mutual TLS): one long-lived bidirectional stream per
 //! connection carrying length-prefixed JSON frames (see [`crate::frame`]). The NCU registers its uplinks; the HBS
-//! answers with the session's heartbeat key and port, and may later ask the NCU to move (`Drain`).
+//! answers with the session's heartbeat key and port, and may later ask the NCU to move (`Drain`) or to redirect new
+//! flows reaching one of its uplink addresses to another address while a host migration moves the site
+//! (`Redirect`); the NCU reports what it redirected (`Redirected`).
 
 use std::net::IpAddr;
 
@@ -34,6 +36,35 @@ pub enum ToHbs {
         /// Its name.
         name: String,
     },
+    /// What became of a redirect the HBS asked for: held (no error) and the new flows sent on so far, or why it
+    /// cannot be held. Not answered.
+    Redirected {
+        /// The migration.
+        id: i64,
+        /// New flows redirected so far.
+        flows: u64,
+        /// Why the redirect cannot be held (at most [`MAX_REASON`] bytes).
+        error: Option<String>,
+    },
+}
+
+/// Longest reason an NCU may give.
+pub const MAX_REASON: usize = 512;
+
+/// A redirect of new flows reaching an uplink address, while a host migration moves the site.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redirect {
+    /// The migration.
+    pub id: i64,
+    /// The uplink whose address is migrated away from.
+    pub uplink: String,
+    /// That uplink's interface address, where the flows arrive.
+    pub from: IpAddr,
+    /// Where new flows go.
+    pub to: IpAddr,
+    /// Ports redirected, TCP and UDP (1 to 64 of them).
+    pub ports: Vec<u16>,
 }
 
 /// One uplink of the NCU.
@@ -74,6 +105,12 @@ pub enum ToNcu {
         accepted: Vec<String>,
         /// Uplinks refused, with the reason.
         refused: Vec<Refusal>,
+    },
+    /// The complete set of redirects this NCU should hold now (at most [`MAX_UPLINKS`]); replaces any earlier set.
+    /// Sent only after `Registered`, and again whenever it changes.
+    Redirect {
+        /// The redirects.
+        redirects: Vec<Redirect>,
     },
     /// Ask hds for another heartbeat server and move there.
     Drain {
@@ -131,6 +168,22 @@ pub fn validate(uplinks: &[Uplink]) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a redirect set from the HBS: its size, ports, address families.
+pub fn validate_redirects(redirects: &[Redirect]) -> Result<(), String> {
+    if redirects.len() > MAX_UPLINKS {
+        return Err(format!("{} redirects; at most {MAX_UPLINKS}", redirects.len()));
+    }
+    for r in redirects {
+        if r.ports.is_empty() || r.ports.len() > 64 || r.ports.contains(&0) {
+            return Err(format!("redirect {}: 1 to 64 ports of 1-65535", r.id));
+        }
+        if r.from.is_ipv4() != r.to.is_ipv4() || r.from == r.to {
+            return Err(format!("redirect {}: {} to {} is not one family, or goes nowhere", r.id, r.from, r.to));
+        }
+    }
+    Ok(())
+}
+
 /// Checks one uplink.
 pub fn validate_one(uplink: &Uplink) -> Result<(), String> {
     if uplink.name.is_empty() || uplink.name.len() > 32 || !uplink.name.chars().all(|c| c.is_ascii_graphic()) {
@@ -166,6 +219,24 @@ mod tests {
         assert!(validate(&[uplink("a", 0, "198.18.0.1"), uplink("b", 0, "198.18.0.2")]).is_err());
         assert!(validate(&[uplink("a", 16, "198.18.0.1")]).is_err());
         assert!(validate(&[uplink("a", 0, "0.0.0.0")]).is_err());
+    }
+
+    #[test]
+    fn redirect_sets_are_validated() {
+        let r = |id: i64, from: &str, to: &str, ports: Vec<u16>| Redirect {
+            id,
+            uplink: "wan1".into(),
+            from: from.parse().expect("ip"),
+            to: to.parse().expect("ip"),
+            ports,
+        };
+        assert!(validate_redirects(&[r(1, "198.18.1.2", "198.18.2.2", vec![80])]).is_ok());
+        assert!(validate_redirects(&[r(1, "198.18.1.2", "fd00::2", vec![80])]).is_err());
+        assert!(validate_redirects(&[r(1, "198.18.1.2", "198.18.1.2", vec![80])]).is_err());
+        assert!(validate_redirects(&[r(1, "198.18.1.2", "198.18.2.2", vec![0])]).is_err());
+        assert!(validate_redirects(&[r(1, "198.18.1.2", "198.18.2.2", vec![])]).is_err());
+        let many: Vec<Redirect> = (0..16).map(|i| r(i, "198.18.1.2", "198.18.2.2", vec![80])).collect();
+        assert!(validate_redirects(&many).is_err());
     }
 
     #[test]

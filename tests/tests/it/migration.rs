@@ -442,3 +442,88 @@ async fn a_service_moves_to_a_new_server_without_losing_a_connection() -> Result
     }
     Ok(())
 }
+
+/// One HTTP/1.0 request to `ip`:8080 from the client namespace; the site's web server names the address it was
+/// reached on.
+async fn via(ip: &str) -> Result<String> {
+    let exchange = async {
+        let mut stream = TcpStream::connect((ip, 8080)).await?;
+        stream.write_all(b"GET / HTTP/1.0\r\nHost: shop.e2e.test\r\n\r\n").await?;
+        let mut reply = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut reply).await?;
+        anyhow::Ok(reply)
+    };
+    let reply = tokio::time::timeout(Duration::from_secs(3), exchange).await??;
+    Ok(reply.rsplit("via ").next().context("no via line")?.trim().to_owned())
+}
+
+/// A site moving to a new uplink (a new ISP): the NCU on the site's router redirects new flows reaching the old
+/// uplink address, as the heartbeat server tells it, and reports them; the whole system runs as real processes.
+#[test]
+fn a_site_moves_and_its_router_redirects_the_old_address() -> Result<()> {
+    let ns = system::network(2)?;
+    // The site's router routes (the system test's site only answers for itself).
+    system::sh(&ns, "site", "echo 1 > /proc/sys/net/ipv4/ip_forward")?;
+    let runtime = system::client_runtime(&ns)?;
+    runtime.block_on(async {
+        let mut system = system::System::start(ns).await?;
+        let result = site_moves(&mut system).await;
+        if let Err(error) = &result {
+            eprintln!("the site migration failed: {error:#}");
+            system.print_logs();
+        }
+        result
+    })
+}
+
+async fn site_moves(system: &mut system::System) -> Result<()> {
+    let (old, new) = ("198.18.1.2", "198.18.2.2");
+    eventually(Duration::from_secs(30), "both uplinks in DNS", || async {
+        (system.answer().await.ok()? == [old, new]).then_some(())
+    })
+    .await?;
+    assert_eq!(via(old).await?, old, "before the move the old uplink serves itself");
+    let migrations = format!("/v1/domains/{}/migrations", system::DOMAIN);
+    let body = json!({ "from": old, "to": new, "hold": 3, "quiet": 2 });
+    let created = system.subscriber(Method::POST, &migrations, Some(body), StatusCode::CREATED).await?;
+    assert_eq!(created["ports"], json!([8080]), "the forwarded ports by default");
+    let one = format!("{migrations}/{}", created["id"]);
+
+    let redirecting = eventually(WAIT, "the router to hold the redirect", || async {
+        let body = system.subscriber(Method::GET, &one, None, StatusCode::OK).await.ok()?;
+        (body["phase"] == "redirecting").then_some(body)
+    })
+    .await?;
+    let relay = redirecting["relay"].as_str().unwrap_or_default();
+    assert!(relay.starts_with("ncu "), "the NCU holds it: {redirecting}");
+    assert_eq!(redirecting["relay_error"], Value::Null, "{redirecting}");
+    eventually(WAIT, "DNS to answer the new uplink only", || async {
+        (system.answer().await.ok()? == [new]).then_some(())
+    })
+    .await?;
+    for _ in 0..5 {
+        assert_eq!(via(old).await?, new, "a new connection to the old address is redirected by the router");
+    }
+    let done = eventually(WAIT, "the migration to be done", || async {
+        let body = system.subscriber(Method::GET, &one, None, StatusCode::OK).await.ok()?;
+        (body["phase"] == "done").then_some(body)
+    })
+    .await?;
+    assert!(done["flows"].as_i64().unwrap_or(0) >= 5, "the NCU reported the redirected flows: {done}");
+    assert_eq!(done["relay_error"], Value::Null);
+    eventually(WAIT, "the router to let go of the old address", || async {
+        (via(old).await.ok()? == old).then_some(())
+    })
+    .await?;
+    let tables = system::run_in(
+        &system.ns.name("site"),
+        std::path::Path::new("nft"),
+        &[OsStr::new("list"), OsStr::new("tables")],
+    )?;
+    assert!(!tables.contains("tether_migrate"), "{tables}");
+    let log = system.process("ncu")?.log_tail(300);
+    for line in ["redirects from the heartbeat server", "redirecting new flows", "redirect released"] {
+        assert!(log.contains(line), "ncu's log should say {line:?}");
+    }
+    system.running()
+}

@@ -1,15 +1,22 @@
-//! The kernel half of a host migration's redirect: an nftables table of tether's own (`inet tether_migrate`), never
-//! touching anyone else's rules. New flows (conntrack state `new`) to the old address and the migration's ports are
+//! The kernel half of a host migration's redirect, shared by the packet-forwarder (a server's old address) and ncu (a
+//! site's old uplink address): an nftables table of tether's own (`inet tether_migrate`), never touching anyone
+//! else's rules. New flows (conntrack state `new`) to the old address and the migration's ports are
 //! sent on to the new address (DNAT) with this host's address as their source (masquerade), so the new server's
 //! replies come back the same way. Established connections are not new: they stay with the old server untouched.
 //!
 //! The table is replaced whole in one `nft -f -` run (one kernel transaction), so a change never opens a gap; each
 //! rule carries a counter and the comment `migration <id>`, read back with `nft -j`.
 
-use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, process::Stdio};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    net::{IpAddr, SocketAddr, UdpSocket},
+    process::Stdio,
+};
 
 use serde::Deserialize;
 use tokio::{io::AsyncWriteExt, process::Command};
+use tracing::{info, warn};
 
 /// The table's name, in family `inet`.
 pub const TABLE: &str = "tether_migrate";
@@ -144,6 +151,159 @@ fn parse_counters(json: &[u8]) -> Result<BTreeMap<i64, u64>, NftError> {
         *flows.entry(id).or_insert(0) += packets;
     }
     Ok(flows)
+}
+
+/// What changed when the redirects were brought to the wanted set, or counted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    /// Now redirecting (newly, or again after a failure).
+    Held(i64),
+    /// No longer redirecting.
+    Released(i64),
+    /// Cannot redirect, and why (reported once per reason).
+    Failed(i64, String),
+    /// New flows redirected so far (reported when the count grew).
+    Flows(i64, u64),
+}
+
+/// The redirects this host holds, kept equal to a wanted set.
+#[derive(Debug)]
+pub struct Kernel {
+    host: String,
+    installed: Vec<Redirect>,
+    flows: BTreeMap<i64, u64>,
+    failed: BTreeMap<i64, String>,
+    apply_error: Option<String>,
+}
+
+impl Kernel {
+    /// Nothing held yet; `host` names this host in error reports.
+    pub fn new(host: &str) -> Self {
+        Self {
+            host: host.to_owned(),
+            installed: Vec::new(),
+            flows: BTreeMap::new(),
+            failed: BTreeMap::new(),
+            apply_error: None,
+        }
+    }
+
+    /// Redirects held.
+    pub fn held(&self) -> usize {
+        self.installed.len()
+    }
+
+    /// Makes the kernel hold exactly those of `wanted` whose address family this host forwards; the others fail
+    /// with the sysctl to turn on. A failed `nft` run is retried at the next call.
+    pub async fn reconcile(&mut self, mut wanted: Vec<Redirect>) -> Vec<Report> {
+        wanted.sort();
+        let mut reports = Vec::new();
+        let (ok, blocked): (Vec<Redirect>, Vec<Redirect>) = wanted.into_iter().partition(|r| forwarding_on(r.from));
+        for r in &blocked {
+            let why = format!(
+                "IP forwarding is off on {} ({} = 0): redirected flows could not leave",
+                self.host,
+                sysctl(r.from)
+            );
+            self.fail(r.id, why, &mut reports);
+        }
+        self.failed.retain(|id, _| blocked.iter().any(|r| r.id == *id) || ok.iter().any(|r| r.id == *id));
+        if ok == self.installed && self.apply_error.is_none() {
+            return reports;
+        }
+        match apply(&ok).await {
+            Ok(()) => {
+                let before: BTreeSet<i64> = self.installed.iter().map(|r| r.id).collect();
+                for r in &ok {
+                    if !before.contains(&r.id) || self.failed.remove(&r.id).is_some() {
+                        info!(migration = r.id, from = %r.from, to = %r.to, ports = ?r.ports, "redirecting new flows");
+                        reports.push(Report::Held(r.id));
+                    }
+                }
+                for id in before.iter().filter(|id| !ok.iter().any(|r| r.id == **id)) {
+                    info!(migration = id, "redirect released");
+                    self.flows.remove(id);
+                    reports.push(Report::Released(*id));
+                }
+                self.installed = ok;
+                self.apply_error = None;
+            }
+            Err(error) => {
+                let why = error.to_string();
+                if self.apply_error.as_ref() != Some(&why) {
+                    warn!(%error, redirects = ok.len(), "cannot install the redirects; retrying");
+                }
+                for r in &ok {
+                    self.fail(r.id, why.clone(), &mut reports);
+                }
+                self.apply_error = Some(why);
+            }
+        }
+        reports
+    }
+
+    fn fail(&mut self, id: i64, why: String, reports: &mut Vec<Report>) {
+        if self.failed.get(&id) != Some(&why) {
+            warn!(migration = id, error = %why, "cannot redirect");
+            self.failed.insert(id, why.clone());
+            reports.push(Report::Failed(id, why));
+        }
+    }
+
+    /// The counts that grew since the last call (or since [`Kernel::forget`]).
+    pub async fn count(&mut self) -> Vec<Report> {
+        if self.installed.is_empty() {
+            return Vec::new();
+        }
+        let counters = match counters().await {
+            Ok(counters) => counters,
+            Err(error) => {
+                tracing::debug!(%error, "cannot read the redirect counters");
+                return Vec::new();
+            }
+        };
+        let mut reports = Vec::new();
+        for (id, flows) in counters {
+            if flows > self.flows.get(&id).copied().unwrap_or(0) {
+                self.flows.insert(id, flows);
+                reports.push(Report::Flows(id, flows));
+            }
+        }
+        reports
+    }
+
+    /// Reports migration `id`'s count again at the next [`Kernel::count`] (its last report was lost).
+    pub fn forget(&mut self, id: i64) {
+        self.flows.remove(&id);
+    }
+
+    /// Removes the table when anything is held (at shutdown: no redirect outlives its manager).
+    pub async fn clear(&mut self) {
+        if self.installed.is_empty() {
+            return;
+        }
+        match apply(&[]).await {
+            Ok(()) => info!(redirects = self.installed.len(), "redirects removed"),
+            Err(error) => warn!(%error, "could not remove the redirects"),
+        }
+        self.installed.clear();
+    }
+}
+
+/// True when `ip` is assigned to this host (in this network namespace): a socket can be bound to it.
+pub fn is_local(ip: IpAddr) -> bool {
+    UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
+/// The sysctl that lets this host forward `ip`'s family.
+pub fn sysctl(ip: IpAddr) -> &'static str {
+    if ip.is_ipv4() { "net.ipv4.ip_forward" } else { "net.ipv6.conf.all.forwarding" }
+}
+
+/// True when that sysctl is on.
+pub fn forwarding_on(ip: IpAddr) -> bool {
+    let path = format!("/proc/sys/{}", sysctl(ip).replace('.', "/"));
+    std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "1")
 }
 
 #[cfg(test)]
