@@ -327,6 +327,10 @@ async fn health_metrics_and_openapi() -> Result<()> {
         ("/v1/heartbeat-servers", "get"),
         ("/v1/heartbeat-servers/{name}/drain", "post"),
         ("/v1/heartbeat-servers/{name}/activate", "post"),
+        ("/v1/domains/{name}/migrations", "post"),
+        ("/v1/domains/{name}/migrations", "get"),
+        ("/v1/domains/{name}/migrations/{id}", "get"),
+        ("/v1/domains/{name}/migrations/{id}", "delete"),
     ] {
         assert!(spec["paths"][path][method].is_object(), "openapi lacks {method} {path}");
     }
