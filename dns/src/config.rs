@@ -54,6 +54,9 @@ pub struct Config {
     /// rest of that space is refused.
     #[serde(default)]
     pub allowed_target_ranges: Vec<ipnet::IpNet>,
+    /// How long the address history (registrations, transitions, handovers) is kept.
+    #[serde(default = "default_event_retention", with = "humantime_serde")]
+    pub event_retention: Duration,
 }
 
 impl Load for Config {
@@ -87,6 +90,10 @@ impl Load for Config {
         }
         if self.tcp_idle_timeout.is_zero() {
             return Err(invalid("tcp_idle_timeout", "must be above zero"));
+        }
+        if self.event_retention < Duration::from_secs(3600) || self.event_retention > Duration::from_secs(3650 * 86_400)
+        {
+            return Err(invalid("event_retention", "must be between 1h and 3650d"));
         }
         if !(1..=1000).contains(&self.migration_hold_factor) {
             return Err(invalid("migration_hold_factor", "must be 1 to 1000"));
@@ -128,6 +135,10 @@ fn default_tcp_idle_timeout() -> Duration {
 
 fn default_enrollment_ttl() -> Duration {
     Duration::from_secs(3600)
+}
+
+fn default_event_retention() -> Duration {
+    Duration::from_secs(30 * 86_400)
 }
 
 fn default_migration_hold_factor() -> u32 {

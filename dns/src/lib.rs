@@ -16,6 +16,7 @@ use tracing::{info, warn};
 pub mod answer;
 pub mod api;
 pub mod config;
+pub mod history;
 pub mod metrics;
 pub mod migrate;
 pub mod server;
@@ -100,6 +101,7 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
         tokio::spawn(xfr::notify::run(shared.clone(), config.also_notify.clone(), keys.clone(), shutdown.clone()));
     dns.register_listener(listeners.dns_tcp, config.tcp_idle_timeout, 64);
     let migrate_task = tokio::spawn(migrate::run(pool.clone(), shutdown.clone()));
+    let history_task = tokio::spawn(history::run(pool.clone(), config.event_retention, shutdown.clone()));
 
     let operator_token_hash = config.operator_token.as_ref().map(|t| api::token_hash(t.expose()));
     if operator_token_hash.is_none() {
@@ -113,6 +115,7 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
         tsig_keys: keys.clone(),
         dyndns_trusted_proxies: config.dyndns_trusted_proxies.clone().into(),
         dyndns_limiter: Arc::default(),
+        dns_addr,
         migrations: api::MigrationSettings {
             hold_factor: config.migration_hold_factor,
             quiet: config.migration_quiet,
@@ -144,6 +147,7 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
     }
     let _ = notify_task.await;
     let _ = migrate_task.await;
+    let _ = history_task.await;
     let _ = sync_task.await;
     pool.close().await;
     Ok(())

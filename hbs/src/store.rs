@@ -120,7 +120,15 @@ pub async fn register_batch(pool: &PgPool, me: &str, batch: &[Registration]) -> 
     }
     let plan = plan(batch, &existing);
     if !plan.deletes.is_empty() {
-        sqlx::query("DELETE FROM addresses WHERE id = ANY($1)").bind(&plan.deletes).execute(&mut *tx).await?;
+        // The address history records why these rows go; the reason is unset again for the statements after.
+        sqlx::query(
+            "WITH r AS (SELECT set_config('tether.reason', 'address changed: the uplink has a new one', true)) \
+             DELETE FROM addresses WHERE id = ANY($1) AND EXISTS (SELECT 1 FROM r)",
+        )
+        .bind(&plan.deletes)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("SELECT set_config('tether.reason', '', true)").execute(&mut *tx).await?;
     }
     if !plan.keeps.is_empty() {
         let ids: Vec<i64> = plan.keeps.iter().map(|k| k.id).collect();
@@ -255,11 +263,16 @@ fn columns(batch: &[Registration], slots: impl Iterator<Item = (usize, usize)>) 
 
 /// Withdraws one uplink's address.
 pub async fn withdraw(pool: &PgPool, ncu_id: i64, uplink: &str) -> Result<Option<i64>, StoreError> {
-    Ok(sqlx::query_scalar("DELETE FROM addresses WHERE ncu_id = $1 AND uplink = $2 AND source = 'ncu' RETURNING id")
-        .bind(ncu_id)
-        .bind(uplink)
-        .fetch_optional(pool)
-        .await?)
+    // The reason the address history records, for this statement's transaction.
+    Ok(sqlx::query_scalar(
+        "WITH r AS (SELECT set_config('tether.reason', 'withdrawn by the NCU: link down or address gone', true)) \
+         DELETE FROM addresses WHERE ncu_id = $1 AND uplink = $2 AND source = 'ncu' AND EXISTS (SELECT 1 FROM r) \
+         RETURNING id",
+    )
+    .bind(ncu_id)
+    .bind(uplink)
+    .fetch_optional(pool)
+    .await?)
 }
 
 /// Writes a batch of state and load changes in one statement, only to rows this server owns.
@@ -337,7 +350,8 @@ pub async fn fleet_upsert(
 /// when both run.
 pub async fn expire_orphans(pool: &PgPool, grace: Duration) -> Result<u64, StoreError> {
     let done = sqlx::query(
-        "UPDATE addresses SET state = 'dead', changed_at = now() WHERE id IN (SELECT id FROM addresses \
+        "WITH r AS (SELECT set_config('tether.reason', 'rehome timeout: no heartbeat server took it over', true)) \
+         UPDATE addresses SET state = 'dead', changed_at = now() WHERE EXISTS (SELECT 1 FROM r) AND id IN (SELECT id FROM addresses \
          WHERE source = 'ncu' AND state <> 'dead' AND (hbs IS NULL OR hbs NOT IN (SELECT name FROM heartbeat_servers \
          WHERE last_seen > now() - make_interval(secs => $1))) FOR UPDATE SKIP LOCKED)",
     )

@@ -21,6 +21,7 @@ mod error;
 mod input;
 mod migrations;
 mod routes;
+mod status;
 
 pub use error::ApiError;
 pub use migrations::MigrationSettings;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub dyndns_trusted_proxies: Arc<[ipnet::IpNet]>,
     /// Rate limits of dyndns failed logins (per source) and no-change updates (per credential).
     pub dyndns_limiter: Arc<dyndns::Limiter>,
+    /// Where this server answers DNS: the status page asks it as a resolver would.
+    pub dns_addr: std::net::SocketAddr,
     /// Host migration defaults.
     pub migrations: MigrationSettings,
 }
@@ -80,6 +83,13 @@ pub fn router(state: AppState) -> Router {
         .route("/nic/update", get(dyndns::update))
         .route("/v1/domains/{name}/update-keys", post(routes::create_update_key).get(routes::list_update_keys))
         .route("/v1/domains/{name}/update-keys/{key}", delete(routes::delete_update_key))
+        .route("/v1/domains/{name}/events", get(status::domain_events))
+        .route("/v1/domains/{name}/answer", get(status::answer))
+        .route("/v1/events", get(status::handovers))
+        .route("/v1/changes", get(status::changes))
+        .route("/ui", get(status::ui_root))
+        .route("/ui/", get(status::ui_file))
+        .route("/ui/{file}", get(status::ui_file))
         .route("/v1/heartbeat-servers", get(routes::list_heartbeat_servers))
         .route("/v1/heartbeat-servers/{name}/drain", post(routes::drain_heartbeat_server))
         .route("/v1/heartbeat-servers/{name}/activate", post(routes::activate_heartbeat_server))

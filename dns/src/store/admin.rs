@@ -333,11 +333,15 @@ pub async fn add_static_address(
 
 /// Removes an address; false when there was none.
 pub async fn delete_address(pool: &PgPool, domain_id: i64, ip: IpAddr) -> Result<bool, StoreError> {
-    let done = sqlx::query("DELETE FROM addresses WHERE domain_id = $1 AND ip = $2")
-        .bind(domain_id)
-        .bind(ip)
-        .execute(pool)
-        .await?;
+    // The reason the address history records (migrations/…_address_events.sql), for this statement's transaction.
+    let done = sqlx::query(
+        "WITH r AS (SELECT set_config('tether.reason', 'deleted through the API', true)) \
+         DELETE FROM addresses WHERE domain_id = $1 AND ip = $2 AND EXISTS (SELECT 1 FROM r)",
+    )
+    .bind(domain_id)
+    .bind(ip)
+    .execute(pool)
+    .await?;
     Ok(done.rows_affected() > 0)
 }
 

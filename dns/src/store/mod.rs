@@ -2,6 +2,7 @@
 //! migrations and error classes are [`tether_db`]'s.
 
 pub mod admin;
+pub mod events;
 pub mod migration;
 pub mod view;
 

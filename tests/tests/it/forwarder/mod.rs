@@ -3,7 +3,7 @@
 
 mod api;
 mod binary;
-mod common;
+pub(crate) mod common;
 mod limits;
 mod liveness;
 mod relay;
