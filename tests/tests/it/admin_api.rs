@@ -331,6 +331,11 @@ async fn health_metrics_and_openapi() -> Result<()> {
         ("/v1/domains/{name}/migrations", "get"),
         ("/v1/domains/{name}/migrations/{id}", "get"),
         ("/v1/domains/{name}/migrations/{id}", "delete"),
+        ("/v1/domains/{name}/events", "get"),
+        ("/v1/domains/{name}/answer", "get"),
+        ("/v1/events", "get"),
+        ("/v1/changes", "get"),
+        ("/ui/", "get"),
     ] {
         assert!(spec["paths"][path][method].is_object(), "openapi lacks {method} {path}");
     }
