@@ -9,9 +9,9 @@ pub mod config;
 pub mod driver;
 pub mod fleet;
 pub mod metrics;
-pub mod redirects;
 pub mod registrar;
 pub mod server;
+pub mod site;
 pub mod store;
 pub mod writer;
 
@@ -145,8 +145,8 @@ mod run {
             },
             inner.clone(),
         ));
-        let (redirects_tx, redirects_rx) = watch::channel(crate::redirects::ByNcu::default());
-        tasks.spawn(crate::redirects::run(pool.clone(), config.name.clone(), redirects_tx, inner.clone()));
+        let (sites_tx, sites_rx) = watch::channel(crate::site::ByNcu::default());
+        tasks.spawn(crate::site::run(pool.clone(), config.name.clone(), sites_tx, inner.clone()));
         let context = Arc::new(server::Context {
             pool: pool.clone(),
             me: config.name.clone(),
@@ -159,7 +159,7 @@ mod run {
             session_grace: config.session_grace,
             refused,
             metrics,
-            redirects: redirects_rx,
+            sites: sites_rx,
         });
         info!(name = %config.name, %control_addr, %heartbeat_addr, %advertise, "hbs serving");
         server::serve(endpoint, context, shutdown.clone()).await;

@@ -55,8 +55,8 @@ pub struct Context {
     pub refused: Arc<AtomicU64>,
     /// Sessions and connections show here.
     pub metrics: Arc<crate::metrics::Metrics>,
-    /// The redirects each NCU should hold (host migrations moving a site).
-    pub redirects: watch::Receiver<crate::redirects::ByNcu>,
+    /// What each NCU should hold: service tuples, host migrations' redirects.
+    pub sites: watch::Receiver<crate::site::ByNcu>,
 }
 
 /// Builds the QUIC endpoint on an already bound UDP socket.
@@ -100,6 +100,8 @@ struct Session {
     registered: bool,
     /// The redirects last sent.
     redirects: Vec<control::Redirect>,
+    /// The service tuples last sent.
+    services: Vec<control::SiteService>,
 }
 
 async fn session(connection: Connection, context: Arc<Context>, shutdown: CancellationToken) {
@@ -150,11 +152,12 @@ async fn session(connection: Connection, context: Arc<Context>, shutdown: Cancel
         connection: connection.clone(),
         registered: false,
         redirects: Vec::new(),
+        services: Vec::new(),
     };
     info!(ncu = ncu.id, domain = %ncu.domain, session = session.id, "NCU connected");
     context.metrics.sessions.inc();
     let mut draining = context.draining.clone();
-    let mut redirects = context.redirects.clone();
+    let mut sites = context.sites.clone();
     let mut asked_to_drain = false;
     loop {
         let wants_drain = *draining.borrow() && !asked_to_drain && !session.targets.is_empty();
@@ -168,8 +171,8 @@ async fn session(connection: Connection, context: Arc<Context>, shutdown: Cancel
                             break;
                         }
                     }
-                    let all = redirects.borrow_and_update().clone();
-                    if send_redirects(&mut session, &mut send, &all).await.is_err() {
+                    let all = sites.borrow_and_update().clone();
+                    if send_site(&mut session, &mut send, &all).await.is_err() {
                         break;
                     }
                 }
@@ -187,12 +190,12 @@ async fn session(connection: Connection, context: Arc<Context>, shutdown: Cancel
                     break;
                 }
             },
-            changed = redirects.changed() => {
+            changed = sites.changed() => {
                 if changed.is_err() {
                     break;
                 }
-                let all = redirects.borrow_and_update().clone();
-                if send_redirects(&mut session, &mut send, &all).await.is_err() {
+                let all = sites.borrow_and_update().clone();
+                if send_site(&mut session, &mut send, &all).await.is_err() {
                     break;
                 }
             }
@@ -217,22 +220,49 @@ async fn session(connection: Connection, context: Arc<Context>, shutdown: Cancel
     end_session(&session, &context);
 }
 
-/// Sends the NCU its redirects when they differ from what it was last sent (and it has registered).
-async fn send_redirects(
-    session: &mut Session,
-    send: &mut SendStream,
-    all: &crate::redirects::ByNcu,
-) -> Result<(), FrameError> {
+/// Sends the NCU its service tuples and redirects when they differ from what it was last sent (once registered).
+async fn send_site(session: &mut Session, send: &mut SendStream, all: &crate::site::ByNcu) -> Result<(), FrameError> {
     if !session.registered {
         return Ok(());
     }
-    let mine = all.get(&session.ncu_id).cloned().unwrap_or_default();
-    if mine == session.redirects {
-        return Ok(());
+    let services = all.services.get(&session.ncu_id).cloned().unwrap_or_default();
+    if services != session.services {
+        info!(session = session.id, services = services.len(), "sending the NCU its service tuples");
+        session.services.clone_from(&services);
+        reply(send, ToNcu::Services { services }).await?;
     }
-    info!(session = session.id, redirects = mine.len(), "sending the NCU its redirects");
-    session.redirects.clone_from(&mine);
-    reply(send, ToNcu::Redirect { redirects: mine }).await
+    let redirects = all.redirects.get(&session.ncu_id).cloned().unwrap_or_default();
+    if redirects != session.redirects {
+        info!(session = session.id, redirects = redirects.len(), "sending the NCU its redirects");
+        session.redirects.clone_from(&redirects);
+        reply(send, ToNcu::Redirect { redirects }).await?;
+    }
+    Ok(())
+}
+
+/// Writes an NCU's check of a tuple it was sent; a report on any other is ignored (and logged).
+async fn service_health(session: &Session, context: &Context, id: i64, healthy: bool, reason: Option<String>) {
+    if !session.services.iter().any(|s| s.id == id) {
+        warn!(session = session.id, ncu = session.ncu_id, service = id, "health of a tuple never sent; ignored");
+        return;
+    }
+    let reason = reason.map(|r| bounded_reason(r));
+    info!(session = session.id, service = id, healthy, reason = reason.as_deref().unwrap_or(""), "service health");
+    if let Err(e) = crate::site::health(&context.pool, session.domain_id, id, healthy, reason.as_deref()).await {
+        warn!(error = %e, service = id, "cannot write the service's health");
+    }
+}
+
+/// At most [`control::MAX_REASON`] bytes, cut at a character boundary.
+fn bounded_reason(mut text: String) -> String {
+    if text.len() > control::MAX_REASON {
+        let mut end = control::MAX_REASON;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
 }
 
 /// Writes an NCU's report on a redirect it was sent; a report on any other is ignored (and logged).
@@ -241,21 +271,12 @@ async fn redirected(session: &Session, context: &Context, id: i64, flows: u64, e
         warn!(session = session.id, ncu = session.ncu_id, migration = id, "report on a redirect never sent; ignored");
         return;
     }
-    let mut error = error;
-    if let Some(text) = error.as_mut()
-        && text.len() > control::MAX_REASON
-    {
-        let mut end = control::MAX_REASON;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-    }
+    let error = error.map(bounded_reason);
     if let Some(text) = &error {
         warn!(session = session.id, migration = id, error = %text, "the NCU cannot redirect");
     }
     let relay = format!("ncu {}", session.ncu_id);
-    if let Err(e) = crate::redirects::report(&context.pool, &relay, id, flows, error.as_deref()).await {
+    if let Err(e) = crate::site::report(&context.pool, &relay, id, flows, error.as_deref()).await {
         warn!(error = %e, migration = id, "cannot write the NCU's redirect report");
     }
 }
@@ -264,6 +285,10 @@ async fn handle(session: &mut Session, message: ToHbs, context: &Context) -> Opt
     Some(match message {
         ToHbs::Redirected { id, flows, error } => {
             redirected(session, context, id, flows, error).await;
+            return None;
+        }
+        ToHbs::ServiceHealth { id, healthy, reason } => {
+            service_health(session, context, id, healthy, reason).await;
             return None;
         }
         other => register(session, other, context).await,
@@ -300,7 +325,9 @@ async fn register(session: &mut Session, message: ToHbs, context: &Context) -> T
             }
             return registered(session, context, Vec::new());
         }
-        ToHbs::Redirected { .. } => return error(ControlError::Invalid, "not a registration"),
+        ToHbs::Redirected { .. } | ToHbs::ServiceHealth { .. } => {
+            return error(ControlError::Invalid, "not a registration");
+        }
     };
     if *context.draining.borrow() && session.targets.is_empty() {
         return error(ControlError::Unavailable, "this heartbeat server is draining; ask hds for another");

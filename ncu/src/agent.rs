@@ -33,7 +33,7 @@ pub use crate::session::{BACKUP_SETTLE, BACKUP_SPREAD};
 use crate::{
     hds_client::{self, Assignment, NcuError},
     identity::Identity,
-    load, redirect,
+    load, redirect, services,
     session::{CONNECT_TIMEOUT, Command, Input, STANDBY_TIMEOUT, Session},
 };
 
@@ -100,7 +100,7 @@ struct UplinkSocket {
     reader: JoinHandle<()>,
 }
 
-/// How long a new heartbeat server has to confirm the redirects the last one asked for.
+/// How long a new heartbeat server has to confirm the redirects and service tuples the last one sent.
 const REDIRECTS_CONFIRM: Duration = Duration::from_secs(3);
 
 /// One received heartbeat datagram: uplink index, bytes, source.
@@ -121,6 +121,7 @@ pub async fn run(
     failover_after: Duration,
     uplinks: watch::Receiver<Vec<UplinkSpec>>,
     drill: Drill,
+    site: SiteConfig,
     status: watch::Sender<Status>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -130,11 +131,14 @@ pub async fn run(
     );
     let (datagrams_tx, mut datagrams) = mpsc::channel(1024);
     let (done_tx, mut done) = mpsc::unbounded_channel();
-    // Host migrations moving this site: the kernel's redirects live as long as the agent.
+    // Host migrations moving this site and the service tuples it forwards or runs: their kernel rules live as long
+    // as the agent; both report on the control session.
     let (redirects, redirects_rx) = watch::channel(Vec::new());
+    let (services, services_rx) = watch::channel(Vec::new());
     let (reports_tx, mut redirect_reports) = mpsc::unbounded_channel();
     let relay_stop = shutdown.child_token();
-    let relay = tokio::spawn(redirect::run(redirects_rx, reports_tx, relay_stop.clone()));
+    let relay = tokio::spawn(redirect::run(redirects_rx, reports_tx.clone(), relay_stop.clone()));
+    let site_task = tokio::spawn(services::run(site.services, services_rx, reports_tx, relay_stop.clone()));
     let _stop_relay = relay_stop.clone().drop_guard();
     let mut agent = Agent {
         hds,
@@ -149,11 +153,12 @@ pub async fn run(
         status,
         uplinks,
         uplinks_open: true,
-        load: load::current(),
+        load: site.load.read(&BTreeSet::new()),
         standby: None,
         connected: None,
         redirects,
-        confirm_redirects_by: None,
+        services,
+        confirm: Confirm::default(),
     };
     agent.sync_sockets().await;
     let mut session = Session::new();
@@ -161,7 +166,7 @@ pub async fn run(
     let responder_timer = tokio::time::sleep(Duration::ZERO);
     let session_timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(responder_timer, session_timer);
-    let mut load_tick = tokio::time::interval(Duration::from_secs(5));
+    let mut load_tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         while let Some(command) = session.poll_command() {
             agent.execute(command);
@@ -219,17 +224,26 @@ pub async fn run(
                 Some(Input::StandbyDown(name))
             }
             _ = load_tick.tick() => {
-                agent.load = load::current();
+                let ports: BTreeSet<u16> = agent.services.borrow().iter().map(|s| s.port).collect();
+                agent.load = site.load.read(&ports);
                 None
             }
             Some(report) = redirect_reports.recv() => {
                 agent.report_redirect(report).await;
                 None
             }
-            () = sleep_until(agent.confirm_redirects_by), if agent.confirm_redirects_by.is_some() => {
-                info!("the new heartbeat server sent no redirects: dropping the old ones");
-                agent.confirm_redirects_by = None;
-                agent.redirects.send_replace(Vec::new());
+            () = sleep_until(agent.confirm.next()), if agent.confirm.next().is_some() => {
+                let now = Instant::now();
+                if agent.confirm.redirects.is_some_and(|at| at <= now) {
+                    info!("the new heartbeat server sent no redirects: dropping the old ones");
+                    agent.confirm.redirects = None;
+                    agent.redirects.send_replace(Vec::new());
+                }
+                if agent.confirm.services.is_some_and(|at| at <= now) {
+                    info!("the new heartbeat server sent no service tuples: dropping the old ones");
+                    agent.confirm.services = None;
+                    agent.services.send_replace(Vec::new());
+                }
                 None
             }
         };
@@ -249,6 +263,7 @@ pub async fn run(
     }
     relay_stop.cancel();
     let _ = relay.await;
+    let _ = site_task.await;
     Ok(())
 }
 
@@ -282,8 +297,33 @@ struct Agent {
     connected: Option<Connected>,
     /// The redirects the heartbeat server asked for ([`redirect`]).
     redirects: watch::Sender<Vec<control::Redirect>>,
-    /// After a move to another server, the redirects are dropped unless it confirms them by then.
-    confirm_redirects_by: Option<Instant>,
+    /// The service tuples the heartbeat server sent ([`services`]).
+    services: watch::Sender<Vec<control::SiteService>>,
+    /// After a move to another server, what it does not confirm in time is dropped.
+    confirm: Confirm,
+}
+
+/// Deadlines by which a new heartbeat server must confirm the redirects and the service tuples the last one sent
+/// (it sends each set at once when it is not empty).
+#[derive(Debug, Default)]
+struct Confirm {
+    redirects: Option<Instant>,
+    services: Option<Instant>,
+}
+
+impl Confirm {
+    fn next(&self) -> Option<Instant> {
+        [self.redirects, self.services].into_iter().flatten().min()
+    }
+}
+
+/// What configures the site besides its uplinks: its services (`[services.<name>]`) and its load source.
+#[derive(Debug, Clone, Default)]
+pub struct SiteConfig {
+    /// By service name.
+    pub services: BTreeMap<String, services::ServiceConfig>,
+    /// The load announced in heartbeat replies.
+    pub load: load::LoadSource,
 }
 
 /// An idle, authenticated connection to the backup server: the TLS handshake (the costly part of a move, and what
@@ -385,9 +425,9 @@ impl Agent {
                 self.responder.set_session(connected.session, connected.key, connected.heartbeat, &indexes, now);
                 info!(hbs = %server.name, session = connected.session, accepted = connected.accepted.len(), "registered");
                 self.connected = Some(connected);
-                if !self.redirects.borrow().is_empty() {
-                    self.confirm_redirects_by = Some(Instant::now() + REDIRECTS_CONFIRM);
-                }
+                let deadline = Instant::now() + REDIRECTS_CONFIRM;
+                self.confirm.redirects = (!self.redirects.borrow().is_empty()).then_some(deadline);
+                self.confirm.services = (!self.services.borrow().is_empty()).then_some(deadline);
                 Input::Registered
             }
             Done::Registered(server, Err(error)) => {
@@ -413,8 +453,19 @@ impl Agent {
                 }
                 None
             }
+            Ok(ToNcu::Services { services }) => {
+                self.confirm.services = None;
+                match control::validate_services(&services) {
+                    Ok(()) => {
+                        info!(services = services.len(), "service tuples from the heartbeat server");
+                        self.services.send_replace(services);
+                    }
+                    Err(reason) => warn!(%reason, "service tuples refused"),
+                }
+                None
+            }
             Ok(ToNcu::Redirect { redirects }) => {
-                self.confirm_redirects_by = None;
+                self.confirm.redirects = None;
                 match control::validate_redirects(&redirects) {
                     Ok(()) => {
                         info!(redirects = redirects.len(), "redirects from the heartbeat server");

@@ -52,6 +52,14 @@ pub struct Config {
     /// Log format: `text` or `json`.
     #[serde(default = "default_log_format")]
     pub log_format: String,
+    /// What each service tuple bound to this site's addresses is, by service name (`[services.https]`): a port
+    /// forward to a LAN server (`to`), or commands that start and stop it here (`start`, `stop`), and its check.
+    #[serde(default)]
+    pub services: std::collections::BTreeMap<String, crate::services::ServiceConfig>,
+    /// The load announced with each heartbeat reply: `cpu` (the load average per CPU), `file:PATH` (a number 0-100
+    /// in that file) or `connections:N` (established TCP connections on the tuples' ports, as a share of N).
+    #[serde(default)]
+    pub load: crate::load::LoadSource,
 }
 
 /// One uplink from the configuration.
@@ -100,6 +108,9 @@ impl Load for Config {
         }
         if !["text", "json"].contains(&self.log_format.as_str()) {
             return Err(invalid("log_format", "must be text or json"));
+        }
+        for (name, service) in &self.services {
+            service.validate(name).map_err(|reason| invalid("services", reason))?;
         }
         Ok(())
     }

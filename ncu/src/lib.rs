@@ -9,5 +9,6 @@ pub mod hds_client;
 pub mod identity;
 pub mod load;
 pub mod redirect;
+pub mod services;
 pub mod session;
 pub mod uplinks;

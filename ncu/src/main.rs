@@ -59,11 +59,18 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Runs the agent for a server without a router role: announces its own addresses (the `[[uplink]]` entries),
+    /// its presence and load every second, and starts and stops its services as their tuples come and go.
+    Serve {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let default_level = if matches!(args.command, Command::Run { .. }) { "info" } else { "warn" };
+    let default_level = if matches!(args.command, Command::Run { .. } | Command::Serve { .. }) { "info" } else { "warn" };
     // RUST_LOG as `level` or `target=level,...` (no regular expressions: the router build leaves the regex engine out).
     let filter = std::env::var("RUST_LOG").ok().and_then(|spec| spec.parse::<Targets>().ok());
     let filter = filter.unwrap_or_else(|| default_level.parse().unwrap_or_default());
@@ -87,6 +94,7 @@ fn main() -> ExitCode {
 }
 
 async fn execute(command: Command) -> anyhow::Result<()> {
+    let serve = matches!(command, Command::Serve { .. });
     match command {
         Command::Enroll { hds, token, ca, dir, serial, mac } => {
             let ca_pem = tether_pki::read(&ca)?;
@@ -107,9 +115,21 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Run { config } => {
-            let config = <ncu::config::Config as tether_config::Load>::load(&config)
-                .with_context(|| format!("bad configuration in {}", config.display()))?;
+        Command::Run { config: path } | Command::Serve { config: path } => {
+            let config = <ncu::config::Config as tether_config::Load>::load(&path)
+                .with_context(|| format!("bad configuration in {}", path.display()))?;
+            if serve {
+                anyhow::ensure!(
+                    !config.uplinks.is_empty(),
+                    "bad configuration in {}: ncu serve announces the server's own addresses: list them as [[uplink]]",
+                    path.display()
+                );
+                anyhow::ensure!(
+                    config.services.values().all(|s| s.to.is_none()) && !config.manage_routes,
+                    "bad configuration in {}: a server forwards nothing (no `to`, no manage_routes); use ncu run on a router",
+                    path.display()
+                );
+            }
             let identity = Identity::load(&config.identity)
                 .with_context(|| format!("no NCU identity in {} (enroll first)", config.identity.display()))?;
             let shutdown = tokio_util::sync::CancellationToken::new();
@@ -122,6 +142,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
                 config.failover_after,
                 uplinks_rx,
                 agent::Drill::default(),
+                agent::SiteConfig { services: config.services, load: config.load },
                 status,
                 shutdown,
             )

@@ -110,6 +110,16 @@ pub struct Agent {
 impl Agent {
     /// Starts an agent with an enrolled identity and uplinks on loopback addresses.
     pub fn start(hds: Vec<String>, identity: ncu::identity::Identity, uplinks: Vec<UplinkSpec>) -> Self {
+        Self::start_with(hds, identity, uplinks, ncu::agent::SiteConfig::default())
+    }
+
+    /// [`Agent::start`] with services and a load source.
+    pub fn start_with(
+        hds: Vec<String>,
+        identity: ncu::identity::Identity,
+        uplinks: Vec<UplinkSpec>,
+        site: ncu::agent::SiteConfig,
+    ) -> Self {
         let (uplinks_tx, uplinks_rx) = watch::channel(uplinks);
         let (status_tx, status) = watch::channel(Status::default());
         let drill = Drill::default();
@@ -120,6 +130,7 @@ impl Agent {
             Duration::from_secs(3),
             uplinks_rx,
             drill.clone(),
+            site,
             status_tx,
             shutdown.clone(),
         ));

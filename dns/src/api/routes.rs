@@ -331,6 +331,8 @@ pub(super) async fn put_services(
             port: i32::from(spec.port),
             priority: i32::from(spec.priority),
             weight: i32::from(spec.weight),
+            healthy: true,
+            health_reason: None,
         };
         if services.contains(&tuple) {
             return Err(ApiError::invalid(format!("[{i}]: duplicate tuple")));

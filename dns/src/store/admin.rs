@@ -151,6 +151,12 @@ pub struct Service {
     pub priority: i32,
     /// SRV weight.
     pub weight: i32,
+    /// False while the site holding its address reports the service failing: then it is not answered.
+    #[sqlx(default)]
+    pub healthy: bool,
+    /// What the last check said, when it failed.
+    #[sqlx(default)]
+    pub health_reason: Option<String>,
 }
 
 const DOMAIN_SELECT: &str = "SELECT d.id, d.fqdn, z.origin AS zone, d.subscriber_id, d.static_ip, d.ttl, \
@@ -348,7 +354,8 @@ pub async fn delete_address(pool: &PgPool, domain_id: i64, ip: IpAddr) -> Result
 /// A domain's service tuples.
 pub async fn services(pool: &PgPool, domain_id: i64) -> Result<Vec<Service>, StoreError> {
     Ok(sqlx::query_as(
-        "SELECT service, transport, ip, target, port, priority, weight FROM services WHERE domain_id = $1 \
+        "SELECT service, transport, ip, target, port, priority, weight, healthy, health_reason FROM services \
+         WHERE domain_id = $1 \
          ORDER BY service, transport, priority, weight DESC, port",
     )
     .bind(domain_id)
@@ -358,25 +365,30 @@ pub async fn services(pool: &PgPool, domain_id: i64) -> Result<Vec<Service>, Sto
 
 /// Replaces a domain's service tuples in one transaction.
 pub async fn replace_services(pool: &PgPool, domain_id: i64, services: &[Service]) -> Result<(), StoreError> {
+    // Tuples that stay keep their row (and the health their site reported); only the others go or come.
+    const NEW: &str = "SELECT * FROM UNNEST($2::text[], $3::text[], $4::inet[], $5::text[], $6::int[], $7::int[], \
+                       $8::int[]) AS v(service, transport, ip, target, port, priority, weight)";
+    let same = "(s.service, s.transport, s.ip, s.target, s.port, s.priority, s.weight) IS NOT DISTINCT FROM \
+                (v.service, v.transport, v.ip, v.target, v.port, v.priority, v.weight)";
     let mut tx = pool.begin().await?;
-    sqlx::query("DELETE FROM services WHERE domain_id = $1").bind(domain_id).execute(&mut *tx).await?;
-    if !services.is_empty() {
-        // One statement, so the triggers bump the serial once.
-        sqlx::query(
+    for sql in [
+        format!("DELETE FROM services s WHERE s.domain_id = $1 AND NOT EXISTS (SELECT 1 FROM ({NEW}) v WHERE {same})"),
+        format!(
             "INSERT INTO services (domain_id, service, transport, ip, target, port, priority, weight) \
-             SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::inet[], $5::text[], $6::int[], $7::int[], \
-             $8::int[])",
-        )
-        .bind(domain_id)
-        .bind(services.iter().map(|s| s.service.clone()).collect::<Vec<_>>())
-        .bind(services.iter().map(|s| s.transport.clone()).collect::<Vec<_>>())
-        .bind(services.iter().map(|s| s.ip).collect::<Vec<_>>())
-        .bind(services.iter().map(|s| s.target.clone()).collect::<Vec<_>>())
-        .bind(services.iter().map(|s| s.port).collect::<Vec<_>>())
-        .bind(services.iter().map(|s| s.priority).collect::<Vec<_>>())
-        .bind(services.iter().map(|s| s.weight).collect::<Vec<_>>())
-        .execute(&mut *tx)
-        .await?;
+             SELECT $1, v.* FROM ({NEW}) v WHERE NOT EXISTS (SELECT 1 FROM services s WHERE s.domain_id = $1 AND {same})"
+        ),
+    ] {
+        sqlx::query(&sql)
+            .bind(domain_id)
+            .bind(services.iter().map(|s| s.service.clone()).collect::<Vec<_>>())
+            .bind(services.iter().map(|s| s.transport.clone()).collect::<Vec<_>>())
+            .bind(services.iter().map(|s| s.ip).collect::<Vec<_>>())
+            .bind(services.iter().map(|s| s.target.clone()).collect::<Vec<_>>())
+            .bind(services.iter().map(|s| s.port).collect::<Vec<_>>())
+            .bind(services.iter().map(|s| s.priority).collect::<Vec<_>>())
+            .bind(services.iter().map(|s| s.weight).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
     }
     tx.commit().await?;
     Ok(())

@@ -115,8 +115,9 @@ impl Domain for DomainRow {
       FROM host_migrations m LEFT JOIN addresses f ON f.domain_id = m.domain_id AND f.ip = m.from_ip \
      WHERE m.phase = 'announced' AND m.temporary_ip IS NOT NULL AND ($1::bigint[] IS NULL OR m.domain_id = ANY($1)) \
        AND NOT EXISTS (SELECT 1 FROM addresses x WHERE x.domain_id = m.domain_id AND x.ip = m.temporary_ip)";
+    /// The tuples answered: a tuple whose site reports its service failing is left out.
     const SERVICES: &'static str = "SELECT domain_id, service, transport, ip, target, port, priority, weight \
-                                    FROM services WHERE $1::bigint[] IS NULL OR domain_id = ANY($1)";
+                                    FROM services WHERE healthy AND ($1::bigint[] IS NULL OR domain_id = ANY($1))";
 
     fn id(&self) -> i64 {
         self.id

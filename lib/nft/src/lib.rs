@@ -92,6 +92,55 @@ fn family(ip: IpAddr) -> &'static str {
 
 /// Replaces the table (see [`script`]).
 pub async fn apply(redirects: &[Redirect]) -> Result<(), NftError> {
+    run_script(&script(redirects)).await
+}
+
+/// The table of the site's port forwards, apart from the migrations' so neither rewrite touches the other.
+pub const FORWARDS_TABLE: &str = "tether_services";
+
+/// A service tuple forwarded by the site's router: flows to `from`:`port` over `protocol` go to `to` (the LAN
+/// server the NCU's configuration maps the service to).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Forward {
+    /// The tuple's id.
+    pub id: i64,
+    /// The uplink's interface address.
+    pub from: IpAddr,
+    /// `tcp` or `udp`.
+    pub protocol: &'static str,
+    /// The tuple's port.
+    pub port: u16,
+    /// The LAN server; of `from`'s family.
+    pub to: SocketAddr,
+}
+
+/// The script that replaces the forwards table with one holding `forwards` (none: the table is removed).
+pub fn forwards_script(forwards: &[Forward]) -> String {
+    let mut s = format!("table inet {FORWARDS_TABLE}\ndelete table inet {FORWARDS_TABLE}\n");
+    if forwards.is_empty() {
+        return s;
+    }
+    let _ = writeln!(s, "table inet {FORWARDS_TABLE} {{");
+    s.push_str("  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n");
+    for f in forwards {
+        let family = family(f.from);
+        let _ = writeln!(
+            s,
+            "    {family} daddr {} {} dport {} counter dnat {family} to {} comment \"service {}\"",
+            f.from, f.protocol, f.port, f.to, f.id
+        );
+    }
+    s.push_str("  }\n}\n");
+    s
+}
+
+/// Replaces the forwards table (see [`forwards_script`]).
+pub async fn apply_forwards(forwards: &[Forward]) -> Result<(), NftError> {
+    run_script(&forwards_script(forwards)).await
+}
+
+/// Runs `nft -f -` with `script` as one transaction.
+async fn run_script(script: &str) -> Result<(), NftError> {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())
@@ -101,7 +150,7 @@ pub async fn apply(redirects: &[Redirect]) -> Result<(), NftError> {
         .spawn()
         .map_err(NftError::Missing)?;
     if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(script(redirects).as_bytes()).await.map_err(|e| NftError::Failed(e.to_string()))?;
+        stdin.write_all(script.as_bytes()).await.map_err(|e| NftError::Failed(e.to_string()))?;
     }
     let output = child.wait_with_output().await.map_err(|e| NftError::Failed(e.to_string()))?;
     if !output.status.success() {
@@ -336,6 +385,23 @@ mod tests {
         assert!(s.contains("ip6 daddr fd00::1 udp dport { 53 } ct state new counter dnat ip6 to fd00::2"));
         assert!(s.contains("ct status dnat ct original ip daddr 198.18.1.2 masquerade comment \"migration 7\""));
         assert!(s.contains("ct status dnat ct original ip6 daddr fd00::1 masquerade"));
+    }
+
+    #[test]
+    fn forwards_are_one_dnat_rule_each_in_their_own_table() {
+        assert_eq!(forwards_script(&[]), "table inet tether_services\ndelete table inet tether_services\n");
+        let f = Forward {
+            id: 3,
+            from: "198.18.1.2".parse().expect("ip"),
+            protocol: "tcp",
+            port: 443,
+            to: "198.19.1.10:8443".parse().expect("addr"),
+        };
+        let v6 = Forward { id: 4, from: "fd00::1".parse().expect("ip"), protocol: "udp", port: 53, to: "[fd00:1::10]:53".parse().expect("addr") };
+        let s = forwards_script(&[f, v6]);
+        assert!(s.contains("ip daddr 198.18.1.2 tcp dport 443 counter dnat ip to 198.19.1.10:8443 comment \"service 3\""), "{s}");
+        assert!(s.contains("ip6 daddr fd00::1 udp dport 53 counter dnat ip6 to [fd00:1::10]:53 comment \"service 4\""), "{s}");
+        assert!(!s.contains("tether_migrate"));
     }
 
     #[test]

@@ -36,6 +36,15 @@ pub enum ToHbs {
         /// Its name.
         name: String,
     },
+    /// A service tuple the HBS sent passed or failed its check at the site. Sent when it changes; not answered.
+    ServiceHealth {
+        /// The tuple.
+        id: i64,
+        /// Passed.
+        healthy: bool,
+        /// Why it failed (at most [`MAX_REASON`] bytes).
+        reason: Option<String>,
+    },
     /// What became of a redirect the HBS asked for: held (no error) and the new flows sent on so far, or why it
     /// cannot be held. Not answered.
     Redirected {
@@ -50,6 +59,28 @@ pub enum ToHbs {
 
 /// Longest reason an NCU may give.
 pub const MAX_REASON: usize = 512;
+
+/// A service tuple bound to one of the NCU's uplink addresses: the site forwards it (or, on a server, runs it) and
+/// checks it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteService {
+    /// The tuple's id.
+    pub id: i64,
+    /// Service name without the underscore, e.g. `https`.
+    pub service: String,
+    /// `tcp`, `udp`, `tls` or `sctp`.
+    pub transport: String,
+    /// The uplink whose address the tuple names.
+    pub uplink: String,
+    /// That uplink's interface address, where the flows arrive.
+    pub address: IpAddr,
+    /// The port clients connect to.
+    pub port: u16,
+}
+
+/// Most service tuples one NCU is sent.
+pub const MAX_SERVICES: usize = 256;
 
 /// A redirect of new flows reaching an uplink address, while a host migration moves the site.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -111,6 +142,12 @@ pub enum ToNcu {
     Redirect {
         /// The redirects.
         redirects: Vec<Redirect>,
+    },
+    /// The complete set of service tuples bound to this NCU's addresses (at most [`MAX_SERVICES`]); replaces any
+    /// earlier set. Sent only after `Registered`, and again whenever it changes.
+    Services {
+        /// The tuples.
+        services: Vec<SiteService>,
     },
     /// Ask hds for another heartbeat server and move there.
     Drain {
@@ -179,6 +216,20 @@ pub fn validate_redirects(redirects: &[Redirect]) -> Result<(), String> {
         }
         if r.from.is_ipv4() != r.to.is_ipv4() || r.from == r.to {
             return Err(format!("redirect {}: {} to {} is not one family, or goes nowhere", r.id, r.from, r.to));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a service set from the HBS: its size, names, ports.
+pub fn validate_services(services: &[SiteService]) -> Result<(), String> {
+    if services.len() > MAX_SERVICES {
+        return Err(format!("{} services; at most {MAX_SERVICES}", services.len()));
+    }
+    for s in services {
+        let label = |l: &str| !l.is_empty() && l.len() <= 62 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        if !label(&s.service) || !["tcp", "udp", "tls", "sctp"].contains(&s.transport.as_str()) || s.port == 0 {
+            return Err(format!("service {}: bad name, transport or port", s.id));
         }
     }
     Ok(())

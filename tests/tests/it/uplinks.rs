@@ -89,6 +89,7 @@ impl SiteNcu {
                         Duration::from_secs(3),
                         uplinks_rx,
                         Drill::default(),
+                        ncu::agent::SiteConfig::default(),
                         status_tx,
                         stop.clone(),
                     );

@@ -1,12 +1,13 @@
-//! Host migrations that move a site: the redirects each NCU this server holds should run at its old uplink
-//! address. Read every [`EVERY`] in one query (migrations are few, and joined only to this server's addresses) and
-//! published by NCU; each session sends its NCU its set when it changes ([`crate::server`]), and writes what the
-//! NCU reports back into the migration's row ([`report`]).
+//! What configures each site this server holds, read every [`EVERY`] (one query each, joined only to this server's
+//! addresses) and published by NCU: the service tuples bound to its uplink addresses (which the site forwards or
+//! runs, and checks) and the redirects of host migrations away from them. Each session sends its NCU its sets when
+//! they change ([`crate::server`]), and writes what the NCU reports back: a migration's flows ([`report`]), a
+//! tuple's health ([`health`]).
 
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::Duration};
 
 use sqlx::PgPool;
-use tether_proto::control::Redirect;
+use tether_proto::control::{Redirect, SiteService};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -14,10 +15,19 @@ use tracing::warn;
 /// How often the redirects are read.
 pub const EVERY: Duration = Duration::from_secs(1);
 
-/// Redirects by NCU id.
-pub type ByNcu = Arc<BTreeMap<i64, Vec<Redirect>>>;
+/// What each NCU should hold, by NCU id.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Sites {
+    /// Host migrations' redirects.
+    pub redirects: BTreeMap<i64, Vec<Redirect>>,
+    /// Service tuples.
+    pub services: BTreeMap<i64, Vec<SiteService>>,
+}
 
-/// Publishes the redirects of the NCUs whose addresses `me` holds until `shutdown`.
+/// Shared between the reader and the sessions.
+pub type ByNcu = Arc<Sites>;
+
+/// Publishes the redirects and services of the NCUs whose addresses `me` holds until `shutdown`.
 pub async fn run(pool: PgPool, me: String, out: watch::Sender<ByNcu>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -47,7 +57,29 @@ pub async fn run(pool: PgPool, me: String, out: watch::Sender<ByNcu>, shutdown: 
     }
 }
 
-async fn read(pool: &PgPool, me: &str) -> Result<BTreeMap<i64, Vec<Redirect>>, sqlx::Error> {
+async fn read(pool: &PgPool, me: &str) -> Result<Sites, sqlx::Error> {
+    Ok(Sites { redirects: read_redirects(pool, me).await?, services: read_services(pool, me).await? })
+}
+
+async fn read_services(pool: &PgPool, me: &str) -> Result<BTreeMap<i64, Vec<SiteService>>, sqlx::Error> {
+    let rows: Vec<(i64, i64, String, String, String, IpAddr, i32)> = sqlx::query_as(
+        "SELECT a.ncu_id, s.id, s.service, s.transport, a.uplink, COALESCE(a.interface_ip, a.ip), s.port \
+           FROM services s JOIN addresses a ON a.domain_id = s.domain_id AND a.ip = s.ip \
+          WHERE a.source = 'ncu' AND a.hbs = $1 AND a.ncu_id IS NOT NULL AND a.uplink IS NOT NULL AND s.port > 0 \
+          ORDER BY s.id",
+    )
+    .bind(me)
+    .fetch_all(pool)
+    .await?;
+    let mut by_ncu: BTreeMap<i64, Vec<SiteService>> = BTreeMap::new();
+    for (ncu, id, service, transport, uplink, address, port) in rows {
+        let Ok(port) = u16::try_from(port) else { continue };
+        by_ncu.entry(ncu).or_default().push(SiteService { id, service, transport, uplink, address, port });
+    }
+    Ok(by_ncu)
+}
+
+async fn read_redirects(pool: &PgPool, me: &str) -> Result<BTreeMap<i64, Vec<Redirect>>, sqlx::Error> {
     let rows: Vec<(i64, i64, String, IpAddr, IpAddr, Vec<i32>)> = sqlx::query_as(
         "SELECT a.ncu_id, m.id, a.uplink, COALESCE(a.interface_ip, a.ip), m.to_ip, m.ports \
            FROM host_migrations m JOIN addresses a ON a.domain_id = m.domain_id AND a.ip = m.from_ip \
@@ -63,6 +95,28 @@ async fn read(pool: &PgPool, me: &str) -> Result<BTreeMap<i64, Vec<Redirect>>, s
         by_ncu.entry(ncu).or_default().push(Redirect { id, uplink, from, to, ports });
     }
     Ok(by_ncu)
+}
+
+/// Writes an NCU's check of service tuple `id` of `domain_id` (one the session sent it); a change notifies the
+/// domain, so the SRV answers follow.
+pub async fn health(
+    pool: &PgPool,
+    domain_id: i64,
+    id: i64,
+    healthy: bool,
+    reason: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE services SET healthy = $3, health_reason = $4, health_at = now() \
+          WHERE id = $1 AND domain_id = $2 AND (healthy, health_reason) IS DISTINCT FROM ($3, $4)",
+    )
+    .bind(id)
+    .bind(domain_id)
+    .bind(healthy)
+    .bind(reason)
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 /// Writes an NCU's report on redirect `id` (one the session sent it) into the migration's row; `relay` names the
