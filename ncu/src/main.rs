@@ -70,7 +70,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let default_level = if matches!(args.command, Command::Run { .. } | Command::Serve { .. }) { "info" } else { "warn" };
+    let default_level =
+        if matches!(args.command, Command::Run { .. } | Command::Serve { .. }) { "info" } else { "warn" };
     // RUST_LOG as `level` or `target=level,...` (no regular expressions: the router build leaves the regex engine out).
     let filter = std::env::var("RUST_LOG").ok().and_then(|spec| spec.parse::<Targets>().ok());
     let filter = filter.unwrap_or_else(|| default_level.parse().unwrap_or_default());

@@ -149,7 +149,13 @@ impl Site {
                     "udp" => "udp",
                     _ => return None,
                 };
-                (to.is_ipv4() == t.address.is_ipv4()).then_some(Forward { id: t.id, from: t.address, protocol, port: t.port, to })
+                (to.is_ipv4() == t.address.is_ipv4()).then_some(Forward {
+                    id: t.id,
+                    from: t.address,
+                    protocol,
+                    port: t.port,
+                    to,
+                })
             })
             .collect();
         forwards.sort();
@@ -262,7 +268,9 @@ async fn check(config: &ServiceConfig, target: SocketAddr, udp: bool) -> Result<
         }
         Ok(())
     };
-    tokio::time::timeout(CHECK_TIMEOUT, attempt).await.map_err(|_| format!("{target}: no answer within {CHECK_TIMEOUT:?}"))?
+    tokio::time::timeout(CHECK_TIMEOUT, attempt)
+        .await
+        .map_err(|_| format!("{target}: no answer within {CHECK_TIMEOUT:?}"))?
 }
 
 #[cfg(test)]
@@ -283,12 +291,23 @@ mod tests {
     #[test]
     fn only_mapped_tcp_and_udp_tuples_of_one_family_are_forwarded() {
         let mut config = BTreeMap::new();
-        config.insert("web".to_owned(), ServiceConfig { to: Some("198.19.1.10:8080".parse().expect("addr")), ..Default::default() });
-        config.insert("v6".to_owned(), ServiceConfig { to: Some("[fd00::10]:53".parse().expect("addr")), ..Default::default() });
+        config.insert(
+            "web".to_owned(),
+            ServiceConfig { to: Some("198.19.1.10:8080".parse().expect("addr")), ..Default::default() },
+        );
+        config.insert(
+            "v6".to_owned(),
+            ServiceConfig { to: Some("[fd00::10]:53".parse().expect("addr")), ..Default::default() },
+        );
         config.insert("local".to_owned(), ServiceConfig { start: vec!["true".into()], ..Default::default() });
         let site = Site { config, installed: None, running: BTreeSet::new(), health: BTreeMap::new() };
-        let tuples =
-            [tuple(1, "web", "tls", 443), tuple(2, "web", "sctp", 9), tuple(3, "v6", "udp", 53), tuple(4, "local", "tcp", 22), tuple(5, "other", "tcp", 1)];
+        let tuples = [
+            tuple(1, "web", "tls", 443),
+            tuple(2, "web", "sctp", 9),
+            tuple(3, "v6", "udp", 53),
+            tuple(4, "local", "tcp", 22),
+            tuple(5, "other", "tcp", 1),
+        ];
         let forwards = site.forwards(&tuples);
         assert_eq!(forwards.len(), 1, "{forwards:?}");
         assert_eq!((forwards[0].id, forwards[0].protocol, forwards[0].port), (1, "tcp", 443));

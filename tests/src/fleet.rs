@@ -175,7 +175,9 @@ pub struct Site {
     pub hbs: HbsServer,
     /// The enrolled identity.
     pub identity: ncu::identity::Identity,
-    _pki: Pki,
+    /// The subscriber's token.
+    pub token: String,
+    pki: Pki,
     _dir: tempfile::TempDir,
 }
 
@@ -196,7 +198,20 @@ impl Site {
         let dir = tempfile::tempdir()?;
         ncu::hds_client::enroll(&[hds.address()], &pki.ca_pem(), token, dir.path(), None, None).await?;
         let identity = ncu::identity::Identity::load(dir.path())?;
-        Ok(Self { stack, hds, hbs, identity, _pki: pki, _dir: dir })
+        Ok(Self { stack, hds, hbs, identity, token: acme, pki, _dir: dir })
+    }
+
+    /// Enrolls one more NCU (or server agent) for the domain; the identity lives in `dir`.
+    pub async fn enroll(&self, dir: &std::path::Path) -> Result<ncu::identity::Identity> {
+        let (status, body) = self
+            .stack
+            .api
+            .call(reqwest::Method::POST, "/v1/domains/site.tether.test/enrollments", Some(&self.token), None)
+            .await?;
+        anyhow::ensure!(status == reqwest::StatusCode::CREATED, "enrollment token: {status} {body}");
+        let token = body["token"].as_str().unwrap_or_default();
+        ncu::hds_client::enroll(&[self.hds.address()], &self.pki.ca_pem(), token, dir, None, None).await?;
+        Ok(ncu::identity::Identity::load(dir)?)
     }
 
     /// An agent with `uplinks`.

@@ -325,6 +325,11 @@ pub struct System {
 impl System {
     /// Starts everything and waits until the NCU's uplinks are registered. Call from [`client_runtime`].
     pub async fn start(ns: Namespaces) -> Result<Self> {
+        Self::start_with_ncu(ns, "").await
+    }
+
+    /// [`System::start`] with `ncu_extra` appended to the NCU's configuration (its `[services.…]`, say).
+    pub async fn start_with_ncu(ns: Namespaces, ncu_extra: &str) -> Result<Self> {
         let bin = binaries()?;
         let work = tempfile::Builder::new().prefix("tether-system-").tempdir()?;
         let pg = Postgres::start_in(Some(ns.name("op"))).await?;
@@ -332,14 +337,14 @@ impl System {
         let dns = SocketAddr::new(OPERATOR.parse()?, 53);
         let web = WebServer::start(&format!("/run/netns/{}", ns.name("site")))?;
         let mut system = Self { processes: Vec::new(), web, pg, api, dns, subscriber: String::new(), work, bin, ns };
-        if let Err(error) = system.boot().await {
+        if let Err(error) = system.boot(ncu_extra).await {
             system.print_logs();
             return Err(error);
         }
         Ok(system)
     }
 
-    async fn boot(&mut self) -> Result<()> {
+    async fn boot(&mut self, ncu_extra: &str) -> Result<()> {
         let url = self.pg.url();
         let env = [("DATABASE_URL", url.as_str()), ("TETHER_OPERATOR_TOKEN", OPERATOR_TOKEN)];
         let pki = self.work.path().join("pki");
@@ -424,7 +429,7 @@ impl System {
         ];
         run_in(&self.ns.name("site"), &self.bin.join("ncu"), &enroll)?;
         let config = format!(
-            "hds = ['{OPERATOR}:4433']\nidentity = '{}'\nvalidate_timeout = '2s'\nmax_backoff = '2s'\n",
+            "hds = ['{OPERATOR}:4433']\nidentity = '{}'\nvalidate_timeout = '2s'\nmax_backoff = '2s'\n{ncu_extra}",
             identity.display()
         );
         self.start_process("ncu", "ncu run", "site", &config, &[])

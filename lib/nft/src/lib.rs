@@ -397,10 +397,22 @@ mod tests {
             port: 443,
             to: "198.19.1.10:8443".parse().expect("addr"),
         };
-        let v6 = Forward { id: 4, from: "fd00::1".parse().expect("ip"), protocol: "udp", port: 53, to: "[fd00:1::10]:53".parse().expect("addr") };
+        let v6 = Forward {
+            id: 4,
+            from: "fd00::1".parse().expect("ip"),
+            protocol: "udp",
+            port: 53,
+            to: "[fd00:1::10]:53".parse().expect("addr"),
+        };
         let s = forwards_script(&[f, v6]);
-        assert!(s.contains("ip daddr 198.18.1.2 tcp dport 443 counter dnat ip to 198.19.1.10:8443 comment \"service 3\""), "{s}");
-        assert!(s.contains("ip6 daddr fd00::1 udp dport 53 counter dnat ip6 to [fd00:1::10]:53 comment \"service 4\""), "{s}");
+        assert!(
+            s.contains("ip daddr 198.18.1.2 tcp dport 443 counter dnat ip to 198.19.1.10:8443 comment \"service 3\""),
+            "{s}"
+        );
+        assert!(
+            s.contains("ip6 daddr fd00::1 udp dport 53 counter dnat ip6 to [fd00:1::10]:53 comment \"service 4\""),
+            "{s}"
+        );
         assert!(!s.contains("tether_migrate"));
     }
 

@@ -227,7 +227,8 @@ pub fn validate_services(services: &[SiteService]) -> Result<(), String> {
         return Err(format!("{} services; at most {MAX_SERVICES}", services.len()));
     }
     for s in services {
-        let label = |l: &str| !l.is_empty() && l.len() <= 62 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        let label =
+            |l: &str| !l.is_empty() && l.len() <= 62 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
         if !label(&s.service) || !["tcp", "udp", "tls", "sctp"].contains(&s.transport.as_str()) || s.port == 0 {
             return Err(format!("service {}: bad name, transport or port", s.id));
         }

@@ -11,6 +11,7 @@ mod heartbeat;
 mod layout;
 mod migration;
 mod ncu_binary;
+mod site_services;
 mod status_page;
 mod sync;
 mod system;

@@ -85,3 +85,30 @@ fn a_bad_config_is_refused_naming_the_key() {
     let message = String::from_utf8_lossy(&out.stderr);
     assert!(message.contains("failover_after"), "{message}");
 }
+
+#[test]
+fn serve_and_services_configurations_are_checked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ncu.toml");
+    let uplink = "[[uplink]]\nname = 'eth0'\naddress = '127.0.3.9'\n";
+    for (command, config, says) in [
+        ("serve", String::new(), "list them as [[uplink]]"),
+        ("serve", format!("{uplink}[services.web]\nto = '198.19.1.10:80'\n"), "a server forwards nothing"),
+        ("run", "[services.web]\nto = '198.19.1.10:80'\nstart = ['true']\n".to_owned(), "not both"),
+        ("run", "[services.'a b']\ncheck = 'tcp'\n".to_owned(), "services"),
+        ("run", "[services.web]\ncheck = 'ping'\n".to_owned(), "check"),
+        ("run", "load = 'gpu'\n".to_owned(), "load"),
+        ("run", "load = 'connections:0'\n".to_owned(), "load"),
+    ] {
+        std::fs::write(&path, format!("hds = ['a:1']\nidentity = '/nonexistent'\n{config}")).expect("write");
+        let out = Command::new(tether_tests::system::binaries().expect("binaries").join("ncu"))
+            .arg(command)
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(1), "ncu {command} with {config:?}");
+        let message = String::from_utf8_lossy(&out.stderr);
+        assert!(message.contains(says), "ncu {command} with {config:?}: {message}");
+    }
+}
