@@ -246,7 +246,7 @@ async fn service_health(session: &Session, context: &Context, id: i64, healthy: 
         warn!(session = session.id, ncu = session.ncu_id, service = id, "health of a tuple never sent; ignored");
         return;
     }
-    let reason = reason.map(|r| bounded_reason(r));
+    let reason = reason.map(bounded_reason);
     info!(session = session.id, service = id, healthy, reason = reason.as_deref().unwrap_or(""), "service health");
     if let Err(e) = crate::site::health(&context.pool, session.domain_id, id, healthy, reason.as_deref()).await {
         warn!(error = %e, service = id, "cannot write the service's health");

@@ -114,17 +114,28 @@ enum Done {
     Standby(HeartbeatServer, Option<quinn::Connection>),
 }
 
+/// Who the agent is and what it runs besides its uplinks (no `Debug`: the identity holds the private key).
+#[derive(Clone)]
+pub struct Setup {
+    /// hds addresses, tried in turn.
+    pub hds: Vec<String>,
+    /// The enrolled identity.
+    pub identity: Identity,
+    /// Move to the backup when heartbeats stop for this long.
+    pub failover_after: Duration,
+    /// Services and load.
+    pub site: SiteConfig,
+}
+
 /// Runs the agent until `shutdown`; fails only when hds refuses this NCU for good (an unknown certificate).
 pub async fn run(
-    hds: Vec<String>,
-    identity: Identity,
-    failover_after: Duration,
+    setup: Setup,
     uplinks: watch::Receiver<Vec<UplinkSpec>>,
     drill: Drill,
-    site: SiteConfig,
     status: watch::Sender<Status>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let Setup { hds, identity, failover_after, site } = setup;
     let tls = Arc::new(
         pki::client_tls(&identity.ca_pem, Some((&identity.cert_pem, &identity.key_pem)), control::ALPN)
             .context("building TLS from the NCU identity")?,

@@ -137,17 +137,13 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             let uplinks_rx = uplink_source(&config, &identity, &shutdown)?;
             let (status, _) = tokio::sync::watch::channel(agent::Status::default());
             tether_config::cancel_on_signal(shutdown.clone());
-            agent::run(
-                config.hds,
+            let setup = agent::Setup {
+                hds: config.hds,
                 identity,
-                config.failover_after,
-                uplinks_rx,
-                agent::Drill::default(),
-                agent::SiteConfig { services: config.services, load: config.load },
-                status,
-                shutdown,
-            )
-            .await
+                failover_after: config.failover_after,
+                site: agent::SiteConfig { services: config.services, load: config.load },
+            };
+            agent::run(setup, uplinks_rx, agent::Drill::default(), status, shutdown).await
         }
     }
 }

@@ -337,7 +337,7 @@ async fn a_service_moves_to_a_new_server_without_losing_a_connection() -> Result
     let start = Instant::now();
     let mut timeline: Vec<(Duration, String)> = Vec::new();
     let mut mark = |what: String| {
-        println!("{:>7.3}s  {what}", start.elapsed().as_secs_f64());
+        eprintln!("{:>7.3}s  {what}", start.elapsed().as_secs_f64());
         timeline.push((start.elapsed(), what));
     };
 
@@ -415,7 +415,7 @@ async fn a_service_moves_to_a_new_server_without_losing_a_connection() -> Result
     let flows = done["flows"].as_i64().context("flows")?;
     assert!(flows >= redirected, "the relay counted {flows} flows, the client saw {redirected} redirected");
     assert!(done["last_flow_at"].is_string(), "{done}");
-    println!("{} attempts, {} before the redirect, {redirected} redirected, none failed", attempts.len(), first_new);
+    eprintln!("{} attempts, {} before the redirect, {redirected} redirected, none failed", attempts.len(), first_new);
 
     // After done the relay lets go: the old address is the old server's again, and the table is gone.
     eventually(WAIT, "the old address to be served by the old server again", || {
@@ -436,9 +436,9 @@ async fn a_service_moves_to_a_new_server_without_losing_a_connection() -> Result
         assert!(log.contains(line), "the forwarder's log should say {line:?}:\n{log}");
     }
     forwarder.running()?;
-    println!("timeline:");
+    eprintln!("timeline:");
     for (at, what) in &timeline {
-        println!("  {:>7.3}s  {what}", at.as_secs_f64());
+        eprintln!("  {:>7.3}s  {what}", at.as_secs_f64());
     }
     Ok(())
 }

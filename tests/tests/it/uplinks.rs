@@ -83,16 +83,13 @@ impl SiteNcu {
                     };
                     let (uplinks_tx, uplinks_rx) = watch::channel(Vec::new());
                     let discovery = ncu::uplinks::discovery::run(settings, uplinks_tx, stop.clone());
-                    let agent = ncu::agent::run(
-                        vec![hds],
+                    let setup = ncu::agent::Setup {
+                        hds: vec![hds],
                         identity,
-                        Duration::from_secs(3),
-                        uplinks_rx,
-                        Drill::default(),
-                        ncu::agent::SiteConfig::default(),
-                        status_tx,
-                        stop.clone(),
-                    );
+                        failover_after: Duration::from_secs(3),
+                        site: ncu::agent::SiteConfig::default(),
+                    };
+                    let agent = ncu::agent::run(setup, uplinks_rx, Drill::default(), status_tx, stop.clone());
                     let (d, a) = tokio::join!(discovery, agent);
                     d.and(a)
                 })
