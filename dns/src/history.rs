@@ -18,8 +18,7 @@ pub const BATCHES: u32 = 50;
 
 /// Prunes until `shutdown`.
 pub async fn run(pool: PgPool, retention: Duration, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = tether_config::ticker(EVERY);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,

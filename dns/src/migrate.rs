@@ -18,8 +18,7 @@ pub const RELAY_WAIT: Duration = Duration::from_secs(5);
 
 /// Advances migrations until `shutdown`. A database error is logged and retried at the next tick.
 pub async fn run(pool: PgPool, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = tether_config::ticker(TICK);
     let mut failing = false;
     loop {
         tokio::select! {

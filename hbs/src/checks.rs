@@ -66,8 +66,7 @@ pub async fn run(
 ) {
     let http = reqwest::Client::builder().timeout(interval.mul_f32(0.8)).build().unwrap_or_default();
     let mut failures: BTreeMap<i64, u32> = BTreeMap::new();
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticker = tether_config::ticker(interval);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,

@@ -40,8 +40,7 @@ pub struct Fleet {
 /// Runs until `shutdown`.
 pub async fn run(fleet: Fleet, shutdown: CancellationToken) {
     let mut full = false;
-    let mut interval = tokio::time::interval(fleet.every);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut interval = tether_config::ticker(fleet.every);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,

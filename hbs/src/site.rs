@@ -29,8 +29,7 @@ pub type ByNcu = Arc<Sites>;
 
 /// Publishes the redirects and services of the NCUs whose addresses `me` holds until `shutdown`.
 pub async fn run(pool: PgPool, me: String, out: watch::Sender<ByNcu>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = tether_config::ticker(EVERY);
     let mut failing = false;
     loop {
         tokio::select! {

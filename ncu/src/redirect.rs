@@ -22,8 +22,7 @@ pub async fn run(
     let mut kernel = Kernel::new("this router");
     let mut flows = std::collections::BTreeMap::<i64, u64>::new();
     let mut not_here = std::collections::BTreeSet::<i64>::new();
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = tether_config::ticker(TICK);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,

@@ -104,8 +104,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut site = Site { config, installed: None, running: BTreeSet::new(), health: BTreeMap::new() };
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = tether_config::ticker(TICK);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,

@@ -22,8 +22,7 @@ pub const TICK: Duration = Duration::from_secs(1);
 /// Runs until `shutdown`; `name` is how this forwarder names itself in the rows it reports into.
 pub async fn run(pool: PgPool, name: String, mut wanted: watch::Receiver<Vec<Redirect>>, shutdown: CancellationToken) {
     let mut kernel = Kernel::new(&name);
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = tether_config::ticker(TICK);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,

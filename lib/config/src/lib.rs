@@ -146,6 +146,14 @@ pub fn cancel_on_signal(shutdown: CancellationToken) {
     });
 }
 
+/// A timer for a periodic task: the first tick at once, then every `period`; a late tick delays the next ones
+/// rather than bursting to catch up.
+pub fn ticker(period: std::time::Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -64,8 +64,7 @@ pub async fn run(
     let mut checks: JoinSet<(Candidate, Result<(), String>)> = JoinSet::new();
     let mut checking: Vec<String> = Vec::new();
     let mut offered: Vec<Candidate> = Vec::new();
-    let mut rescan = tokio::time::interval(settings.rescan_every);
-    rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rescan = tether_config::ticker(settings.rescan_every);
     let mut dirty = true;
     loop {
         if dirty {
