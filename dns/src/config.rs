@@ -50,10 +50,14 @@ pub struct Config {
     /// A migration's default quiet time: it ends only after this long without a redirected flow.
     #[serde(default = "default_migration_quiet", with = "humantime_serde")]
     pub migration_quiet: Duration,
-    /// Ranges of private or reserved space that migration targets may still use (say, a lab's 10.0.0.0/8); the
-    /// rest of that space is refused.
+    /// Ranges of private or reserved space (`tether_config::RESERVED_RANGES`) that subscribers' addresses,
+    /// fallbacks and migration targets may still use (say, a lab's 10.0.0.0/8); the rest of that space is refused.
     #[serde(default)]
     pub allowed_target_ranges: Vec<ipnet::IpNet>,
+    /// The operator's own service addresses (its DNS, API, heartbeat and forwarder addresses): never a
+    /// subscriber's target.
+    #[serde(default)]
+    pub operator_addresses: Vec<ipnet::IpNet>,
     /// How long the address history (registrations, transitions, handovers) is kept.
     #[serde(default = "default_event_retention", with = "humantime_serde")]
     pub event_retention: Duration,

@@ -77,7 +77,11 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
         return Ok(());
     }
 
-    let shared = Arc::new(sync::Shared::new());
+    let targets = tether_config::TargetPolicy {
+        allowed: config.allowed_target_ranges.clone(),
+        operator: config.operator_addresses.clone(),
+    };
+    let shared = Arc::new(sync::Shared::new().with_targets(targets));
     let (synced_tx, mut synced_rx) = watch::channel(false);
     let sync_task =
         tokio::spawn(sync::run(pool.clone(), shared.clone(), config.max_backoff, synced_tx, shutdown.clone()));
@@ -116,11 +120,7 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
         dyndns_trusted_proxies: config.dyndns_trusted_proxies.clone().into(),
         dyndns_limiter: Arc::default(),
         dns_addr,
-        migrations: api::MigrationSettings {
-            hold_factor: config.migration_hold_factor,
-            quiet: config.migration_quiet,
-            allowed_target_ranges: config.allowed_target_ranges.clone().into(),
-        },
+        migrations: api::MigrationSettings { hold_factor: config.migration_hold_factor, quiet: config.migration_quiet },
     });
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(async move {

@@ -35,6 +35,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Bumped after every view swap, for those that act on changes (NOTIFY).
     generation: watch::Sender<u64>,
+    /// Where subscribers' addresses may point (the API, UPDATE and dyndns check it).
+    pub targets: tether_config::TargetPolicy,
 }
 
 impl Shared {
@@ -45,7 +47,13 @@ impl Shared {
             last_sync_ms: AtomicI64::new(0),
             metrics: Metrics::new(),
             generation: watch::Sender::new(0),
+            targets: tether_config::TargetPolicy::default(),
         }
+    }
+
+    /// The same, with the operator's target policy.
+    pub fn with_targets(self, targets: tether_config::TargetPolicy) -> Self {
+        Self { targets, ..self }
     }
 
     /// Wakes on every view swap after this call.

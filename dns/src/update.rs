@@ -33,7 +33,13 @@ pub const MAX_TXT: i64 = 32;
 struct Refusal(ResponseCode, String);
 
 /// Answers an UPDATE request.
-pub async fn serve<R: ResponseHandler>(pool: &PgPool, view: &View, request: &Request, mut handle: R) -> ResponseInfo {
+pub async fn serve<R: ResponseHandler>(
+    pool: &PgPool,
+    view: &View,
+    targets: &tether_config::TargetPolicy,
+    request: &Request,
+    mut handle: R,
+) -> ResponseInfo {
     let now = unix_now();
     let src = request.src();
     let queries = request.queries.queries();
@@ -72,7 +78,7 @@ pub async fn serve<R: ResponseHandler>(pool: &PgPool, view: &View, request: &Req
         return refuse(request, src, Refusal(ResponseCode::NotAuth, "no such key".into()), &mut handle).await;
     };
     let domain = LowerName::new(&Name::from_ascii(&fqdn).unwrap_or_default());
-    let outcome = match check(zone_view, &zone, &domain, request) {
+    let outcome = match check(zone_view, &zone, &domain, request, targets) {
         Err(refusal) => Err(refusal),
         Ok(changes) => match admin::apply_update(pool, domain_id, &changes, MAX_TXT).await {
             Ok(()) => Ok(changes.len()),
@@ -111,6 +117,7 @@ fn check(
     origin: &LowerName,
     domain: &LowerName,
     request: &Request,
+    targets: &tether_config::TargetPolicy,
 ) -> Result<Vec<admin::RowChange>, Refusal> {
     let within = |name: &LowerName| -> Result<(), Refusal> {
         if !origin.zone_of(name) {
@@ -168,13 +175,18 @@ fn check(
     for rr in &request.authorities {
         let name = LowerName::new(&rr.name);
         within(&name)?;
-        changes.extend(change(rr, &name, domain)?);
+        changes.extend(change(rr, &name, domain, targets)?);
     }
     Ok(changes)
 }
 
 /// The row changes one update record asks for.
-fn change(rr: &Record, name: &LowerName, domain: &LowerName) -> Result<Vec<admin::RowChange>, Refusal> {
+fn change(
+    rr: &Record,
+    name: &LowerName,
+    domain: &LowerName,
+    targets: &tether_config::TargetPolicy,
+) -> Result<Vec<admin::RowChange>, Refusal> {
     use admin::RowChange::{
         AddAddress, AddService, AddTxt, DeleteAddress, DeleteFamily, DeleteService, DeleteServices, DeleteTxt,
         DeleteTxtAt,
@@ -188,6 +200,7 @@ fn change(rr: &Record, name: &LowerName, domain: &LowerName) -> Result<Vec<admin
         if ip.is_unspecified() || ip.is_multicast() || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
             return Err(Refusal(ResponseCode::Refused, format!("{ip} cannot be a host address")));
         }
+        targets.check(ip).map_err(|why| Refusal(ResponseCode::Refused, why))?;
         Ok(ip)
     };
     let text = |data: &RData| -> Result<String, Refusal> {

@@ -39,6 +39,13 @@ pub struct Config {
     /// name.
     #[serde(default)]
     pub relay_name: Option<String>,
+    /// Ranges of private or reserved space (`tether_config::RESERVED_RANGES`) the forwarder may still relay to;
+    /// a live address or fallback anywhere else in that space (written by other means than the API) is dropped.
+    #[serde(default)]
+    pub allowed_target_ranges: Vec<ipnet::IpNet>,
+    /// The operator's own service addresses: never relayed to.
+    #[serde(default)]
+    pub operator_addresses: Vec<ipnet::IpNet>,
 }
 
 impl Load for Config {
@@ -75,6 +82,14 @@ impl tether_service::ServerConfig for Config {
 }
 
 impl Config {
+    /// Where flows may be relayed.
+    pub fn targets(&self) -> tether_config::TargetPolicy {
+        tether_config::TargetPolicy {
+            allowed: self.allowed_target_ranges.clone(),
+            operator: self.operator_addresses.clone(),
+        }
+    }
+
     /// [`Config::relay_name`], else the host name, else `packet-forwarder`.
     pub fn relay_name(&self) -> String {
         self.relay_name.clone().unwrap_or_else(|| {

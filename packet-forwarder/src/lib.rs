@@ -70,6 +70,8 @@ pub struct Shared {
     /// Pipes of `tcp_buffer` bytes, lent to TCP flows while they splice.
     pub pipes: splice::Pipes,
     changed: watch::Sender<()>,
+    /// Where flows may be relayed (see [`Config::targets`]).
+    pub targets: tether_config::TargetPolicy,
     /// Every unfinished host migration, for the relay ([`migrate`]).
     pub redirects: watch::Sender<Vec<tether_nft::Redirect>>,
 }
@@ -89,6 +91,7 @@ impl Shared {
             pipes: splice::Pipes::new(config.tcp_buffer),
             changed: watch::Sender::new(()),
             redirects: watch::Sender::new(Vec::new()),
+            targets: config.targets(),
         }
     }
 

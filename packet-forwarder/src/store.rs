@@ -4,24 +4,40 @@
 use std::net::IpAddr;
 
 use sqlx::{PgPool, Row, postgres::PgRow};
+use tether_config::TargetPolicy;
 pub use tether_db::StoreError;
 use tether_db::domains::{self, Domain, RowError};
+use tracing::warn;
 
 use crate::table::{AddressRow, DomainRow, Policy, Protocol, ProxyMode};
 
-/// Every domain with a static address, from one snapshot.
-pub async fn load_all(pool: &PgPool) -> Result<Vec<DomainRow>, StoreError> {
-    load(pool, None).await
+/// Every domain with a static address, from one snapshot; targets `targets` refuses are left out.
+pub async fn load_all(pool: &PgPool, targets: &TargetPolicy) -> Result<Vec<DomainRow>, StoreError> {
+    load(pool, None, targets).await
 }
 
 /// The named domains that still exist and still have a static address, from one snapshot.
-pub async fn load_domains(pool: &PgPool, ids: &[i64]) -> Result<Vec<DomainRow>, StoreError> {
-    load(pool, Some(ids)).await
+pub async fn load_domains(pool: &PgPool, ids: &[i64], targets: &TargetPolicy) -> Result<Vec<DomainRow>, StoreError> {
+    load(pool, Some(ids), targets).await
 }
 
-async fn load(pool: &PgPool, ids: Option<&[i64]>) -> Result<Vec<DomainRow>, StoreError> {
+async fn load(pool: &PgPool, ids: Option<&[i64]>, targets: &TargetPolicy) -> Result<Vec<DomainRow>, StoreError> {
     let mut rows: Vec<DomainRow> = domains::read(pool, ids).await?;
     for row in &mut rows {
+        // The API refuses such addresses; a row written by other means is never relayed to.
+        row.addresses.retain(|a| match targets.check(a.ip) {
+            Ok(()) => true,
+            Err(why) => {
+                warn!(domain = %row.name, address = %a.ip, %why, "not relaying to this address");
+                false
+            }
+        });
+        if let Some(fallback) = row.fallback
+            && let Err(why) = targets.check(fallback)
+        {
+            warn!(domain = %row.name, %fallback, %why, "not relaying to this fallback");
+            row.fallback = None;
+        }
         // Row order from Postgres is arbitrary; a stable order lets an unchanged domain compare equal.
         row.addresses.sort_by_key(|a| a.ip);
         row.services.sort_unstable();

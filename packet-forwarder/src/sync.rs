@@ -35,14 +35,14 @@ pub async fn run(
 
 async fn apply(pool: &PgPool, shared: &Shared, pending: &Changes) -> Result<(), StoreError> {
     let (table, removed) = if pending.full {
-        let rows = store::load_all(pool).await?;
+        let rows = store::load_all(pool, &shared.targets).await?;
         let built = Table::build(rows, &shared.table.load());
         info!(domains = built.0.domain_count(), listeners = built.0.keys().len(), "target table loaded");
         shared.metrics.full_reloads.inc();
         built
     } else {
         let ids: Vec<i64> = pending.domains.iter().copied().collect();
-        let rows = store::load_domains(pool, &ids).await?;
+        let rows = store::load_domains(pool, &ids, &shared.targets).await?;
         let mut changes: Vec<_> = ids.iter().map(|&id| (id, None)).collect();
         for row in rows {
             if let Some(change) = changes.iter_mut().find(|(id, _)| *id == row.id) {

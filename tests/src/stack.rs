@@ -108,9 +108,20 @@ impl Stack {
 impl DnsServer {
     /// Starts a server against `database_url` and waits until its view is loaded.
     pub async fn start(database_url: &str) -> Result<Self> {
+        Self::start_with(database_url, "").await
+    }
+
+    /// [`DnsServer::start`] with `extra` configuration lines (an `allowed_target_ranges` there replaces the tests'
+    /// default: loopback, 198.18.0.0/15 and fd00::/8).
+    pub async fn start_with(database_url: &str, extra: &str) -> Result<Self> {
+        let allowed = if extra.contains("allowed_target_ranges") {
+            ""
+        } else {
+            "allowed_target_ranges = ['127.0.0.0/8', '198.18.0.0/15', 'fd00::/8']\n"
+        };
         let text = format!(
             "dns_listen = '127.0.0.1:0'\napi_listen = '127.0.0.1:0'\ndatabase_url = '{database_url}'\n\
-             operator_token = '{OPERATOR_TOKEN}'\nmax_backoff = '500ms'\n"
+             operator_token = '{OPERATOR_TOKEN}'\nmax_backoff = '500ms'\n{allowed}{extra}\n"
         );
         let config = dns::Config::parse(&text)?;
         config.validate()?;

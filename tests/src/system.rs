@@ -358,7 +358,10 @@ impl System {
             "dns",
             "dns",
             "op",
-            &format!("dns_listen = '{OPERATOR}:53'\napi_listen = '{OPERATOR}:8053'\nmax_backoff = '500ms'\n"),
+            &format!(
+                "dns_listen = '{OPERATOR}:53'\napi_listen = '{OPERATOR}:8053'\nmax_backoff = '500ms'\n\
+                 allowed_target_ranges = ['198.18.0.0/15']\noperator_addresses = ['{OPERATOR}/32']\n"
+            ),
             &env,
         )?;
         let api = &self.api;
@@ -384,7 +387,10 @@ impl System {
             );
             self.start_process(name, "hbs", "op", &config, &env)?;
         }
-        let forwarder = format!("metrics_listen = '{OPERATOR}:9480'\nconnect_timeout = '1s'\nmax_backoff = '500ms'\n");
+        let forwarder = format!(
+            "metrics_listen = '{OPERATOR}:9480'\nconnect_timeout = '1s'\nmax_backoff = '500ms'\n\
+             allowed_target_ranges = ['198.18.0.0/15']\noperator_addresses = ['{OPERATOR}/32']\n"
+        );
         self.start_process("packet-forwarder", "packet-forwarder", "op", &forwarder, &env)?;
         let db = self.pg.pool().await?;
         crate::eventually(Duration::from_secs(30), "both heartbeat servers in the fleet", || async {

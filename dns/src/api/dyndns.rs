@@ -126,7 +126,7 @@ pub(super) async fn update(
         info!(%source, count = hostnames.len(), "dyndns: numhost");
         return text(StatusCode::OK, "numhost");
     }
-    let ips = match addresses(query.myip.as_deref(), source) {
+    let ips = match addresses(query.myip.as_deref(), source, &state.shared.targets) {
         Some(ips) => ips,
         None => {
             info!(%source, myip = ?query.myip, "dyndns: unusable myip");
@@ -170,7 +170,7 @@ pub(super) async fn update(
 }
 
 /// The addresses to set: `myip`'s (at most one per family, no unusable ones) or else the source address.
-fn addresses(myip: Option<&str>, source: IpAddr) -> Option<Vec<IpAddr>> {
+fn addresses(myip: Option<&str>, source: IpAddr, targets: &tether_config::TargetPolicy) -> Option<Vec<IpAddr>> {
     let given: Vec<&str> = myip.unwrap_or("").split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
     let ips: Vec<IpAddr> = if given.is_empty() {
         vec![source]
@@ -179,7 +179,7 @@ fn addresses(myip: Option<&str>, source: IpAddr) -> Option<Vec<IpAddr>> {
     };
     let v4 = ips.iter().filter(|ip| ip.is_ipv4()).count();
     let v6 = ips.len() - v4;
-    if v4 > 1 || v6 > 1 || ips.iter().any(|ip| input::usable_ip("myip", *ip).is_err()) {
+    if v4 > 1 || v6 > 1 || ips.iter().any(|ip| input::target_ip("myip", *ip, targets).is_err()) {
         return None;
     }
     Some(ips)
@@ -238,6 +238,11 @@ mod tests {
     #[test]
     fn myip_gives_one_address_per_family() {
         let src: IpAddr = "198.18.0.1".parse().expect("ip");
+        let open = tether_config::TargetPolicy {
+            allowed: vec!["198.18.0.0/15".parse().expect("net"), "fd00::/8".parse().expect("net")],
+            operator: vec![],
+        };
+        let addresses = |myip, src| addresses(myip, src, &open);
         assert_eq!(addresses(None, src), Some(vec![src]));
         assert_eq!(addresses(Some(""), src), Some(vec![src]));
         let both = addresses(Some("198.18.5.5, fd00::5"), src).expect("two families");
@@ -245,6 +250,7 @@ mod tests {
         assert_eq!(addresses(Some("198.18.5.5,198.18.5.6"), src), None, "two of one family");
         assert_eq!(addresses(Some("nonsense"), src), None);
         assert_eq!(addresses(Some("224.0.0.1"), src), None, "multicast");
+        assert_eq!(addresses(Some("10.0.0.1"), src), None, "private space");
     }
 
     #[test]

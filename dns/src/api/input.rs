@@ -282,35 +282,11 @@ pub(super) fn usable_ip(field: &str, ip: IpAddr) -> Result<IpAddr, ApiError> {
     if bad { Err(ApiError::invalid(format!("{field}: {ip} cannot be used as a host address"))) } else { Ok(ip) }
 }
 
-/// Private, loopback, shared and link-local space: nothing a subscriber's traffic may be sent into.
-const PRIVATE_RANGES: [&str; 9] = [
-    "127.0.0.0/8",
-    "10.0.0.0/8",
-    "172.16.0.0/12",
-    "192.168.0.0/16",
-    "100.64.0.0/10",
-    "169.254.0.0/16",
-    "::1/128",
-    "fc00::/7",
-    "fe80::/10",
-];
-
-/// Refuses what [`usable_ip`] refuses and private space ([`PRIVATE_RANGES`], IPv4-mapped addresses included), unless
-/// the operator allows a range containing the address.
-pub(super) fn public_ip(field: &str, ip: IpAddr, allowed: &[ipnet::IpNet]) -> Result<IpAddr, ApiError> {
+/// Refuses what [`usable_ip`] refuses and what the operator's target policy refuses (private and reserved space,
+/// the operator's own addresses): no subscriber's traffic is sent there.
+pub(super) fn target_ip(field: &str, ip: IpAddr, policy: &tether_config::TargetPolicy) -> Result<IpAddr, ApiError> {
     let ip = usable_ip(field, ip.to_canonical())?;
-    if allowed.iter().any(|range| range.contains(&ip)) {
-        return Ok(ip);
-    }
-    for range in PRIVATE_RANGES {
-        let range: ipnet::IpNet = range.parse().map_err(|_| ApiError::invalid("internal: bad range"))?;
-        if range.contains(&ip) {
-            return Err(ApiError::invalid(format!(
-                "{field}: {ip} is in private or reserved space ({range}); the operator may allow it with \
-                 allowed_target_ranges"
-            )));
-        }
-    }
+    policy.check(ip).map_err(|why| ApiError::invalid(format!("{field}: {why}")))?;
     Ok(ip)
 }
 

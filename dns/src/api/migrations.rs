@@ -1,7 +1,7 @@
 //! Host migrations: `POST`, `GET` and `DELETE` under `/v1/domains/{name}/migrations`. The phases are moved on by
 //! [`crate::migrate`]; the relay at the old address reports into the same row.
 
-use std::{collections::BTreeSet, net::IpAddr, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, net::IpAddr, time::Duration};
 
 use axum::{
     Json,
@@ -29,8 +29,6 @@ pub struct MigrationSettings {
     pub hold_factor: u32,
     /// Default quiet time.
     pub quiet: Duration,
-    /// Private ranges targets may still use.
-    pub allowed_target_ranges: Arc<[ipnet::IpNet]>,
 }
 
 /// Longest hold or quiet time: a week.
@@ -46,9 +44,9 @@ pub(super) async fn create(
     let shown = display(&domain.fqdn).to_owned();
     let settings = &state.migrations;
     let from = body.from.to_canonical();
-    let to = input::public_ip("to", body.to, &settings.allowed_target_ranges)?;
-    let temporary =
-        body.temporary.map(|ip| input::public_ip("temporary", ip, &settings.allowed_target_ranges)).transpose()?;
+    let targets = &state.shared.targets;
+    let to = input::target_ip("to", body.to, targets)?;
+    let temporary = body.temporary.map(|ip| input::target_ip("temporary", ip, targets)).transpose()?;
     if from == to {
         return Err(ApiError::invalid("to: must differ from from"));
     }

@@ -191,7 +191,8 @@ pub(super) async fn create_domain(
     };
     let fqdn = input::hostname("name", &body.name)?;
     let static_ip = body.static_ip.map(|ip| input::usable_ip("static_ip", ip)).transpose()?;
-    let fallback_ip = body.fallback_ip.map(|ip| input::usable_ip("fallback_ip", ip)).transpose()?;
+    let fallback_ip =
+        body.fallback_ip.map(|ip| input::target_ip("fallback_ip", ip, &state.shared.targets)).transpose()?;
     let ttl = input::bounded("ttl", body.ttl, 0, 86_400)?;
     let load_threshold_pct = input::bounded("load_threshold_pct", body.load_threshold_pct, 1, 10_000)?;
     let Some(zone_id) = admin::zone_for(&state.pool, &fqdn).await? else {
@@ -263,7 +264,7 @@ pub(super) async fn add_address(
     Body(body): Body<input::NewAddress>,
 ) -> Result<Response, ApiError> {
     let domain = owned_domain(&state, caller, &name).await?;
-    let ip = input::usable_ip("ip", body.ip)?;
+    let ip = input::target_ip("ip", body.ip, &state.shared.targets)?;
     if body.weight == 0 {
         return Err(ApiError::invalid("weight: must be at least 1"));
     }

@@ -146,6 +146,59 @@ pub fn cancel_on_signal(shutdown: CancellationToken) {
     });
 }
 
+/// Private, loopback, shared, link-local, benchmarking and documentation space: no subscriber's traffic is sent
+/// there (relayed, redirected, answered as a fallback) unless the operator opens a range.
+pub const RESERVED_RANGES: [&str; 16] = [
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.2.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "198.51.100.0/24",
+    "203.0.113.0/24",
+    "240.0.0.0/4",
+    "::1/128",
+    "2001:db8::/32",
+    "fc00::/7",
+    "fe80::/10",
+];
+
+/// Where subscribers' traffic may go: anywhere but [`RESERVED_RANGES`] and the operator's own addresses, except the
+/// ranges the operator allows (`allowed_target_ranges`; the tests and the demo open 198.18.0.0/15).
+#[derive(Debug, Clone, Default)]
+pub struct TargetPolicy {
+    /// Opened by the operator.
+    pub allowed: Vec<ipnet::IpNet>,
+    /// The operator's own service addresses: never a target, whatever is allowed.
+    pub operator: Vec<ipnet::IpNet>,
+}
+
+impl TargetPolicy {
+    /// `Err` with the rule `ip` breaks, for the message; IPv4-mapped IPv6 addresses count as IPv4.
+    pub fn check(&self, ip: std::net::IpAddr) -> Result<(), String> {
+        let ip = ip.to_canonical();
+        if let Some(range) = self.operator.iter().find(|r| r.contains(&ip)) {
+            return Err(format!("{ip} is the operator's own ({range})"));
+        }
+        if self.allowed.iter().any(|r| r.contains(&ip)) {
+            return Ok(());
+        }
+        for range in RESERVED_RANGES {
+            let Ok(range) = range.parse::<ipnet::IpNet>() else { continue };
+            if range.contains(&ip) {
+                return Err(format!(
+                    "{ip} is in private or reserved space ({range}); the operator may allow it with allowed_target_ranges"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A timer for a periodic task: the first tick at once, then every `period`; a late tick delays the next ones
 /// rather than bursting to catch up.
 pub fn ticker(period: std::time::Duration) -> tokio::time::Interval {
@@ -156,6 +209,29 @@ pub fn ticker(period: std::time::Duration) -> tokio::time::Interval {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn targets_outside_reserved_space_pass_unless_opened_or_the_operators() {
+        use super::TargetPolicy;
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+        let closed = TargetPolicy::default();
+        for reserved in
+            ["10.1.2.3", "127.0.0.1", "::1", "fe80::1", "fd00::1", "::ffff:192.168.1.1", "198.18.0.5", "100.64.0.1"]
+        {
+            assert!(closed.check(ip(reserved)).is_err(), "{reserved}");
+        }
+        for public in ["8.8.8.8", "2606:4700::1111", "::ffff:1.1.1.1"] {
+            assert!(closed.check(ip(public)).is_ok(), "{public}");
+        }
+        let open = TargetPolicy {
+            allowed: vec!["198.18.0.0/15".parse().expect("net")],
+            operator: vec!["198.18.0.1/32".parse().expect("net"), "9.9.9.0/24".parse().expect("net")],
+        };
+        assert!(open.check(ip("198.18.7.7")).is_ok());
+        assert!(open.check(ip("198.18.0.1")).unwrap_err().contains("operator's own"));
+        assert!(open.check(ip("9.9.9.9")).unwrap_err().contains("operator's own"));
+        assert!(open.check(ip("10.0.0.1")).unwrap_err().contains("10.0.0.0/8"));
+    }
+
     use super::*;
 
     #[derive(Debug, Deserialize)]

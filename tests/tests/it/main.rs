@@ -15,6 +15,7 @@ mod site_services;
 mod status_page;
 mod sync;
 mod system;
+mod tenants;
 mod update;
 mod uplink_limit;
 mod uplinks;

@@ -68,7 +68,11 @@ async fn the_binary_relays_and_stops_on_sigterm() -> Result<()> {
     let path = dir.path().join("forwarder.toml");
     std::fs::write(
         &path,
-        format!("database_url = '{}'\nmetrics_listen = '127.0.47.200:{metrics_port}'\n", setup.stack.pg.url()),
+        format!(
+            "database_url = '{}'\nmetrics_listen = '127.0.47.200:{metrics_port}'\n\
+             allowed_target_ranges = ['127.0.0.0/8']\n",
+            setup.stack.pg.url()
+        ),
     )?;
     let child = Command::new(bin()?)
         .arg("--config")

@@ -120,7 +120,12 @@ impl Forwarder {
     pub(crate) async fn start(database_url: &str, extra_config: &str) -> Result<Self> {
         let text = format!(
             "database_url = '{database_url}'\nmetrics_listen = '127.0.0.1:0'\nmax_backoff = '500ms'\n\
-             connect_timeout = '1s'\n{extra_config}\n"
+             connect_timeout = '1s'\n{}{extra_config}\n",
+            if extra_config.contains("allowed_target_ranges") {
+                ""
+            } else {
+                "allowed_target_ranges = ['127.0.0.0/8', '198.18.0.0/15']\n"
+            }
         );
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())

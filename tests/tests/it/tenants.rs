@@ -1,0 +1,75 @@
+//! Tenant isolation: what a subscriber can never do to the operator or to another tenant, each refusal a clear 4xx.
+
+use std::net::SocketAddr;
+
+use anyhow::Result;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use tether_tests::{
+    Postgres,
+    stack::{Api, DnsServer, OPERATOR_TOKEN, Stack},
+};
+
+use crate::forwarder::common::{Setup, Site, connect, ip};
+
+fn message(body: &Value) -> String {
+    body["error"]["message"].as_str().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn no_subscriber_address_points_into_private_space_or_at_the_operator() -> Result<()> {
+    let pg = Postgres::start().await?;
+    let dns = DnsServer::start_with(&pg.url(), "operator_addresses = ['198.18.0.53/32']").await?;
+    let stack = Stack { api: Api::new(dns.api_addr), pg, dns };
+    stack.zone("tether.test").await?;
+    let acme = stack.subscriber("acme").await?;
+    stack.domain(&acme, json!({ "name": "t.tether.test" })).await?;
+    let path = "/v1/domains/t.tether.test/addresses";
+    for (ip, rule) in [
+        ("10.0.0.1", "10.0.0.0/8"),
+        ("172.16.5.5", "172.16.0.0/12"),
+        ("192.168.1.1", "192.168.0.0/16"),
+        ("100.64.0.1", "100.64.0.0/10"),
+        ("169.254.1.1", "169.254.0.0/16"),
+        ("::ffff:10.0.0.1", "10.0.0.0/8"),
+        ("fe80::1", "fe80::/10"),
+        ("fc00::1", "fc00::/7"),
+        ("203.0.113.5", "203.0.113.0/24"),
+        ("2001:db8::1", "2001:db8::/32"),
+        ("198.18.0.53", "operator's own"),
+    ] {
+        let (status, body) = stack.api.call(Method::POST, path, Some(&acme), Some(json!({ "ip": ip }))).await?;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{ip}: {body}");
+        assert!(message(&body).contains(rule), "{ip}: {body}");
+    }
+    let fallback = json!({ "name": "u.tether.test", "fallback_ip": "192.168.0.1" });
+    let (status, body) = stack.api.call(Method::POST, "/v1/domains", Some(&acme), Some(fallback)).await?;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(message(&body).starts_with("fallback_ip:"), "{body}");
+    let (_, domain) = stack.api.call(Method::GET, "/v1/domains/t.tether.test", Some(&acme), None).await?;
+    assert_eq!(domain["addresses"], json!([]), "nothing was stored");
+    let (status, body) = stack.api.call(Method::POST, path, Some(&acme), Some(json!({ "ip": "198.18.1.1" }))).await?;
+    assert_eq!(status, StatusCode::CREATED, "a range the operator opened: {body}");
+    let (status, _) = stack.api.call(Method::GET, "/v1/zones", Some(OPERATOR_TOKEN), None).await?;
+    assert_eq!(status, StatusCode::OK);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_forwarder_never_relays_to_space_its_operator_did_not_open() -> Result<()> {
+    // Both sites are API-valid here (the test stack opens loopback); the forwarder opens only the first.
+    let setup = Setup::new(53, "reserved", &[2, 3], json!({})).await?;
+    let _a = Site::start(SocketAddr::new(ip(53, 2), setup.port), false).await?;
+    let _b = Site::start(SocketAddr::new(ip(53, 3), setup.port), false).await?;
+    let _forwarder = setup.forwarder("allowed_target_ranges = ['127.0.53.2/32']").await?;
+    let to = setup.static_addr();
+    let client = ip(53, 100);
+    tether_tests::eventually(crate::forwarder::common::SOON, "the static listener", || async {
+        connect(to, client).await.ok()
+    })
+    .await?;
+    for _ in 0..6 {
+        assert_eq!(connect(to, client).await?.1, "site 127.0.53.2", "127.0.53.3 is not open to the forwarder");
+    }
+    Ok(())
+}
