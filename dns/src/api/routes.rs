@@ -202,6 +202,7 @@ pub(super) async fn create_domain(
             format!("name: {} is in none of our zones", display(&fqdn)),
         ));
     };
+    owns_the_name(&state, caller, zone_id, &fqdn, subscriber_id, static_ip).await?;
     let when_empty = match body.when_empty {
         input::WhenEmpty::Nodata => "nodata",
         input::WhenEmpty::LastKnown => "last_known",
@@ -315,6 +316,10 @@ pub(super) async fn put_services(
     let mut services = Vec::with_capacity(body.len());
     for (i, spec) in body.into_iter().enumerate() {
         let service = input::service_label(&format!("[{i}].service"), &spec.service)?;
+        if service.starts_with("tether-") && caller != Caller::Operator {
+            tracing::warn!(domain = %domain.fqdn, %service, "reserved service name refused");
+            return Err(ApiError::forbidden(format!("[{i}].service: names starting with tether- are the operator's")));
+        }
         let transport = input::service_label(&format!("[{i}].transport"), &spec.transport)?;
         if !["tcp", "udp", "sctp", "tls"].contains(&transport.as_str()) {
             return Err(ApiError::invalid(format!("[{i}].transport: one of tcp, udp, sctp, tls")));
@@ -563,6 +568,60 @@ pub(super) async fn owned_domain(state: &AppState, caller: Caller, name: &str) -
     };
     caller.require_owner(domain.subscriber_id)?;
     Ok(domain)
+}
+
+/// Refuses a new domain whose name or static address belongs to someone else: the zone's apex and nameserver names
+/// (the operator's), a name under or above another subscriber's domain, a name the SRV answers generate under a
+/// domain (`ip-…`), another domain's static address.
+async fn owns_the_name(
+    state: &AppState,
+    caller: Caller,
+    zone_id: i64,
+    fqdn: &str,
+    subscriber_id: i64,
+    static_ip: Option<IpAddr>,
+) -> Result<(), ApiError> {
+    let n = admin::neighbours(&state.pool, zone_id, fqdn, subscriber_id, static_ip).await?;
+    let refuse = |status: StatusCode, why: String| {
+        tracing::warn!(domain = %display(fqdn), subscriber_id, %why, "domain refused");
+        Err(ApiError::new(status, if status == StatusCode::FORBIDDEN { "forbidden" } else { "conflict" }, why))
+    };
+    if n.origin == fqdn && caller != Caller::Operator {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            format!("name: {} is the zone's apex, which is the operator's", display(fqdn)),
+        );
+    }
+    if n.nameserver {
+        return refuse(StatusCode::CONFLICT, format!("name: {} is a nameserver of the zone", display(fqdn)));
+    }
+    if let (Some(above), Some(owner)) = (&n.above, n.above_owner) {
+        if owner != subscriber_id {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                format!("name: under {}, another subscriber's domain", display(above)),
+            );
+        }
+        let first = fqdn.split('.').next().unwrap_or_default();
+        if first.starts_with("ip-")
+            && fqdn.strip_prefix(first).and_then(|r| r.strip_prefix('.')) == Some(above.as_str())
+        {
+            return refuse(
+                StatusCode::CONFLICT,
+                format!("name: {} is reserved for the SRV targets generated under {}", display(fqdn), display(above)),
+            );
+        }
+    }
+    if let Some(below) = &n.foreign_below {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            format!("name: {} below it is another subscriber's domain", display(below)),
+        );
+    }
+    if let (Some(_), Some(ip)) = (&n.static_taken_by, static_ip) {
+        return refuse(StatusCode::CONFLICT, format!("static_ip: {ip} is already another domain's static address"));
+    }
+    Ok(())
 }
 
 /// A store conflict as a 409 with the store's own message (a bound reached, a name taken).

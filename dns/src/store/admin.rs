@@ -250,6 +250,55 @@ pub async fn set_zone_transfer(pool: &PgPool, origin: &str, policy: &TransferPol
 }
 
 /// The deepest zone containing `fqdn`.
+/// Who else holds names around `fqdn`, for a new domain: the zone's origin and nameserver names, the nearest domain
+/// above it and its owner, and whether another subscriber has a domain below it or the static address.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Neighbours {
+    /// The zone's origin.
+    pub origin: String,
+    /// True when `fqdn` is one of the zone's nameserver names.
+    pub nameserver: bool,
+    /// The nearest domain above `fqdn` and its subscriber.
+    pub above: Option<String>,
+    /// Its owner.
+    pub above_owner: Option<i64>,
+    /// A domain of another subscriber below `fqdn`.
+    pub foreign_below: Option<String>,
+    /// The domain already holding the static address asked for.
+    pub static_taken_by: Option<String>,
+}
+
+/// [`Neighbours`] of `fqdn` in zone `zone_id`, for `subscriber_id`'s new domain with `static_ip`.
+pub async fn neighbours(
+    pool: &PgPool,
+    zone_id: i64,
+    fqdn: &str,
+    subscriber_id: i64,
+    static_ip: Option<IpAddr>,
+) -> Result<Neighbours, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT z.origin, \
+                EXISTS (SELECT 1 FROM jsonb_array_elements(z.nameservers) ns \
+                        WHERE lower(rtrim(ns->>'name', '.')) || '.' = $2) AS nameserver, \
+                a.fqdn AS above, a.subscriber_id AS above_owner, \
+                (SELECT d.fqdn FROM domains d WHERE right(d.fqdn, length($2) + 1) = '.' || $2 \
+                    AND d.subscriber_id <> $3 LIMIT 1) AS foreign_below, \
+                (SELECT d.fqdn FROM domains d WHERE $4::inet IS NOT NULL AND d.static_ip = $4 LIMIT 1) \
+                    AS static_taken_by \
+           FROM zones z \
+           LEFT JOIN LATERAL (SELECT fqdn, subscriber_id FROM domains \
+                WHERE right($2, length(fqdn) + 1) = '.' || fqdn ORDER BY length(fqdn) DESC LIMIT 1) a ON true \
+          WHERE z.id = $1",
+    )
+    .bind(zone_id)
+    .bind(fqdn)
+    .bind(subscriber_id)
+    .bind(static_ip)
+    .fetch_one(pool)
+    .await?)
+}
+
+/// The deepest zone holding `fqdn`.
 pub async fn zone_for(pool: &PgPool, fqdn: &str) -> Result<Option<i64>, StoreError> {
     Ok(sqlx::query_scalar(
         "SELECT id FROM zones WHERE origin = $1 OR right($1, length(origin) + 1) = '.' || origin \

@@ -73,3 +73,59 @@ async fn the_forwarder_never_relays_to_space_its_operator_did_not_open() -> Resu
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn names_and_static_addresses_belong_to_their_owner() -> Result<()> {
+    // Zone tether.test has ns1.tether.test (with glue) and ns2.example.net.
+    let (stack, acme) = Stack::with_acme().await?;
+    let globex = stack.subscriber("globex").await?;
+    stack.domain(&acme, json!({ "name": "shop.tether.test", "static_ip": "198.18.9.9" })).await?;
+    stack.domain(&acme, json!({ "name": "a.b.tether.test" })).await?;
+    let refused = [
+        (&acme, json!({ "name": "tether.test" }), StatusCode::FORBIDDEN, "the zone's apex"),
+        (&acme, json!({ "name": "ns1.tether.test" }), StatusCode::CONFLICT, "a nameserver of the zone"),
+        (
+            &globex,
+            json!({ "name": "x.shop.tether.test" }),
+            StatusCode::FORBIDDEN,
+            "under shop.tether.test, another subscriber's",
+        ),
+        (&globex, json!({ "name": "b.tether.test" }), StatusCode::FORBIDDEN, "a.b.tether.test below it"),
+        (
+            &acme,
+            json!({ "name": "ip-198-18-0-7.shop.tether.test" }),
+            StatusCode::CONFLICT,
+            "reserved for the SRV targets",
+        ),
+        (
+            &globex,
+            json!({ "name": "c.tether.test", "static_ip": "198.18.9.9" }),
+            StatusCode::CONFLICT,
+            "already another domain's",
+        ),
+    ];
+    for (token, body, status, says) in refused {
+        let (got, answer) = stack.api.call(Method::POST, "/v1/domains", Some(token), Some(body.clone())).await?;
+        assert_eq!(got, status, "{body}: {answer}");
+        assert!(message(&answer).contains(says), "{body}: {answer}");
+    }
+    let (_, mine) = stack.api.call(Method::GET, "/v1/domains", Some(&globex), None).await?;
+    assert_eq!(mine, json!([]), "nothing was created for globex");
+    // Service names of the operator's.
+    stack.domain(&globex, json!({ "name": "g.tether.test" })).await?;
+    let hds = json!([{ "service": "tether-hds", "transport": "udp", "ip": "198.18.3.3", "port": 4433 }]);
+    let (status, body) =
+        stack.api.call(Method::PUT, "/v1/domains/g.tether.test/services", Some(&globex), Some(hds)).await?;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    // The operator cannot put another subscriber's domain under acme's apex either; once it is gone, it may.
+    let apex = json!({ "name": "tether.test", "subscriber_id": 1 });
+    let (status, body) = stack.api.call(Method::POST, "/v1/domains", Some(OPERATOR_TOKEN), Some(apex.clone())).await?;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let (status, _) = stack.api.call(Method::DELETE, "/v1/domains/g.tether.test", Some(&globex), None).await?;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, body) = stack.api.call(Method::POST, "/v1/domains", Some(OPERATOR_TOKEN), Some(apex)).await?;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    // What is one's own stays possible.
+    stack.domain(&acme, json!({ "name": "www.shop.tether.test" })).await?;
+    Ok(())
+}
