@@ -58,6 +58,17 @@ pub struct Config {
     /// subscriber's target.
     #[serde(default)]
     pub operator_addresses: Vec<ipnet::IpNet>,
+    /// Most addresses one domain may have: static ones through the API or UPDATE, and NCUs enrolled (hbs has the
+    /// same bound for what NCUs register). A domain's answers are compiled with every rotation of its addresses, so
+    /// this bounds its memory (64: 4,096 records).
+    #[serde(default = "default_max_addresses_per_domain")]
+    pub max_addresses_per_domain: u32,
+    /// Most domains one subscriber may have.
+    #[serde(default = "default_max_domains_per_subscriber")]
+    pub max_domains_per_subscriber: u32,
+    /// Admin API requests one token may make per second; more get 429.
+    #[serde(default = "default_api_requests_per_second")]
+    pub api_requests_per_second: u32,
     /// How long the address history (registrations, transitions, handovers) is kept.
     #[serde(default = "default_event_retention", with = "humantime_serde")]
     pub event_retention: Duration,
@@ -99,6 +110,15 @@ impl Load for Config {
         {
             return Err(invalid("event_retention", "must be between 1h and 3650d"));
         }
+        if !(1..=1024).contains(&self.max_addresses_per_domain) {
+            return Err(invalid("max_addresses_per_domain", "must be 1 to 1024"));
+        }
+        if self.max_domains_per_subscriber == 0 {
+            return Err(invalid("max_domains_per_subscriber", "must be above zero"));
+        }
+        if self.api_requests_per_second == 0 {
+            return Err(invalid("api_requests_per_second", "must be above zero"));
+        }
         if !(1..=1000).contains(&self.migration_hold_factor) {
             return Err(invalid("migration_hold_factor", "must be 1 to 1000"));
         }
@@ -139,6 +159,18 @@ fn default_tcp_idle_timeout() -> Duration {
 
 fn default_enrollment_ttl() -> Duration {
     Duration::from_secs(3600)
+}
+
+fn default_max_addresses_per_domain() -> u32 {
+    64
+}
+
+fn default_max_domains_per_subscriber() -> u32 {
+    100
+}
+
+fn default_api_requests_per_second() -> u32 {
+    50
 }
 
 fn default_event_retention() -> Duration {

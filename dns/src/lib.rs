@@ -81,10 +81,14 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
         allowed: config.allowed_target_ranges.clone(),
         operator: config.operator_addresses.clone(),
     };
-    let shared = Arc::new(sync::Shared::new().with_targets(targets));
+    let shared =
+        Arc::new(sync::Shared::new().with_targets(targets).with_address_bound(config.max_addresses_per_domain));
     let (synced_tx, mut synced_rx) = watch::channel(false);
+    // The view sync has connections of its own: a flood of API requests (bogus tokens, say) queues on the API's
+    // pool and never delays DNS freshness.
+    let sync_pool = tether_db::pool(config.database_url()).context("database_url")?;
     let sync_task =
-        tokio::spawn(sync::run(pool.clone(), shared.clone(), config.max_backoff, synced_tx, shutdown.clone()));
+        tokio::spawn(sync::run(sync_pool.clone(), shared.clone(), config.max_backoff, synced_tx, shutdown.clone()));
     tokio::select! {
         () = shutdown.cancelled() => {
             let _ = sync_task.await;
@@ -120,6 +124,13 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
         dyndns_trusted_proxies: config.dyndns_trusted_proxies.clone().into(),
         dyndns_limiter: Arc::default(),
         dns_addr,
+        bounds: api::Bounds {
+            addresses_per_domain: config.max_addresses_per_domain,
+            domains_per_subscriber: config.max_domains_per_subscriber,
+            requests_per_second: config.api_requests_per_second,
+        },
+        token_limiter: Arc::new(api::dyndns::Limiter::with_window(std::time::Duration::from_secs(1))),
+        bad_tokens: Arc::new(api::dyndns::Limiter::with_window(std::time::Duration::from_secs(60))),
         migrations: api::MigrationSettings { hold_factor: config.migration_hold_factor, quiet: config.migration_quiet },
     });
     let api_shutdown = shutdown.clone();
@@ -150,5 +161,6 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
     let _ = history_task.await;
     let _ = sync_task.await;
     pool.close().await;
+    sync_pool.close().await;
     Ok(())
 }

@@ -59,7 +59,7 @@ impl RequestHandler for Handler {
         let info = if transfer {
             xfr::serve::serve(&view, &self.keys, &self.shared.metrics, request, response_handle).await
         } else if let (OpCode::Update, Some(pool)) = (request.metadata.op_code, &self.pool) {
-            crate::update::serve(pool, &view, &self.shared.targets, request, response_handle).await
+            crate::update::serve(pool, &view, &self.shared, request, response_handle).await
         } else {
             view.catalog().handle_request::<R, T>(request, response_handle).await
         };

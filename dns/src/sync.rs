@@ -37,6 +37,8 @@ pub struct Shared {
     generation: watch::Sender<u64>,
     /// Where subscribers' addresses may point (the API, UPDATE and dyndns check it).
     pub targets: tether_config::TargetPolicy,
+    /// Most addresses a domain may have (the API and UPDATE check it).
+    pub addresses_per_domain: u32,
 }
 
 impl Shared {
@@ -48,7 +50,13 @@ impl Shared {
             metrics: Metrics::new(),
             generation: watch::Sender::new(0),
             targets: tether_config::TargetPolicy::default(),
+            addresses_per_domain: 64,
         }
+    }
+
+    /// The same, with the most addresses a domain may have.
+    pub fn with_address_bound(self, addresses_per_domain: u32) -> Self {
+        Self { addresses_per_domain, ..self }
     }
 
     /// The same, with the operator's target policy.

@@ -36,10 +36,11 @@ struct Refusal(ResponseCode, String);
 pub async fn serve<R: ResponseHandler>(
     pool: &PgPool,
     view: &View,
-    targets: &tether_config::TargetPolicy,
+    shared: &crate::sync::Shared,
     request: &Request,
     mut handle: R,
 ) -> ResponseInfo {
+    let (targets, max_addresses) = (&shared.targets, shared.addresses_per_domain);
     let now = unix_now();
     let src = request.src();
     let queries = request.queries.queries();
@@ -80,7 +81,7 @@ pub async fn serve<R: ResponseHandler>(
     let domain = LowerName::new(&Name::from_ascii(&fqdn).unwrap_or_default());
     let outcome = match check(zone_view, &zone, &domain, request, targets) {
         Err(refusal) => Err(refusal),
-        Ok(changes) => match admin::apply_update(pool, domain_id, &changes, MAX_TXT).await {
+        Ok(changes) => match admin::apply_update(pool, domain_id, &changes, MAX_TXT, max_addresses).await {
             Ok(()) => Ok(changes.len()),
             Err(StoreError::Conflict(message)) => Err(Refusal(ResponseCode::Refused, message)),
             Err(error) => {

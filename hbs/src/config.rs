@@ -62,6 +62,9 @@ pub struct Config {
     /// A session whose control connection closed keeps being pinged this long (the NCU may be moving).
     #[serde(default = "default_session_grace", with = "humantime_serde")]
     pub session_grace: Duration,
+    /// Most addresses one domain may have: NCU uplinks past it are refused by name (dns bounds the rest alike).
+    #[serde(default = "default_max_addresses_per_domain")]
+    pub max_addresses_per_domain: u32,
     /// TCP address serving `GET /metrics` and `GET /healthz`; none when absent.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
@@ -156,6 +159,10 @@ fn default_batch_window() -> Duration {
 fn default_fleet_every() -> Duration {
     Duration::from_secs(2)
 }
+fn default_max_addresses_per_domain() -> u32 {
+    crate::store::MAX_ADDRESSES_PER_DOMAIN
+}
+
 fn default_rehome_grace() -> Duration {
     Duration::from_secs(20)
 }

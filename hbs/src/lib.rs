@@ -127,7 +127,14 @@ mod run {
             metrics.clone(),
             inner.clone(),
         ));
-        tasks.spawn(registrar::run(pool.clone(), config.name.clone(), registrar_rx, metrics.clone(), inner.clone()));
+        tasks.spawn(registrar::run(
+            pool.clone(),
+            config.name.clone(),
+            config.max_addresses_per_domain,
+            registrar_rx,
+            metrics.clone(),
+            inner.clone(),
+        ));
         tasks.spawn(checks::run(pool.clone(), config.name.clone(), config.interval, checks_tx, inner.clone()));
         let advertise = config.advertise.clone().unwrap_or_else(|| control_addr.to_string());
         tasks.spawn(fleet::run(

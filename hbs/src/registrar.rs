@@ -45,6 +45,7 @@ pub async fn submit(
 pub async fn run(
     pool: PgPool,
     me: String,
+    max_addresses: u32,
     mut jobs: mpsc::UnboundedReceiver<Job>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -65,7 +66,7 @@ pub async fn run(
         }
         let batch = next_batch(&mut waiting);
         let started = std::time::Instant::now();
-        write(&pool, &me, batch).await;
+        write(&pool, &me, max_addresses, batch).await;
         metrics.registration_seconds.observe(started.elapsed().as_secs_f64());
         metrics.registration_batches.inc();
     }
@@ -88,10 +89,10 @@ fn next_batch(waiting: &mut VecDeque<Job>) -> Vec<Job> {
     batch
 }
 
-async fn write(pool: &PgPool, me: &str, batch: Vec<Job>) {
+async fn write(pool: &PgPool, me: &str, max_addresses: u32, batch: Vec<Job>) {
     let registrations: Vec<Registration> = batch.iter().map(|job| job.registration.clone()).collect();
     let started = std::time::Instant::now();
-    match store::register_batch(pool, me, &registrations).await {
+    match store::register_batch(pool, me, max_addresses, &registrations).await {
         Ok(outcomes) => {
             debug!(registrations = batch.len(), elapsed = ?started.elapsed(), "registrations written");
             for (job, outcome) in batch.into_iter().zip(outcomes) {
@@ -102,7 +103,8 @@ async fn write(pool: &PgPool, me: &str, batch: Vec<Job>) {
             // One registration may be at fault (the batch rolled back): write each alone so it fails alone.
             warn!(%error, registrations = batch.len(), "batch registration failed; writing one by one");
             for job in batch {
-                let result = store::register_batch(pool, me, std::slice::from_ref(&job.registration)).await;
+                let result =
+                    store::register_batch(pool, me, max_addresses, std::slice::from_ref(&job.registration)).await;
                 let _ = job.reply.send(result.map(|mut o| o.pop().unwrap_or_default()).map_err(Arc::new));
             }
         }

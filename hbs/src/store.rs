@@ -90,14 +90,24 @@ pub async fn register(
     replace_all: bool,
 ) -> Result<Outcome, StoreError> {
     let registration = Registration { ncu_id, domain_id, uplinks: uplinks.to_vec(), replace_all };
-    let mut outcomes = register_batch(pool, me, std::slice::from_ref(&registration)).await?;
+    let mut outcomes = register_batch(pool, me, MAX_ADDRESSES_PER_DOMAIN, std::slice::from_ref(&registration)).await?;
     Ok(outcomes.pop().unwrap_or_default())
 }
 
 /// [`register`] for many NCUs (each at most once) in one transaction of at most five statements, whatever the
 /// batch size: one read, one delete, one update, one insert. The change triggers then bump each zone once per
 /// statement rather than once per uplink, and the zone row lock they take is held for a handful of round trips.
-pub async fn register_batch(pool: &PgPool, me: &str, batch: &[Registration]) -> Result<Vec<Outcome>, StoreError> {
+/// The default bound on a domain's addresses (`max_addresses_per_domain`), as dns has it.
+pub const MAX_ADDRESSES_PER_DOMAIN: u32 = 64;
+
+/// A new address is inserted only while its domain has fewer than `max_addresses` (counting the batch's own inserts
+/// before it); the others are refused by name.
+pub async fn register_batch(
+    pool: &PgPool,
+    me: &str,
+    max_addresses: u32,
+    batch: &[Registration],
+) -> Result<Vec<Outcome>, StoreError> {
     let ncu_ids: Vec<i64> = batch.iter().map(|r| r.ncu_id).collect();
     let mut tx = pool.begin().await?;
     let rows = sqlx::query(
@@ -156,8 +166,11 @@ pub async fn register_batch(pool: &PgPool, me: &str, batch: &[Registration]) -> 
         let rows = sqlx::query(
             "WITH v AS (SELECT * FROM UNNEST($1::int[], $2::bigint[], $3::inet[], $4::bigint[], $5::text[], \
              $6::int[], $7::int[]) AS v(slot, domain_id, ip, ncu_id, uplink, priority, weight)), \
+             c AS (SELECT v.*, row_number() OVER (PARTITION BY v.domain_id ORDER BY v.slot) AS nth, \
+             (SELECT count(*) FROM addresses a WHERE a.domain_id = v.domain_id) AS have FROM v), \
              ins AS (INSERT INTO addresses (domain_id, ip, source, ncu_id, uplink, priority, weight, state, hbs) \
-             SELECT domain_id, ip, 'ncu', ncu_id, uplink, priority, weight, 'pending', $8 FROM v ORDER BY slot \
+             SELECT domain_id, ip, 'ncu', ncu_id, uplink, priority, weight, 'pending', $8 FROM c \
+             WHERE c.have + c.nth <= $9 ORDER BY slot \
              ON CONFLICT DO NOTHING RETURNING id, ncu_id, uplink) \
              SELECT v.slot, ins.id FROM ins JOIN v ON v.ncu_id = ins.ncu_id AND v.uplink = ins.uplink",
         )
@@ -169,6 +182,7 @@ pub async fn register_batch(pool: &PgPool, me: &str, batch: &[Registration]) -> 
         .bind(&priorities)
         .bind(&weights)
         .bind(me)
+        .bind(i64::from(max_addresses))
         .fetch_all(&mut *tx)
         .await?;
         for row in rows {
@@ -190,7 +204,10 @@ pub async fn register_batch(pool: &PgPool, me: &str, batch: &[Registration]) -> 
             Some(&id) => outcomes[request].0.push(Registered { uplink: uplink.clone(), id, live: false }),
             None => outcomes[request].1.push(Refusal {
                 name: uplink.name.clone(),
-                reason: format!("{} is already another address of this domain", uplink.address),
+                reason: format!(
+                    "{} is already another address of this domain, or the domain has its most addresses ({max_addresses})",
+                    uplink.address
+                ),
             }),
         }
     }

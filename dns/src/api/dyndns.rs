@@ -38,24 +38,36 @@ pub const WINDOW: Duration = Duration::from_secs(600);
 const MAX_TRACKED: usize = 10_000;
 
 /// Counts per key over fixed windows: bounded in memory, shared by the API's handlers.
-#[derive(Default)]
 pub struct Limiter {
     counts: Mutex<HashMap<String, (Instant, u32)>>,
+    window: Duration,
+}
+
+impl Default for Limiter {
+    /// Windows of [`WINDOW`].
+    fn default() -> Self {
+        Self::with_window(WINDOW)
+    }
 }
 
 impl Limiter {
+    /// Counts over windows of `window`.
+    pub fn with_window(window: Duration) -> Self {
+        Self { counts: Mutex::default(), window }
+    }
+
     /// Counts one event for `key`; its count in the current window, this one included.
     pub fn hit(&self, key: &str) -> u32 {
         let now = Instant::now();
         let Ok(mut counts) = self.counts.lock() else { return 0 };
         if counts.len() >= MAX_TRACKED && !counts.contains_key(key) {
-            counts.retain(|_, (start, _)| now.duration_since(*start) < WINDOW);
+            counts.retain(|_, (start, _)| now.duration_since(*start) < self.window);
             if counts.len() >= MAX_TRACKED {
                 counts.clear();
             }
         }
         let entry = counts.entry(key.to_owned()).or_insert((now, 0));
-        if now.duration_since(entry.0) >= WINDOW {
+        if now.duration_since(entry.0) >= self.window {
             *entry = (now, 0);
         }
         entry.1 = entry.1.saturating_add(1);
@@ -65,7 +77,7 @@ impl Limiter {
     /// The count of `key` in its current window, without counting.
     pub fn peek(&self, key: &str) -> u32 {
         let Ok(counts) = self.counts.lock() else { return 0 };
-        counts.get(key).filter(|(start, _)| start.elapsed() < WINDOW).map_or(0, |(_, n)| *n)
+        counts.get(key).filter(|(start, _)| start.elapsed() < self.window).map_or(0, |(_, n)| *n)
     }
 }
 

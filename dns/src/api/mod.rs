@@ -47,7 +47,28 @@ pub struct AppState {
     pub dns_addr: std::net::SocketAddr,
     /// Host migration defaults.
     pub migrations: MigrationSettings,
+    /// Per-tenant bounds.
+    pub bounds: Bounds,
+    /// Requests per token per second.
+    pub token_limiter: Arc<dyndns::Limiter>,
+    /// Tokens found unknown lately: refused without asking Postgres, so a flood of bogus tokens cannot take the
+    /// connections the API and the view sync need.
+    pub bad_tokens: Arc<dyndns::Limiter>,
 }
+
+/// What one tenant may hold and ask; the operator sets them in the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// Addresses per domain (static, and NCUs enrolled).
+    pub addresses_per_domain: u32,
+    /// Domains per subscriber.
+    pub domains_per_subscriber: u32,
+    /// API requests per token per second.
+    pub requests_per_second: u32,
+}
+
+/// Largest request body the API reads.
+pub const MAX_BODY: usize = 64 * 1024;
 
 /// Who is calling, from the bearer token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +117,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), count_responses))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
 
@@ -126,12 +148,31 @@ impl FromRequestParts<AppState> for Caller {
             .filter(|t| !t.is_empty())
             .ok_or_else(|| ApiError::unauthorized("Authorization must be `Bearer <token>`"))?;
         let hash = token_hash(token);
-        if state.operator_token_hash == Some(hash) {
+        let key = hex::encode(&hash[..16]);
+        if state.token_limiter.hit(&key) > state.bounds.requests_per_second {
+            tracing::warn!(token = %&key[..8], "API requests over the per-token rate");
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                format!("more than {} requests per second with this token", state.bounds.requests_per_second),
+            ));
+        }
+        let operator = state
+            .operator_token_hash
+            .is_some_and(|expected| bool::from(subtle::ConstantTimeEq::ct_eq(&expected[..], &hash[..])));
+        if operator {
             return Ok(Self::Operator);
+        }
+        if state.bad_tokens.peek(&key) > 0 {
+            return Err(ApiError::unauthorized("unknown token"));
         }
         match store::admin::subscriber_by_token(&state.pool, &hash).await? {
             Some(subscriber) => Ok(Self::Subscriber(subscriber.id)),
-            None => Err(ApiError::unauthorized("unknown token")),
+            None => {
+                state.bad_tokens.hit(&key);
+                tracing::info!(token = %&key[..8], "unknown API token");
+                Err(ApiError::unauthorized("unknown token"))
+            }
         }
     }
 }

@@ -216,7 +216,7 @@ pub(super) async fn create_domain(
         when_empty: when_empty.into(),
         load_threshold_pct,
     };
-    let domain = admin::create_domain(&state.pool, zone_id, &domain)
+    let domain = admin::create_domain(&state.pool, zone_id, &domain, state.bounds.domains_per_subscriber)
         .await
         .map_err(|e| conflict_as(e, format!("domain {} exists", display(&fqdn))))?;
     tracing::info!(domain = %domain.fqdn, subscriber_id, "domain created");
@@ -280,6 +280,7 @@ pub(super) async fn add_address(
         i32::from(body.priority),
         i32::from(body.weight),
         check.as_ref(),
+        state.bounds.addresses_per_domain,
     )
     .await
     .map_err(|e| conflict_as(e, format!("{ip} is already an address of {}", display(&domain.fqdn))))?;
@@ -375,7 +376,14 @@ pub(super) async fn create_enrollment(
     let token = new_token("tenr");
     let ttl = chrono::Duration::from_std(state.enrollment_ttl).unwrap_or(chrono::Duration::hours(1));
     let expires_at = chrono::Utc::now() + ttl;
-    admin::create_enrollment(&state.pool, domain.id, &token_hash(&token), expires_at).await?;
+    admin::create_enrollment(
+        &state.pool,
+        domain.id,
+        &token_hash(&token),
+        expires_at,
+        state.bounds.addresses_per_domain,
+    )
+    .await?;
     tracing::info!(domain = %domain.fqdn, "enrollment token issued");
     Ok(created(json!({ "token": token, "expires_at": expires_at })))
 }

@@ -310,7 +310,24 @@ pub async fn zone_for(pool: &PgPool, fqdn: &str) -> Result<Option<i64>, StoreErr
 }
 
 /// Creates a domain in zone `zone_id`.
-pub async fn create_domain(pool: &PgPool, zone_id: i64, domain: &NewDomain) -> Result<Domain, StoreError> {
+pub async fn create_domain(
+    pool: &PgPool,
+    zone_id: i64,
+    domain: &NewDomain,
+    max_domains: u32,
+) -> Result<Domain, StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT id FROM subscribers WHERE id = $1 FOR UPDATE")
+        .bind(domain.subscriber_id)
+        .execute(&mut *tx)
+        .await?;
+    let have: i64 = sqlx::query_scalar("SELECT count(*) FROM domains WHERE subscriber_id = $1")
+        .bind(domain.subscriber_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    if have >= i64::from(max_domains) {
+        return Err(StoreError::Invalid(format!("at most {max_domains} domains per subscriber")));
+    }
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO domains (fqdn, zone_id, subscriber_id, static_ip, ttl, fallback_ip, when_empty, \
          load_threshold_pct) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
@@ -323,8 +340,9 @@ pub async fn create_domain(pool: &PgPool, zone_id: i64, domain: &NewDomain) -> R
     .bind(domain.fallback_ip)
     .bind(&domain.when_empty)
     .bind(domain.load_threshold_pct)
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await?;
+    tx.commit().await?;
     domain_by_id(pool, id).await?.ok_or_else(|| StoreError::Conflict("domain deleted while being created".into()))
 }
 
@@ -370,8 +388,13 @@ pub async fn add_static_address(
     priority: i32,
     weight: i32,
     check: Option<&serde_json::Value>,
+    max_addresses: u32,
 ) -> Result<AddressRow, StoreError> {
-    Ok(sqlx::query_as(
+    let mut tx = pool.begin().await?;
+    if count_locked(&mut tx, "addresses", domain_id).await? >= i64::from(max_addresses) {
+        return Err(StoreError::Invalid(format!("at most {max_addresses} addresses per domain")));
+    }
+    let row = sqlx::query_as(
         "INSERT INTO addresses (domain_id, ip, source, priority, weight, state, \"check\") \
          VALUES ($1, $2, 'static', $3, $4, CASE WHEN $5::jsonb IS NULL THEN 'live' ELSE 'pending' END::address_state, $5) \
          RETURNING ip, interface_ip, source::text AS source, \
@@ -382,8 +405,10 @@ pub async fn add_static_address(
     .bind(priority)
     .bind(weight)
     .bind(check)
-    .fetch_one(pool)
-    .await?)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(row)
 }
 
 /// Removes an address; false when there was none.
@@ -449,13 +474,28 @@ pub async fn create_enrollment(
     domain_id: i64,
     token_hash: &[u8],
     expires_at: DateTime<Utc>,
+    max_ncus: u32,
 ) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    let ncus = count_locked(&mut tx, "ncus", domain_id).await?;
+    let pending: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM enrollments WHERE domain_id = $1 AND used_at IS NULL AND expires_at > now()",
+    )
+    .bind(domain_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    if ncus + pending >= i64::from(max_ncus) {
+        return Err(StoreError::Invalid(format!(
+            "at most {max_ncus} NCUs per domain (enrolled and pending enrollments count)"
+        )));
+    }
     sqlx::query("INSERT INTO enrollments (domain_id, token_hash, expires_at) VALUES ($1, $2, $3)")
         .bind(domain_id)
         .bind(token_hash)
         .bind(expires_at)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?;
+    tx.commit().await?;
     Ok(())
 }
 
@@ -860,6 +900,7 @@ pub async fn apply_update(
     domain_id: i64,
     changes: &[RowChange],
     max_txt: i64,
+    max_addresses: u32,
 ) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
     for change in changes {
@@ -932,6 +973,13 @@ pub async fn apply_update(
         .await?;
     if txt > max_txt {
         return Err(StoreError::Conflict(format!("at most {max_txt} TXT records per domain")));
+    }
+    let addresses: i64 = sqlx::query_scalar("SELECT count(*) FROM addresses WHERE domain_id = $1")
+        .bind(domain_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    if addresses > i64::from(max_addresses) {
+        return Err(StoreError::Conflict(format!("at most {max_addresses} addresses per domain")));
     }
     tx.commit().await?;
     Ok(())

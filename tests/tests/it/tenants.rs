@@ -129,3 +129,82 @@ async fn names_and_static_addresses_belong_to_their_owner() -> Result<()> {
     stack.domain(&acme, json!({ "name": "www.shop.tether.test" })).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_tenant_input_has_a_bound() -> Result<()> {
+    let pg = Postgres::start().await?;
+    let limits = "max_addresses_per_domain = 3\nmax_domains_per_subscriber = 2\napi_requests_per_second = 20";
+    let dns = DnsServer::start_with(&pg.url(), limits).await?;
+    let stack = Stack { api: Api::new(dns.api_addr), pg, dns };
+    stack.zone("tether.test").await?;
+    let acme = stack.subscriber("acme").await?;
+    let pause = || tokio::time::sleep(std::time::Duration::from_millis(1100));
+    stack.domain(&acme, json!({ "name": "one.tether.test" })).await?;
+    stack.domain(&acme, json!({ "name": "two.tether.test" })).await?;
+    let (status, body) =
+        stack.api.call(Method::POST, "/v1/domains", Some(&acme), Some(json!({ "name": "three.tether.test" }))).await?;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(message(&body).contains("at most 2 domains per subscriber"), "{body}");
+
+    let addresses = "/v1/domains/one.tether.test/addresses";
+    for i in 1..=3 {
+        stack.address(&acme, "one.tether.test", json!({ "ip": format!("198.18.4.{i}") })).await?;
+    }
+    let (status, body) =
+        stack.api.call(Method::POST, addresses, Some(&acme), Some(json!({ "ip": "198.18.4.9" }))).await?;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(message(&body).contains("at most 3 addresses per domain"), "{body}");
+    let enrollments = "/v1/domains/two.tether.test/enrollments";
+    for _ in 0..3 {
+        let (status, body) = stack.api.call(Method::POST, enrollments, Some(&acme), None).await?;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let (status, body) = stack.api.call(Method::POST, enrollments, Some(&acme), None).await?;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(message(&body).contains("at most 3 NCUs per domain"), "{body}");
+    pause().await;
+
+    // Bodies past 64 KiB are refused before they are parsed.
+    let big = format!("{{\"name\": \"{}\"}}", "a".repeat(70 * 1024));
+    let (status, _) = stack.api.raw(Method::POST, "/v1/domains", Some(&acme), Some("application/json"), &big).await?;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+
+    // A token asking more than 20 times a second gets 429, then gets through again.
+    pause().await;
+    let mut statuses = Vec::new();
+    for _ in 0..30 {
+        statuses.push(stack.api.call(Method::GET, "/v1/domains", Some(&acme), None).await?.0);
+    }
+    let limited = statuses.iter().filter(|s| **s == StatusCode::TOO_MANY_REQUESTS).count();
+    assert!(limited >= 5 && statuses[..20].iter().all(|s| *s == StatusCode::OK), "{statuses:?}");
+    pause().await;
+    assert_eq!(stack.api.call(Method::GET, "/v1/domains", Some(&acme), None).await?.0, StatusCode::OK);
+
+    // A flood of bogus tokens gets 401s and never delays the view: a change is answered meanwhile.
+    let api = stack.api.clone();
+    let flood = tokio::spawn(async move {
+        let mut refused = 0;
+        for i in 0..400 {
+            let (status, _) = api.call(Method::GET, "/v1/domains", Some(&format!("bogus-{i}")), None).await?;
+            refused += usize::from(status == StatusCode::UNAUTHORIZED);
+        }
+        anyhow::Ok(refused)
+    });
+    let pool = stack.pg.pool().await?;
+    sqlx::query("UPDATE addresses SET state = 'dead' WHERE ip = '198.18.4.1'").execute(&pool).await?;
+    tether_tests::eventually(std::time::Duration::from_secs(3), "the view to follow during the flood", || async {
+        let answer = tether_tests::dns_client::ask(
+            stack.dns.dns_addr,
+            "one.tether.test.",
+            hickory_proto::rr::RecordType::A,
+            tether_tests::dns_client::Transport::Udp,
+        )
+        .await
+        .ok()?;
+        (tether_tests::dns_client::sorted(tether_tests::dns_client::addresses(&answer)) == ["198.18.4.2", "198.18.4.3"])
+            .then_some(())
+    })
+    .await?;
+    assert_eq!(flood.await??, 400, "every bogus token is refused");
+    Ok(())
+}
