@@ -64,7 +64,13 @@ pub async fn run(
     updates: mpsc::UnboundedSender<Update>,
     shutdown: CancellationToken,
 ) {
-    let http = reqwest::Client::builder().timeout(interval.mul_f32(0.8)).build().unwrap_or_default();
+    // Never to another host than the address's: no redirects followed, no proxy from the environment.
+    let http = reqwest::Client::builder()
+        .timeout(interval.mul_f32(0.8))
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .unwrap_or_default();
     let mut failures: BTreeMap<i64, u32> = BTreeMap::new();
     let mut ticker = tether_config::ticker(interval);
     loop {
@@ -124,7 +130,8 @@ async fn probe(http: &reqwest::Client, ip: std::net::IpAddr, check: &Check) -> b
             let Ok(mut stream) = TcpStream::connect(SocketAddr::new(ip, *port)).await else {
                 return false;
             };
-            if let Some(send) = send
+            // The API refuses it; a row written otherwise still sends nothing of the subscriber's into private space.
+            if let Some(send) = send.as_ref().filter(|_| tether_config::TargetPolicy::default().check(ip).is_ok())
                 && stream.write_all(send.as_bytes()).await.is_err()
             {
                 return false;
@@ -147,7 +154,14 @@ async fn probe(http: &reqwest::Client, ip: std::net::IpAddr, check: &Check) -> b
                 std::net::IpAddr::V4(v4) => v4.to_string(),
                 std::net::IpAddr::V6(v6) => format!("[{v6}]"),
             };
-            let url = format!("http://{host}:{port}{path}");
+            // A path that is not one (`@other-host/`) would name another host: checked, then set as the path only.
+            if !path.starts_with('/') {
+                return false;
+            }
+            let Ok(mut url) = reqwest::Url::parse(&format!("http://{host}:{port}/")) else { return false };
+            let (only_path, query) = path.split_once('?').map_or((path.as_str(), None), |(p, q)| (p, Some(q)));
+            url.set_path(only_path);
+            url.set_query(query);
             matches!(http.get(url).send().await, Ok(response) if response.status().as_u16() == *status)
         }
     }

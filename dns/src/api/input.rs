@@ -118,6 +118,51 @@ pub(super) enum Check {
     },
 }
 
+/// Longest path, `send` or `expect` of a check.
+const MAX_CHECK_TEXT: usize = 256;
+
+impl Check {
+    /// Refuses what would make a check a tool against others: an HTTP path that is not a path (`@127.0.0.1/` would
+    /// name another host), bytes chosen by the subscriber sent into private or reserved space (even a range the
+    /// operator opened), texts past [`MAX_CHECK_TEXT`].
+    pub(super) fn validate(&self, ip: IpAddr) -> Result<(), ApiError> {
+        let text = |field: &str, value: &str| {
+            if value.len() > MAX_CHECK_TEXT || value.chars().any(|c| c.is_control() && c != '\r' && c != '\n') {
+                return Err(ApiError::invalid(format!(
+                    "check.{field}: at most {MAX_CHECK_TEXT} bytes, no control characters"
+                )));
+            }
+            Ok(())
+        };
+        match self {
+            Self::Http { path, .. } => {
+                let path_ok =
+                    path.starts_with('/') && path.len() <= MAX_CHECK_TEXT && path.bytes().all(|b| b.is_ascii_graphic());
+                if !path_ok {
+                    return Err(ApiError::invalid(format!(
+                        "check.path: {path:?} must be a path: starting with /, printable, at most {MAX_CHECK_TEXT} bytes"
+                    )));
+                }
+            }
+            Self::Tcp { send, expect, .. } => {
+                if let Some(send) = send {
+                    text("send", send)?;
+                    if let Err(why) = tether_config::TargetPolicy::default().check(ip) {
+                        return Err(ApiError::invalid(format!("check.send: no bytes of yours are sent there: {why}")));
+                    }
+                }
+                if let Some(expect) = expect {
+                    text("expect", expect)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Most addresses of one domain with a service check: the checks' rate per domain is bounded by it.
+pub(super) const MAX_CHECKS: i64 = 16;
+
 /// One element of `PUT /v1/domains/{name}/services`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -269,6 +269,15 @@ pub(super) async fn add_address(
     if body.weight == 0 {
         return Err(ApiError::invalid("weight: must be at least 1"));
     }
+    if let Some(check) = &body.check {
+        check.validate(ip)?;
+        if admin::checks(&state.pool, domain.id).await? >= input::MAX_CHECKS {
+            return Err(ApiError::invalid(format!(
+                "check: at most {} checked addresses per domain",
+                input::MAX_CHECKS
+            )));
+        }
+    }
     let check = body
         .check
         .map(|c| serde_json::to_value(c).map_err(|e| ApiError::invalid(format!("check: {e}"))))

@@ -298,6 +298,14 @@ pub async fn neighbours(
     .await?)
 }
 
+/// How many of the domain's addresses have a service check.
+pub async fn checks(pool: &PgPool, domain_id: i64) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM addresses WHERE domain_id = $1 AND \"check\" IS NOT NULL")
+        .bind(domain_id)
+        .fetch_one(pool)
+        .await?)
+}
+
 /// The deepest zone holding `fqdn`.
 pub async fn zone_for(pool: &PgPool, fqdn: &str) -> Result<Option<i64>, StoreError> {
     Ok(sqlx::query_scalar(

@@ -208,3 +208,71 @@ async fn every_tenant_input_has_a_bound() -> Result<()> {
     assert_eq!(flood.await??, 400, "every bogus token is refused");
     Ok(())
 }
+
+/// An HTTP server on `addr` answering every request with `reply`, counting requests.
+async fn http_server(addr: &str, reply: String) -> Result<(u16, std::sync::Arc<std::sync::atomic::AtomicUsize>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let port = listener.local_addr()?.port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let reply = reply.clone();
+            tokio::spawn(async move {
+                let mut buf = [0_u8; 1024];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    Ok((port, hits))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_checks_are_no_tool_against_others() -> Result<()> {
+    let site = tether_tests::fleet::Site::start().await?;
+    let (stack, token) = (&site.stack, &site.token);
+    let path = "/v1/domains/site.tether.test/addresses";
+    let refused = [
+        (json!({ "kind": "http", "port": 80, "path": "@127.0.0.1/" }), "check.path"),
+        (json!({ "kind": "http", "port": 80, "path": "/a b" }), "check.path"),
+        (json!({ "kind": "tcp", "port": 25, "send": "HELO x\r\n" }), "no bytes of yours are sent there"),
+        (json!({ "kind": "tcp", "port": 25, "expect": "x".repeat(300) }), "check.expect"),
+    ];
+    for (check, says) in refused {
+        let body = json!({ "ip": "127.0.62.9", "check": check });
+        let (status, answer) = stack.api.call(Method::POST, path, Some(token), Some(body)).await?;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{check}: {answer}");
+        assert!(message(&answer).contains(says), "{check}: {answer}");
+    }
+
+    // A redirect is an answer, never followed: the other host is never asked.
+    let (elsewhere, asked) = http_server("127.0.62.2:0", "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".into()).await?;
+    let moved = format!("HTTP/1.1 302 Found\r\nLocation: http://127.0.62.2:{elsewhere}/\r\nContent-Length: 0\r\n\r\n");
+    let (port, hits) = http_server("127.0.62.1:0", moved).await?;
+    let check = json!({ "kind": "http", "port": port, "path": "/health?full=1", "status": 200 });
+    stack.address(token, "site.tether.test", json!({ "ip": "127.0.62.1", "check": check })).await?;
+    let pool = stack.pg.pool().await?;
+    tether_tests::eventually(std::time::Duration::from_secs(15), "three checks", || async {
+        (hits.load(std::sync::atomic::Ordering::Relaxed) >= 3).then_some(())
+    })
+    .await?;
+    let state: String =
+        sqlx::query_scalar("SELECT state::text FROM addresses WHERE ip = '127.0.62.1'").fetch_one(&pool).await?;
+    assert_ne!(state, "live", "a 302 is not the 200 the check wants");
+    assert_eq!(asked.load(std::sync::atomic::Ordering::Relaxed), 0, "the redirect was not followed");
+
+    // At most 16 checked addresses per domain.
+    for i in 2..=16 {
+        let body = json!({ "ip": format!("127.0.63.{i}"), "check": { "kind": "tcp", "port": 9 } });
+        let (status, answer) = stack.api.call(Method::POST, path, Some(token), Some(body)).await?;
+        assert_eq!(status, StatusCode::CREATED, "{answer}");
+    }
+    let body = json!({ "ip": "127.0.63.99", "check": { "kind": "tcp", "port": 9 } });
+    let (status, answer) = stack.api.call(Method::POST, path, Some(token), Some(body)).await?;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert!(message(&answer).contains("at most 16 checked addresses"), "{answer}");
+    site.stop().await
+}
