@@ -184,8 +184,12 @@ impl ResponseHandler for UdpResponder {
     }
 }
 
-/// Encodes a response within the requestor's UDP limit (its EDNS payload, or 512), as hickory's server does; an
-/// encoding failure becomes a bare SERVFAIL.
+/// Largest UDP answer whatever the requestor's EDNS size (DNS flag day 2020, as NSD and Knot): larger answers are
+/// truncated and retried over TCP, never fragmented, and a forged source gets no large reflection.
+pub const MAX_UDP_ANSWER: u16 = 1232;
+
+/// Encodes a response within the requestor's UDP limit (its EDNS payload, or 512, and never more than
+/// [`MAX_UDP_ANSWER`]), as hickory's server does; an encoding failure becomes a bare SERVFAIL.
 fn encode_udp<'a>(
     response: MessageResponse<
         '_,
@@ -197,7 +201,7 @@ fn encode_udp<'a>(
     >,
 ) -> Result<(ResponseInfo, Vec<u8>), NetError> {
     let id = response.metadata().id;
-    let limit = response.edns().map_or(512, |edns| edns.max_payload());
+    let limit = response.edns().map_or(512, |edns| edns.max_payload()).min(MAX_UDP_ANSWER);
     let mut bytes = Vec::with_capacity(512);
     let mut encoder = BinEncoder::new(&mut bytes);
     encoder.set_max_size(limit);

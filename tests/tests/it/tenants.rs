@@ -276,3 +276,27 @@ async fn service_checks_are_no_tool_against_others() -> Result<()> {
     assert!(message(&answer).contains("at most 16 checked addresses"), "{answer}");
     site.stop().await
 }
+
+#[tokio::test]
+async fn udp_answers_never_exceed_1232_bytes_whatever_the_edns_size() -> Result<()> {
+    let (stack, acme) = Stack::with_acme().await?;
+    stack.domain(&acme, json!({ "name": "big.tether.test" })).await?;
+    for i in 1..=60 {
+        stack.address(&acme, "big.tether.test", json!({ "ip": format!("fd00::b:{i:x}") })).await?;
+    }
+    use tether_tests::dns_client::{Transport, ask};
+    let tcp = tether_tests::eventually(std::time::Duration::from_secs(10), "all 60 over TCP", || async {
+        let r = ask(stack.dns.dns_addr, "big.tether.test.", hickory_proto::rr::RecordType::AAAA, Transport::Tcp)
+            .await
+            .ok()?;
+        (r.answers.len() == 60).then_some(r)
+    })
+    .await?;
+    assert!(tcp.to_vec()?.len() > 1232, "the full answer is larger than 1232 bytes");
+    let udp =
+        ask(stack.dns.dns_addr, "big.tether.test.", hickory_proto::rr::RecordType::AAAA, Transport::UdpEdns(4096))
+            .await?;
+    assert!(udp.metadata.truncation, "truncated, for the client to retry over TCP");
+    assert!(udp.to_vec()?.len() <= 1232, "{} bytes over UDP", udp.to_vec()?.len());
+    Ok(())
+}
