@@ -39,6 +39,13 @@ pub struct Config {
     /// name.
     #[serde(default)]
     pub relay_name: Option<String>,
+    /// Most flows in all, whatever the domains' own caps add up to; past it new flows are refused (`global_cap`).
+    #[serde(default = "default_max_flows_total")]
+    pub max_flows_total: u32,
+    /// TCP keep-alive on both sides of every relayed connection: probes start after this much silence, so a peer
+    /// that vanished is found and its flow freed.
+    #[serde(default = "default_tcp_keepalive", with = "humantime_serde")]
+    pub tcp_keepalive: Duration,
     /// Ranges of private or reserved space (`tether_config::RESERVED_RANGES`) the forwarder may still relay to;
     /// a live address or fallback anywhere else in that space (written by other means than the API) is dropped.
     #[serde(default)]
@@ -70,6 +77,12 @@ impl Load for Config {
             && (name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control()))
         {
             return Err(invalid("relay_name", "must be 1-64 printable characters"));
+        }
+        if self.max_flows_total == 0 {
+            return Err(invalid("max_flows_total", "must be above zero"));
+        }
+        if self.tcp_keepalive < Duration::from_secs(1) || self.tcp_keepalive > Duration::from_secs(7200) {
+            return Err(invalid("tcp_keepalive", "must be between 1s and 2h"));
         }
         tether_config::check_backoff(self.max_backoff)
     }
@@ -125,6 +138,14 @@ fn default_tcp_buffer() -> usize {
 
 fn default_max_backoff() -> Duration {
     Duration::from_secs(5)
+}
+
+fn default_max_flows_total() -> u32 {
+    200_000
+}
+
+fn default_tcp_keepalive() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_shutdown_grace() -> Duration {

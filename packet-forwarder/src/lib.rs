@@ -67,6 +67,8 @@ pub struct Shared {
     pub udp_idle_timeout: Duration,
     /// See [`Config::tcp_buffer`].
     pub tcp_buffer: usize,
+    /// See [`Config::tcp_keepalive`].
+    pub tcp_keepalive: Duration,
     /// Pipes of `tcp_buffer` bytes, lent to TCP flows while they splice.
     pub pipes: splice::Pipes,
     changed: watch::Sender<()>,
@@ -82,12 +84,13 @@ impl Shared {
         Self {
             table: ArcSwap::from_pointee(table::Table::empty()),
             metrics: metrics::Metrics::new(),
-            limits: Arc::default(),
+            limits: Arc::new(limits::Limits::new(config.max_flows_total)),
             flows: TaskTracker::new(),
             cut: CancellationToken::new(),
             connect_timeout: config.connect_timeout,
             udp_idle_timeout: config.udp_idle_timeout,
             tcp_buffer: config.tcp_buffer,
+            tcp_keepalive: config.tcp_keepalive,
             pipes: splice::Pipes::new(config.tcp_buffer),
             changed: watch::Sender::new(()),
             redirects: watch::Sender::new(Vec::new()),

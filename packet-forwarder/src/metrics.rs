@@ -56,8 +56,10 @@ pub struct FlowMetrics {
 pub enum Refusal {
     /// The domain's flow cap is reached.
     DomainCap,
-    /// The client's flow cap is reached.
+    /// The client's flow cap is reached (an IPv4 address, or an IPv6 /64).
     ClientCap,
+    /// The forwarder's own cap on all flows is reached.
+    GlobalCap,
     /// No live address, no fallback, or none accepted.
     NoTarget,
 }
@@ -211,6 +213,7 @@ impl Refusal {
         match self {
             Self::DomainCap => "domain_cap",
             Self::ClientCap => "client_cap",
+            Self::GlobalCap => "global_cap",
             Self::NoTarget => "no_target",
         }
     }

@@ -88,8 +88,12 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, key: Key, shared: Arc<S
     let _active = target.as_ref().map(TargetState::enter);
     // The flow ends when its address leaves the live set (the fallback has no such set) or on a hard shutdown.
     let token = target.as_ref().map_or_else(|| shared.cut.child_token(), |t| t.flow_token());
-    let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
+    for stream in [&client, &upstream] {
+        let _ = stream.set_nodelay(true);
+        if let Err(error) = keepalive(stream, shared.tcp_keepalive) {
+            debug!(%error, "cannot turn TCP keep-alive on");
+        }
+    }
     if domain.row.proxy.tcp() {
         let header = client.local_addr().and_then(|local| proxy::header(peer, local, false));
         let sent = match header {
@@ -151,6 +155,17 @@ async fn connect(
     }
 }
 
+/// TCP keep-alive: probes after `idle` of silence, every `idle / 6` (at least 1 s), six of them: a vanished peer
+/// frees its flow within about twice `idle`.
+fn keepalive(stream: &TcpStream, idle: std::time::Duration) -> nix::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let secs = u32::try_from(idle.as_secs().max(1)).unwrap_or(u32::MAX);
+    setsockopt(stream, sockopt::KeepAlive, &true)?;
+    setsockopt(stream, sockopt::TcpKeepIdle, &secs)?;
+    setsockopt(stream, sockopt::TcpKeepInterval, &(secs / 6).max(1))?;
+    setsockopt(stream, sockopt::TcpKeepCount, &6)
+}
+
 /// Relays both ways until both directions reached EOF; an error in either ends both.
 async fn relay(
     client: &mut TcpStream,
@@ -199,5 +214,23 @@ async fn copy(reader: &mut ReadHalf<'_>, writer: &mut WriteHalf<'_>, size: usize
         }
         writer.write_all(&buf).await?;
         counter.inc_by(n as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nix::sys::socket::{getsockopt, sockopt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn keepalive_probes_after_the_idle_time() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let stream = TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+        keepalive(&stream, std::time::Duration::from_secs(60)).expect("keepalive");
+        assert!(getsockopt(&stream, sockopt::KeepAlive).expect("get"));
+        assert_eq!(getsockopt(&stream, sockopt::TcpKeepIdle).expect("get"), 60);
+        assert_eq!(getsockopt(&stream, sockopt::TcpKeepInterval).expect("get"), 10);
+        assert_eq!(getsockopt(&stream, sockopt::TcpKeepCount).expect("get"), 6);
     }
 }
