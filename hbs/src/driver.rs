@@ -82,6 +82,8 @@ pub struct Counters {
     pub pings: AtomicU64,
     /// Valid replies.
     pub pongs: AtomicU64,
+    /// Replies from another address than the one pinged (proved by a ping to it, or never).
+    pub unproven: AtomicU64,
     /// Targets not yet proven.
     pub pending: AtomicU64,
     /// Targets answering.
@@ -323,6 +325,7 @@ fn publish(monitor: &Monitor, counters: &Counters) {
     counters.unknown.store(stats.unknown, Ordering::Relaxed);
     counters.pings.store(stats.pings, Ordering::Relaxed);
     counters.pongs.store(stats.pongs, Ordering::Relaxed);
+    counters.unproven.store(stats.unproven, Ordering::Relaxed);
     let by_state = monitor.by_state();
     counters.pending.store(by_state.pending, Ordering::Relaxed);
     counters.live.store(by_state.live, Ordering::Relaxed);

@@ -111,6 +111,7 @@ impl Collector for Heartbeats {
         let counters = [
             ("pings", "Pings sent (re-probes included)", &c.pings),
             ("pongs", "Valid replies", &c.pongs),
+            ("unproven", "Replies from another address than the one pinged: proved only by a ping to it", &c.unproven),
             ("forged", "Replies that failed authentication", &c.forged),
             ("stale", "Replies matching no outstanding probe", &c.stale),
             ("malformed", "Datagrams that are not heartbeat packets", &c.malformed),

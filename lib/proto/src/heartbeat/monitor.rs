@@ -122,6 +122,9 @@ pub struct Stats {
     pub reprobes: u64,
     /// Pongs accepted as proof of life.
     pub pongs: u64,
+    /// Authentic pongs from another address than the one pinged: proof of nothing until a ping to that address is
+    /// answered from it (a NAT's mapping, or someone re-sending the NCU's replies).
+    pub unproven: u64,
     /// Hellos accepted.
     pub hellos: u64,
 }
@@ -432,8 +435,8 @@ struct Target {
     load_reported_at: Option<Instant>,
     next_seq: u64,
     last_hello: Option<u64>,
-    /// (seq, nonce) of the probes of the current cycle not yet answered.
-    probes: Vec<(u64, [u8; 16])>,
+    /// (seq, nonce, destination) of the probes of the current cycle not yet answered.
+    probes: Vec<(u64, [u8; 16], SocketAddr)>,
     phase: Phase,
     reprobes_sent: u8,
     next_ping: Instant,
@@ -513,7 +516,7 @@ impl Target {
         self.next_seq += 1;
         let mut nonce = [0u8; 16];
         rng.fill_bytes(&mut nonce);
-        self.probes.push((seq, nonce));
+        self.probes.push((seq, nonce, self.dest));
         let ping = Packet { kind: Kind::Ping, session: self.session, uplink: self.uplink, seq, nonce, load: 0 };
         out.transmits.push_back(Transmit { dest: self.dest, payload: packet::encode_with(&ping, &self.keyed) });
         out.stats.pings += 1;
@@ -528,12 +531,23 @@ impl Target {
         policy: &Policy,
         out: &mut Output,
     ) {
-        let Some(index) = self.probes.iter().position(|&(seq, nonce)| seq == pong.seq && nonce == pong.nonce) else {
+        let Some(index) = self.probes.iter().position(|&(seq, nonce, _)| seq == pong.seq && nonce == pong.nonce) else {
             out.stats.stale += 1;
             tracing::trace!(id, seq = pong.seq, "stale pong");
             return;
         };
-        self.probes.swap_remove(index);
+        let (_, _, pinged) = self.probes.swap_remove(index);
+        if from != pinged {
+            // A pong proves only the address that was pinged: behind NAT the reply comes from the mapping, and an
+            // on-path re-sender or a spoofing NCU could send it from anyone's. Ping that address now; only its own
+            // answer publishes it (a victim never answers: it has no key).
+            out.stats.unproven += 1;
+            tracing::debug!(id, %pinged, %from, "reply from another address than pinged; pinging it to prove it");
+            self.dest = from;
+            self.phase = Phase::Waiting;
+            out.schedule(self, id, now);
+            return;
+        }
         out.stats.pongs += 1;
         self.handover = None;
         if self.phase == Phase::Probing {
@@ -632,7 +646,47 @@ mod tests {
         assert_eq!(events[0].1, alive("203.0.113.9:61000", 35));
         assert_eq!(sim.monitor.liveness(1), Some(Liveness::Live));
         let stats = sim.monitor.stats();
-        assert_eq!((stats.pings, stats.reprobes, stats.pongs, stats.stale), (10, 0, 10, 0));
+        // The first reply came from the NAT's address, not the one pinged: one more ping, to it, proved it.
+        assert_eq!((stats.pings, stats.reprobes, stats.pongs, stats.stale, stats.unproven), (11, 0, 10, 0, 1));
+    }
+
+    #[test]
+    fn a_pong_resent_from_another_address_never_publishes_that_address() {
+        let mut rng = StdRng::seed_from_u64(21);
+        let base = Instant::now();
+        let mut monitor = Monitor::new(Policy::default());
+        let (dest, victim) = (addr("192.0.2.10:5000"), addr("198.51.100.66:5000"));
+        monitor.add(1, 7, 0, KEY, dest, Liveness::Pending, base);
+        let mut events = Vec::new();
+        let mut proving = Vec::new();
+        let mut t = 0;
+        while t < 10_000 {
+            let now = base + ms(t);
+            monitor.handle_timeout(now, &mut rng);
+            while let Some(transmit) = monitor.poll_transmit() {
+                let ping = decode(&transmit.payload, &KEY).expect("ping");
+                let pong = encode(&Packet { kind: Kind::Pong, ..ping }, &KEY);
+                if transmit.dest == dest {
+                    // An on-path re-sender copies the genuine reply from the victim's address, ahead of the real one.
+                    monitor.handle_datagram(&pong, victim, now + ms(1));
+                    monitor.handle_datagram(&pong, dest, now + ms(2));
+                } else {
+                    // Pings to the victim are never answered: it has no key.
+                    proving.push(transmit.dest);
+                }
+            }
+            while let Some(event) = monitor.poll_event() {
+                events.push(event);
+            }
+            t += 10;
+        }
+        assert!(!proving.is_empty() && proving.iter().all(|d| *d == victim), "the claim was put to the test");
+        assert!(
+            !events.iter().any(|e| matches!(e, Event::Alive { observed, .. } if *observed == victim)),
+            "the victim's address is never published: {events:?}"
+        );
+        assert_ne!(monitor.liveness(1), Some(Liveness::Live), "nothing proven");
+        assert!(monitor.stats().unproven >= 1);
     }
 
     #[test]
