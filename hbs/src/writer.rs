@@ -1,5 +1,8 @@
 //! Writes state transitions, not heartbeats: events are coalesced per address and written together, one statement
 //! per batch window. Nothing is lost while Postgres is away: pending changes wait and merge with newer ones.
+//!
+//! An address whose observed source cannot be recorded (another address of the domain holds it) is not written
+//! live with the interface address it has not proven: its change is parked and tried again every [`RETRY`].
 
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::Duration};
 
@@ -28,6 +31,9 @@ pub enum Update {
     },
 }
 
+/// How long a change whose observed address was refused waits before it is tried again.
+pub const RETRY: Duration = Duration::from_secs(5);
+
 /// Runs until `shutdown` and both senders are done, writing every `window` at most.
 pub async fn run(
     pool: PgPool,
@@ -40,13 +46,25 @@ pub async fn run(
 ) {
     let mut pending: BTreeMap<i64, Change> = BTreeMap::new();
     let mut observed: BTreeMap<i64, IpAddr> = BTreeMap::new();
+    // Changes whose observed address was refused, with when to try again.
+    let mut parked: BTreeMap<i64, (Change, IpAddr, tokio::time::Instant)> = BTreeMap::new();
     let mut delay = Duration::from_millis(100);
     loop {
+        let now = tokio::time::Instant::now();
+        let due: Vec<i64> = parked.iter().filter(|(_, (_, _, at))| *at <= now).map(|(id, _)| *id).collect();
+        for id in due {
+            if let Some((change, ip, _)) = parked.remove(&id) {
+                pending.entry(id).or_insert(change);
+                observed.entry(id).or_insert(ip);
+            }
+        }
         if pending.is_empty() && observed.is_empty() {
+            let retry = parked.values().map(|(_, _, at)| *at).min();
             let update = tokio::select! {
                 () = shutdown.cancelled() => return,
                 Some(event) = heartbeat.recv() => Update::Heartbeat(event),
                 Some(update) = checks.recv() => update,
+                () = sleep_until(retry) => continue,
                 else => return,
             };
             merge(&mut pending, &mut observed, update);
@@ -61,7 +79,12 @@ pub async fn run(
         }
         let started = std::time::Instant::now();
         match flush(&pool, &me, &pending, &observed).await {
-            Ok(written) => {
+            Ok((written, refused)) => {
+                for id in refused {
+                    if let (Some(change), Some(ip)) = (pending.remove(&id), observed.remove(&id)) {
+                        parked.insert(id, (change, ip, tokio::time::Instant::now() + RETRY));
+                    }
+                }
                 debug!(changes = pending.len(), written, "state changes written");
                 metrics.write_seconds.observe(started.elapsed().as_secs_f64());
                 metrics.write_batches.inc();
@@ -110,12 +133,23 @@ fn merge(pending: &mut BTreeMap<i64, Change>, observed: &mut BTreeMap<i64, IpAdd
     }
 }
 
+/// Resolves at `at`; never without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes the observed addresses, then the changes; the ids whose observed address was refused are left out of the
+/// changes and returned, so they are never written live unproven.
 async fn flush(
     pool: &PgPool,
     me: &str,
     pending: &BTreeMap<i64, Change>,
     observed: &BTreeMap<i64, IpAddr>,
-) -> Result<u64, tether_db::StoreError> {
+) -> Result<(u64, Vec<i64>), tether_db::StoreError> {
+    let mut refused = Vec::new();
     // Every first proof reports where replies come from: a ramp or a storm brings thousands at once, so they go in
     // one statement, which touches only the rows behind NAT.
     let batch: Vec<(i64, IpAddr)> = observed.iter().map(|(id, ip)| (*id, *ip)).collect();
@@ -132,13 +166,14 @@ async fn flush(
                 if error.is_unavailable() {
                     return Err(error);
                 }
-                warn!(%error, id = one[0].0, "cannot record the observed address");
+                warn!(%error, id = one[0].0, retry_in = ?RETRY, "cannot record the observed address; the change waits");
+                refused.push(one[0].0);
             }
         }
     }
-    let changes: Vec<Change> = pending.values().copied().collect();
+    let changes: Vec<Change> = pending.values().filter(|c| !refused.contains(&c.id)).copied().collect();
     if changes.is_empty() {
-        return Ok(0);
+        return Ok((0, refused));
     }
-    store::write_batch(pool, me, &changes).await
+    Ok((store::write_batch(pool, me, &changes).await?, refused))
 }
