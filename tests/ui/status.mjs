@@ -81,8 +81,15 @@ async function run(words) {
       return "hidden";
     }
     case "domains": {
+      // The list fills in after sign-in: wait (up to 10 s) for exactly these, then check once more.
       const want = rest[0].split(",").sort();
-      const got = (await page(name).locator("#domains button").allTextContents()).sort();
+      const list = async () => (await page(name).locator("#domains button").allTextContents()).sort();
+      const deadline = Date.now() + 10000;
+      let got = await list();
+      while (JSON.stringify(got) !== JSON.stringify(want) && Date.now() < deadline) {
+        await new Promise((resolve) => setTimeout(resolve, 100));
+        got = await list();
+      }
       if (JSON.stringify(got) !== JSON.stringify(want)) throw new Error(`domains ${got} instead of ${want}`);
       return got.join(",");
     }

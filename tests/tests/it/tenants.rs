@@ -300,3 +300,48 @@ async fn udp_answers_never_exceed_1232_bytes_whatever_the_edns_size() -> Result<
     assert!(udp.to_vec()?.len() <= 1232, "{} bytes over UDP", udp.to_vec()?.len());
     Ok(())
 }
+
+#[tokio::test]
+async fn quic_clients_prove_their_address_when_the_server_is_loaded() -> Result<()> {
+    // Retry forced (as past 256 handshakes in flight): a real client still connects, one round trip later.
+    let pki = tether_tests::hds_stack::Pki::new()?;
+    let read = |name: &str| std::fs::read_to_string(pki.path(name));
+    let tls = tether_pki::server_tls(&read("ca.pem")?, &read("hds.pem")?, &read("hds.key")?, b"tether-test/1", true)?;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let server_addr = socket.local_addr()?;
+    let endpoint = tether_pki::server_endpoint(socket, tls, 1, std::time::Duration::from_secs(5), None)?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+    let serving = tokio::spawn({
+        let (endpoint, shutdown) = (endpoint.clone(), shutdown.clone());
+        async move {
+            tether_service::accept::serve_with(
+                &endpoint,
+                &shutdown,
+                tether_service::accept::AtShutdown::Abort,
+                0,
+                move |connection, remote| {
+                    let accepted_tx = accepted_tx.clone();
+                    async move {
+                        let _ = accepted_tx.send((connection.is_ok(), remote));
+                    }
+                },
+            )
+            .await;
+        }
+    });
+    let client = tether_pki::client_endpoint(std::net::UdpSocket::bind("127.0.0.1:0")?)?;
+    let config = tether_pki::client_tls(&pki.ca_pem(), None, b"tether-test/1")?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(config)?;
+    let connection = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        client.connect_with(quinn::ClientConfig::new(std::sync::Arc::new(crypto)), server_addr, "localhost")?,
+    )
+    .await??;
+    let (ok, _) = tokio::time::timeout(std::time::Duration::from_secs(5), accepted.recv()).await?.expect("accepted");
+    assert!(ok, "the handshake completed after the Retry");
+    connection.close(0_u32.into(), b"done");
+    shutdown.cancel();
+    serving.await?;
+    Ok(())
+}
