@@ -125,8 +125,7 @@ pub async fn fleet(pool: &PgPool) -> Result<Vec<Server>, StoreError> {
     Ok(servers)
 }
 
-/// Name of the subscriber that owns the operator's own records.
-const OPERATOR_SUBSCRIBER: &str = "(operator)";
+use tether_db::OPERATOR_SUBSCRIBER;
 
 /// Makes sure `_tether-hds._udp.<zone>` carries this instance. False when the zone does not exist.
 pub async fn publish(pool: &PgPool, zone: &str, address: SocketAddr) -> Result<bool, StoreError> {

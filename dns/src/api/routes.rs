@@ -612,8 +612,8 @@ async fn owns_the_name(
     if n.nameserver {
         return refuse(StatusCode::CONFLICT, format!("name: {} is a nameserver of the zone", display(fqdn)));
     }
-    if let (Some(above), Some(owner)) = (&n.above, n.above_owner) {
-        if owner != subscriber_id {
+    if let Some(above) = &n.above {
+        if n.above_owner.is_some_and(|owner| owner != subscriber_id) {
             return refuse(
                 StatusCode::FORBIDDEN,
                 format!("name: under {}, another subscriber's domain", display(above)),

@@ -260,7 +260,7 @@ pub struct Neighbours {
     pub nameserver: bool,
     /// The nearest domain above `fqdn` and its subscriber.
     pub above: Option<String>,
-    /// Its owner.
+    /// Its owner; `None` for the operator's own records, under which names are free.
     pub above_owner: Option<i64>,
     /// A domain of another subscriber below `fqdn`.
     pub foreign_below: Option<String>,
@@ -280,7 +280,9 @@ pub async fn neighbours(
         "SELECT z.origin, \
                 EXISTS (SELECT 1 FROM jsonb_array_elements(z.nameservers) ns \
                         WHERE lower(rtrim(ns->>'name', '.')) || '.' = $2) AS nameserver, \
-                a.fqdn AS above, a.subscriber_id AS above_owner, \
+                a.fqdn AS above, \
+                CASE WHEN a.subscriber_id = (SELECT id FROM subscribers WHERE name = $5) THEN NULL \
+                     ELSE a.subscriber_id END AS above_owner, \
                 (SELECT d.fqdn FROM domains d WHERE right(d.fqdn, length($2) + 1) = '.' || $2 \
                     AND d.subscriber_id <> $3 LIMIT 1) AS foreign_below, \
                 (SELECT d.fqdn FROM domains d WHERE $4::inet IS NOT NULL AND d.static_ip = $4 LIMIT 1) \
@@ -294,6 +296,7 @@ pub async fn neighbours(
     .bind(fqdn)
     .bind(subscriber_id)
     .bind(static_ip)
+    .bind(tether_db::OPERATOR_SUBSCRIBER)
     .fetch_one(pool)
     .await?)
 }

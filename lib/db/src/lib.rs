@@ -33,6 +33,10 @@ pub enum StoreError {
     Other(#[source] sqlx::Error),
 }
 
+/// The subscriber that owns the operator's own records (hds's `_tether-hds` SRV at a zone's apex): not a tenant,
+/// so names under its domains are free for subscribers.
+pub const OPERATOR_SUBSCRIBER: &str = "(operator)";
+
 impl StoreError {
     /// True when the database is merely out of reach.
     pub fn is_unavailable(&self) -> bool {

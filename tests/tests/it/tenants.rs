@@ -345,3 +345,22 @@ async fn quic_clients_prove_their_address_when_the_server_is_loaded() -> Result<
     serving.await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn names_under_the_operators_own_records_are_free_for_subscribers() -> Result<()> {
+    // hds publishes `_tether-hds._udp.<zone>` on a domain at the apex owned by the operator's own subscriber.
+    let (stack, acme) = Stack::with_acme().await?;
+    let pool = stack.pg.pool().await?;
+    sqlx::query("INSERT INTO subscribers (name, token_hash) VALUES ('(operator)', '\\x00')").execute(&pool).await?;
+    sqlx::query(
+        "INSERT INTO domains (fqdn, zone_id, subscriber_id) SELECT 'tether.test.', z.id, s.id FROM zones z, subscribers s \
+         WHERE z.origin = 'tether.test.' AND s.name = '(operator)'",
+    )
+    .execute(&pool)
+    .await?;
+    stack.domain(&acme, json!({ "name": "www.tether.test" })).await?;
+    let body = json!({ "name": "ip-198-18-0-1.tether.test" });
+    let (status, answer) = stack.api.call(Method::POST, "/v1/domains", Some(&acme), Some(body)).await?;
+    assert_eq!(status, StatusCode::CONFLICT, "a generated SRV target of the operator's: {answer}");
+    Ok(())
+}
