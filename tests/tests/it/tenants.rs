@@ -364,3 +364,83 @@ async fn names_under_the_operators_own_records_are_free_for_subscribers() -> Res
     assert_eq!(status, StatusCode::CONFLICT, "a generated SRV target of the operator's: {answer}");
     Ok(())
 }
+
+#[tokio::test]
+async fn another_subscriber_can_change_nothing_of_a_tenants() -> Result<()> {
+    let (stack, alice) = Stack::with_acme().await?;
+    let bob = stack.subscriber("bob").await?;
+    let a = "a.tether.test";
+    stack.domain(&alice, json!({ "name": a, "static_ip": "198.18.20.1" })).await?;
+    stack.address(&alice, a, json!({ "ip": "198.18.20.2" })).await?;
+    stack.address(&alice, a, json!({ "ip": "198.18.20.3", "priority": 1 })).await?;
+    let (_, credential) =
+        stack.api.call(Method::POST, &format!("/v1/domains/{a}/dyndns-credentials"), Some(&alice), None).await?;
+    let user = credential["username"].as_str().unwrap_or_default().to_owned();
+    let (_, key) = stack.api.call(Method::POST, &format!("/v1/domains/{a}/update-keys"), Some(&alice), None).await?;
+    let key = key["name"].as_str().unwrap_or_default().to_owned();
+    let migration = json!({ "from": "198.18.20.2", "to": "198.18.20.3", "ports": [80], "hold": 600 });
+    let (status, created) = stack
+        .api
+        .call(Method::POST, &format!("/v1/domains/{a}/migrations"), Some(&alice), Some(migration.clone()))
+        .await?;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let id = created["id"].as_i64().unwrap_or_default();
+    let snapshot = || async {
+        let mut all = Vec::new();
+        for path in ["", "/txt", "/migrations", "/dyndns-credentials", "/update-keys"] {
+            all.push(stack.api.call(Method::GET, &format!("/v1/domains/{a}{path}"), Some(&alice), None).await?.1);
+        }
+        anyhow::Ok(all)
+    };
+    let before = snapshot().await?;
+
+    let d = format!("/v1/domains/{a}");
+    let attempts: Vec<(Method, String, Option<Value>)> = vec![
+        (Method::GET, d.clone(), None),
+        (Method::DELETE, d.clone(), None),
+        (Method::POST, format!("{d}/addresses"), Some(json!({ "ip": "198.18.20.9" }))),
+        (Method::DELETE, format!("{d}/addresses/198.18.20.2"), None),
+        (Method::PUT, format!("{d}/services"), Some(json!([]))),
+        (Method::PUT, format!("{d}/forwarding"), Some(json!({ "ports": [22] }))),
+        (Method::GET, format!("{d}/txt"), None),
+        (Method::PUT, format!("{d}/txt"), Some(json!([{ "value": "bob was here" }]))),
+        (Method::POST, format!("{d}/enrollments"), None),
+        (Method::GET, format!("{d}/dyndns-credentials"), None),
+        (Method::POST, format!("{d}/dyndns-credentials"), None),
+        (Method::DELETE, format!("{d}/dyndns-credentials/{user}"), None),
+        (Method::GET, format!("{d}/update-keys"), None),
+        (Method::POST, format!("{d}/update-keys"), None),
+        (Method::DELETE, format!("{d}/update-keys/{key}"), None),
+        (Method::GET, format!("{d}/migrations"), None),
+        (Method::POST, format!("{d}/migrations"), Some(migration)),
+        (Method::GET, format!("{d}/migrations/{id}"), None),
+        (Method::DELETE, format!("{d}/migrations/{id}"), None),
+        (Method::GET, format!("{d}/events"), None),
+        (Method::GET, format!("{d}/answer"), None),
+        // The operator's.
+        (Method::POST, "/v1/subscribers".into(), Some(json!({ "name": "mallory" }))),
+        (Method::POST, "/v1/zones".into(), Some(json!({ "origin": "evil.test", "nameservers": ["ns.evil.test"] }))),
+        (Method::GET, "/v1/zones/tether.test/transfer".into(), None),
+        (Method::PUT, "/v1/zones/tether.test/transfer".into(), Some(json!({}))),
+        (Method::GET, "/v1/heartbeat-servers".into(), None),
+        (Method::POST, "/v1/heartbeat-servers/hbs-a/drain".into(), None),
+        (Method::GET, "/v1/events".into(), None),
+        // Alice's names and the operator's.
+        (Method::POST, "/v1/domains".into(), Some(json!({ "name": "x.a.tether.test" }))),
+        (Method::POST, "/v1/domains".into(), Some(json!({ "name": "tether.test" }))),
+        (Method::POST, "/v1/domains".into(), Some(json!({ "name": "ns1.tether.test" }))),
+        (Method::POST, "/v1/domains".into(), Some(json!({ "name": "b.tether.test", "static_ip": "198.18.20.1" }))),
+        (Method::POST, "/v1/domains".into(), Some(json!({ "name": "c.tether.test", "subscriber_id": 1 }))),
+    ];
+    for (method, path, body) in attempts {
+        let (status, answer) = stack.api.call(method.clone(), &path, Some(&bob), body).await?;
+        assert!(
+            [StatusCode::FORBIDDEN, StatusCode::NOT_FOUND, StatusCode::CONFLICT].contains(&status),
+            "bob: {method} {path} got {status}: {answer}"
+        );
+    }
+    assert_eq!(snapshot().await?, before, "nothing of alice's changed");
+    let (_, mine) = stack.api.call(Method::GET, "/v1/domains", Some(&bob), None).await?;
+    assert_eq!(mine, json!([]), "bob has nothing and sees nothing of alice's");
+    Ok(())
+}
