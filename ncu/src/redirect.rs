@@ -23,12 +23,7 @@ pub async fn run(
     let mut flows = std::collections::BTreeMap::<i64, u64>::new();
     let mut not_here = std::collections::BTreeSet::<i64>::new();
     let mut tick = tether_config::ticker(TICK);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            changed = wanted.changed() => if changed.is_err() { break },
-            _ = tick.tick() => {}
-        }
+    while tether_config::next_round(&shutdown, &mut wanted, &mut tick).await {
         let mut local = Vec::new();
         for r in wanted.borrow_and_update().iter() {
             if tether_nft::is_local(r.from) {

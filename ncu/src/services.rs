@@ -105,12 +105,7 @@ pub async fn run(
 ) {
     let mut site = Site { config, installed: None, running: BTreeSet::new(), health: BTreeMap::new() };
     let mut tick = tether_config::ticker(TICK);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            changed = wanted.changed() => if changed.is_err() { break },
-            _ = tick.tick() => {}
-        }
+    while tether_config::next_round(&shutdown, &mut wanted, &mut tick).await {
         let tuples = wanted.borrow_and_update().clone();
         site.forward(&tuples).await;
         site.start_and_stop(&tuples).await;

@@ -23,12 +23,7 @@ pub const TICK: Duration = Duration::from_secs(1);
 pub async fn run(pool: PgPool, name: String, mut wanted: watch::Receiver<Vec<Redirect>>, shutdown: CancellationToken) {
     let mut kernel = Kernel::new(&name);
     let mut tick = tether_config::ticker(TICK);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            changed = wanted.changed() => if changed.is_err() { break },
-            _ = tick.tick() => {}
-        }
+    while tether_config::next_round(&shutdown, &mut wanted, &mut tick).await {
         let local: Vec<Redirect> =
             wanted.borrow_and_update().iter().filter(|r| tether_nft::is_local(r.from)).cloned().collect();
         let mut reports = kernel.reconcile(local).await;

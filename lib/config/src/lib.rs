@@ -199,6 +199,20 @@ impl TargetPolicy {
     }
 }
 
+/// The next round of a task that keeps something equal to a wanted set: returns when `wanted` changed or `tick`
+/// fired; false on `shutdown` or once the set's sender is gone.
+pub async fn next_round<T>(
+    shutdown: &CancellationToken,
+    wanted: &mut tokio::sync::watch::Receiver<T>,
+    tick: &mut tokio::time::Interval,
+) -> bool {
+    tokio::select! {
+        () = shutdown.cancelled() => false,
+        changed = wanted.changed() => changed.is_ok(),
+        _ = tick.tick() => true,
+    }
+}
+
 /// A timer for a periodic task: the first tick at once, then every `period`; a late tick delays the next ones
 /// rather than bursting to catch up.
 pub fn ticker(period: std::time::Duration) -> tokio::time::Interval {
