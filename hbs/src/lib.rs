@@ -167,6 +167,7 @@ mod run {
             refused,
             metrics,
             sites: sites_rx,
+            per_certificate: Arc::default(),
         });
         info!(name = %config.name, %control_addr, %heartbeat_addr, %advertise, "hbs serving");
         server::serve(endpoint, context, shutdown.clone()).await;

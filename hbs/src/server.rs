@@ -57,6 +57,42 @@ pub struct Context {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// What each NCU should hold: service tuples, host migrations' redirects.
     pub sites: watch::Receiver<crate::site::ByNcu>,
+    /// Sessions open per client certificate.
+    pub per_certificate: Arc<std::sync::Mutex<std::collections::HashMap<[u8; 32], u32>>>,
+}
+
+/// Most sessions one certificate may hold at once here: a session, a reconnection overlapping it, and room to spare.
+/// A stolen or cloned identity cannot open more.
+pub const MAX_SESSIONS_PER_CERTIFICATE: u32 = 4;
+
+/// A session's place under [`MAX_SESSIONS_PER_CERTIFICATE`], given back on drop.
+struct CertificateSlot {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<[u8; 32], u32>>>,
+    fingerprint: [u8; 32],
+}
+
+impl CertificateSlot {
+    fn take(context: &Context, fingerprint: [u8; 32]) -> Option<Self> {
+        let mut counts = context.per_certificate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = counts.entry(fingerprint).or_insert(0);
+        if *count >= MAX_SESSIONS_PER_CERTIFICATE {
+            return None;
+        }
+        *count += 1;
+        Some(Self { counts: context.per_certificate.clone(), fingerprint })
+    }
+}
+
+impl Drop for CertificateSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = counts.get_mut(&self.fingerprint) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&self.fingerprint);
+            }
+        }
+    }
 }
 
 /// Builds the QUIC endpoint on an already bound UDP socket.
@@ -153,6 +189,18 @@ async fn session(connection: Connection, context: Arc<Context>, shutdown: Cancel
         registered: false,
         redirects: Vec::new(),
         services: Vec::new(),
+    };
+    let Some(_slot) = CertificateSlot::take(&context, fingerprint) else {
+        context.refused.fetch_add(1, Ordering::Relaxed);
+        warn!(ncu = ncu.id, "too many sessions with one certificate; refused");
+        let message = format!("at most {MAX_SESSIONS_PER_CERTIFICATE} sessions per certificate");
+        let _ = reply(&mut send, error(ControlError::Unavailable, &message)).await;
+        let _ = send.finish();
+        // The refusal is delivered before the connection goes: the client closes it, or it is closed after 5 s.
+        if tokio::time::timeout(Duration::from_secs(5), connection.closed()).await.is_err() {
+            connection.close(4_u32.into(), b"too many sessions");
+        }
+        return;
     };
     info!(ncu = ncu.id, domain = %ncu.domain, session = session.id, "NCU connected");
     context.metrics.sessions.inc();

@@ -36,7 +36,10 @@ impl Identity {
         for (name, contents) in [(KEY, &self.key_pem), (CERT, &self.cert_pem), (CA, &self.ca_pem)] {
             pki::write_new(&dir.join(name), contents, 0o600)?;
         }
-        Ok(())
+        // The files' names are on disk too once the directory is synced.
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| PkiError::Io { path: dir.to_owned(), source })
     }
 
     /// True when `dir` already holds an identity.

@@ -300,6 +300,8 @@ pub fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError>
         }
     })?;
     file.write_all(contents.as_bytes()).map_err(|source| PkiError::Io { path: path.to_owned(), source })?;
+    // On disk before anyone acts on it (an enrolled NCU whose certificate a crash lost could not enroll again).
+    file.sync_all().map_err(|source| PkiError::Io { path: path.to_owned(), source })?;
     // The umask may have narrowed the mode further; make it exact.
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
         .map_err(|source| PkiError::Io { path: path.to_owned(), source })

@@ -502,3 +502,63 @@ async fn observed_addresses_are_written_together_and_a_collision_refuses_only_it
     writer.await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn one_certificate_holds_at_most_four_sessions() -> Result<()> {
+    let world = World::new(1).await?;
+    let hbs = &world.hbs[0];
+    let tls = tether_pki::client_tls(
+        &world.identity.ca_pem,
+        Some((&world.identity.cert_pem, &world.identity.key_pem)),
+        control::ALPN,
+    )?;
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let crypto = Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls)?);
+    let mut open = Vec::new();
+    let mut answers = Vec::new();
+    for i in 0..5_u8 {
+        let connection =
+            endpoint.connect_with(quinn::ClientConfig::new(crypto.clone()), hbs.control, "127.0.0.1")?.await?;
+        let (mut send, mut recv) = connection.open_bi().await?;
+        let uplink = Uplink {
+            name: "wan1".into(),
+            index: 0,
+            address: [127, 0, 2, i + 1].into(),
+            port: 9,
+            priority: 0,
+            weight: 1,
+        };
+        tether_pki::stream::write(&mut send, control::VERSION, &ToHbs::Register { uplinks: vec![uplink] }).await?;
+        answers.push(tether_pki::stream::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME).await?);
+        open.push((connection, send, recv));
+    }
+    for answer in &answers[..4] {
+        assert!(matches!(answer, Some(ToNcu::Registered { .. })), "{answer:?}");
+    }
+    assert!(
+        matches!(&answers[4], Some(ToNcu::Error { code: ControlError::Unavailable, message }) if message.contains("at most 4 sessions per certificate")),
+        "{:?}",
+        answers[4]
+    );
+    // A session that ends gives its place back.
+    let (first, _, _) = open.remove(0);
+    first.close(0_u32.into(), b"bye");
+    let connection = eventually(Duration::from_secs(5), "a place again", || async {
+        let connection = endpoint
+            .connect_with(quinn::ClientConfig::new(crypto.clone()), hbs.control, "127.0.0.1")
+            .ok()?
+            .await
+            .ok()?;
+        let (mut send, mut recv) = connection.open_bi().await.ok()?;
+        let uplink =
+            Uplink { name: "wan1".into(), index: 0, address: [127, 0, 2, 9].into(), port: 9, priority: 0, weight: 1 };
+        tether_pki::stream::write(&mut send, control::VERSION, &ToHbs::Register { uplinks: vec![uplink] })
+            .await
+            .ok()?;
+        let answer = tether_pki::stream::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME).await.ok()?;
+        matches!(answer, Some(ToNcu::Registered { .. })).then_some(connection)
+    })
+    .await?;
+    connection.close(0_u32.into(), b"bye");
+    Ok(())
+}
