@@ -303,15 +303,8 @@ async fn bad_input_is_refused_and_the_server_stays_up() -> Result<()> {
     .await?;
 
     // Control frames: a registration of 16 uplinks, a malformed frame, an unknown version.
-    let tls = tether_pki::client_tls(
-        &world.identity.ca_pem,
-        Some((&world.identity.cert_pem, &world.identity.key_pem)),
-        control::ALPN,
-    )?;
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
-    let connection =
-        endpoint.connect_with(quinn::ClientConfig::new(Arc::new(crypto)), hbs.control, "127.0.0.1")?.await?;
+    let (endpoint, crypto) = control_client(&world.identity)?;
+    let connection = endpoint.connect_with(quinn::ClientConfig::new(crypto), hbs.control, "127.0.0.1")?.await?;
     let (mut send, mut recv) = connection.open_bi().await?;
     let sixteen: Vec<Uplink> = (0..16)
         .map(|i| Uplink {
@@ -503,34 +496,42 @@ async fn observed_addresses_are_written_together_and_a_collision_refuses_only_it
     Ok(())
 }
 
+/// A QUIC client endpoint and the control protocol's TLS with the NCU's identity.
+fn control_client(identity: &Identity) -> Result<(quinn::Endpoint, Arc<quinn::crypto::rustls::QuicClientConfig>)> {
+    let tls = tether_pki::client_tls(&identity.ca_pem, Some((&identity.cert_pem, &identity.key_pem)), control::ALPN)?;
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    Ok((endpoint, Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls)?)))
+}
+
+/// A session held open: the connection and its control stream (dropping the stream ends the session).
+type Held = (quinn::Connection, quinn::SendStream, quinn::RecvStream);
+
+/// A new control connection registering one uplink on `address`; the session and the server's answer.
+async fn register_one(
+    endpoint: &quinn::Endpoint,
+    crypto: &Arc<quinn::crypto::rustls::QuicClientConfig>,
+    server: std::net::SocketAddr,
+    address: [u8; 4],
+) -> Result<(Held, Option<ToNcu>)> {
+    let connection = endpoint.connect_with(quinn::ClientConfig::new(crypto.clone()), server, "127.0.0.1")?.await?;
+    let (mut send, mut recv) = connection.open_bi().await?;
+    let uplink = Uplink { name: "wan1".into(), index: 0, address: address.into(), port: 9, priority: 0, weight: 1 };
+    tether_pki::stream::write(&mut send, control::VERSION, &ToHbs::Register { uplinks: vec![uplink] }).await?;
+    let answer = tether_pki::stream::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME).await?;
+    Ok(((connection, send, recv), answer))
+}
+
 #[tokio::test]
 async fn one_certificate_holds_at_most_four_sessions() -> Result<()> {
     let world = World::new(1).await?;
     let hbs = &world.hbs[0];
-    let tls = tether_pki::client_tls(
-        &world.identity.ca_pem,
-        Some((&world.identity.cert_pem, &world.identity.key_pem)),
-        control::ALPN,
-    )?;
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-    let crypto = Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls)?);
+    let (endpoint, crypto) = control_client(&world.identity)?;
     let mut open = Vec::new();
     let mut answers = Vec::new();
     for i in 0..5_u8 {
-        let connection =
-            endpoint.connect_with(quinn::ClientConfig::new(crypto.clone()), hbs.control, "127.0.0.1")?.await?;
-        let (mut send, mut recv) = connection.open_bi().await?;
-        let uplink = Uplink {
-            name: "wan1".into(),
-            index: 0,
-            address: [127, 0, 2, i + 1].into(),
-            port: 9,
-            priority: 0,
-            weight: 1,
-        };
-        tether_pki::stream::write(&mut send, control::VERSION, &ToHbs::Register { uplinks: vec![uplink] }).await?;
-        answers.push(tether_pki::stream::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME).await?);
-        open.push((connection, send, recv));
+        let (session, answer) = register_one(&endpoint, &crypto, hbs.control, [127, 0, 2, i + 1]).await?;
+        answers.push(answer);
+        open.push(session);
     }
     for answer in &answers[..4] {
         assert!(matches!(answer, Some(ToNcu::Registered { .. })), "{answer:?}");
@@ -541,22 +542,10 @@ async fn one_certificate_holds_at_most_four_sessions() -> Result<()> {
         answers[4]
     );
     // A session that ends gives its place back.
-    let (first, _, _) = open.remove(0);
-    first.close(0_u32.into(), b"bye");
-    let connection = eventually(Duration::from_secs(5), "a place again", || async {
-        let connection = endpoint
-            .connect_with(quinn::ClientConfig::new(crypto.clone()), hbs.control, "127.0.0.1")
-            .ok()?
-            .await
-            .ok()?;
-        let (mut send, mut recv) = connection.open_bi().await.ok()?;
-        let uplink =
-            Uplink { name: "wan1".into(), index: 0, address: [127, 0, 2, 9].into(), port: 9, priority: 0, weight: 1 };
-        tether_pki::stream::write(&mut send, control::VERSION, &ToHbs::Register { uplinks: vec![uplink] })
-            .await
-            .ok()?;
-        let answer = tether_pki::stream::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME).await.ok()?;
-        matches!(answer, Some(ToNcu::Registered { .. })).then_some(connection)
+    open.remove(0).0.close(0_u32.into(), b"bye");
+    let (connection, _, _) = eventually(Duration::from_secs(5), "a place again", || async {
+        let (session, answer) = register_one(&endpoint, &crypto, hbs.control, [127, 0, 2, 9]).await.ok()?;
+        matches!(answer, Some(ToNcu::Registered { .. })).then_some(session)
     })
     .await?;
     connection.close(0_u32.into(), b"bye");
