@@ -431,9 +431,13 @@ async fn a_service_moves_to_a_new_server_without_losing_a_connection() -> Result
         held.echo("after the move").await?;
     }
     mark("the long connections opened before the move still echo".into());
-    let log = forwarder.log_tail(200);
     for line in ["redirecting new flows", "redirect released"] {
-        assert!(log.contains(line), "the forwarder's log should say {line:?}:\n{log}");
+        let said = eventually(Duration::from_secs(5), &format!("the forwarder's log to say {line:?}"), || {
+            let log = forwarder.log_tail(200);
+            async move { log.contains(line).then_some(()) }
+        })
+        .await;
+        assert!(said.is_ok(), "the forwarder's log should say {line:?}:\n{}", forwarder.log_tail(200));
     }
     forwarder.running()?;
     eprintln!("timeline:");
@@ -521,9 +525,13 @@ async fn site_moves(system: &mut system::System) -> Result<()> {
         &[OsStr::new("list"), OsStr::new("tables")],
     )?;
     assert!(!tables.contains("tether_migrate"), "{tables}");
-    let log = system.process("ncu")?.log_tail(300);
+    // The log lines follow the kernel's change by a moment: wait for them.
     for line in ["redirects from the heartbeat server", "redirecting new flows", "redirect released"] {
-        assert!(log.contains(line), "ncu's log should say {line:?}");
+        let said = eventually(Duration::from_secs(5), &format!("ncu's log to say {line:?}"), || async {
+            system.processes.iter().find(|p| p.name == "ncu")?.log_tail(300).contains(line).then_some(())
+        })
+        .await;
+        assert!(said.is_ok(), "ncu's log should say {line:?}");
     }
     system.running()
 }
