@@ -123,7 +123,19 @@ mod tests {
 
     fn job(ncu_id: i64) -> (Job, oneshot::Receiver<Result<Outcome, Arc<StoreError>>>) {
         let (reply, rx) = oneshot::channel();
-        (Job { registration: Registration { ncu_id, domain_id: 1, uplinks: Vec::new(), replace_all: true }, reply }, rx)
+        (
+            Job {
+                registration: Registration {
+                    ncu_id,
+                    domain_id: 1,
+                    uplinks: Vec::new(),
+                    replace_all: true,
+                    generation: 0,
+                },
+                reply,
+            },
+            rx,
+        )
     }
 
     #[test]

@@ -138,6 +138,8 @@ struct Session {
     redirects: Vec<control::Redirect>,
     /// The service tuples last sent.
     services: Vec<control::SiteService>,
+    /// The generation of the NCU's last `Register` here (0 before one).
+    generation: i64,
 }
 
 async fn session(connection: Connection, context: Arc<Context>, shutdown: CancellationToken) {
@@ -189,6 +191,7 @@ async fn session(connection: Connection, context: Arc<Context>, shutdown: Cancel
         registered: false,
         redirects: Vec::new(),
         services: Vec::new(),
+        generation: 0,
     };
     let Some(_slot) = CertificateSlot::take(&context, fingerprint) else {
         context.refused.fetch_add(1, Ordering::Relaxed);
@@ -345,11 +348,12 @@ async fn handle(session: &mut Session, message: ToHbs, context: &Context) -> Opt
 
 async fn register(session: &mut Session, message: ToHbs, context: &Context) -> ToNcu {
     let (uplinks, replace_all) = match message {
-        ToHbs::Register { uplinks } => {
+        ToHbs::Register { uplinks, generation } => {
             if let Err(reason) = control::validate(&uplinks) {
                 warn!(session = session.id, %reason, "registration refused");
                 return error(ControlError::Invalid, &reason);
             }
+            session.generation = i64::try_from(generation).unwrap_or(i64::MAX);
             (uplinks, true)
         }
         ToHbs::UplinkUp { uplink } => {
@@ -362,7 +366,7 @@ async fn register(session: &mut Session, message: ToHbs, context: &Context) -> T
             (vec![uplink], false)
         }
         ToHbs::UplinkDown { name } => {
-            match store::withdraw(&context.pool, session.ncu_id, &name).await {
+            match store::withdraw(&context.pool, session.ncu_id, &name, session.generation).await {
                 Ok(_) => {
                     if let Some((id, _)) = session.targets.remove(&name) {
                         let _ = context.driver.send(Command::Remove(id));
@@ -380,12 +384,32 @@ async fn register(session: &mut Session, message: ToHbs, context: &Context) -> T
     if *context.draining.borrow() && session.targets.is_empty() {
         return error(ControlError::Unavailable, "this heartbeat server is draining; ask hds for another");
     }
-    let registration =
-        store::Registration { ncu_id: session.ncu_id, domain_id: session.domain_id, uplinks, replace_all };
-    let (accepted, refused) = match registrar::submit(&context.registrar, registration).await {
-        Ok(result) => result,
-        Err(e) => return unavailable(&e),
+    let registration = store::Registration {
+        ncu_id: session.ncu_id,
+        domain_id: session.domain_id,
+        uplinks,
+        replace_all,
+        generation: session.generation,
     };
+    let store::Outcome { accepted, refused, superseded } =
+        match registrar::submit(&context.registrar, registration).await {
+            Ok(result) => result,
+            Err(e) => return unavailable(&e),
+        };
+    if let Some(newest) = superseded {
+        // A newer session (most likely at another server) holds the NCU: this one writes nothing and pings nothing.
+        warn!(
+            session = session.id,
+            ncu = session.ncu_id,
+            generation = session.generation,
+            newest,
+            "registration of an older session; nothing written"
+        );
+        for (_, (id, _)) in std::mem::take(&mut session.targets) {
+            let _ = context.driver.send(Command::Remove(id));
+        }
+        return ToNcu::Superseded { generation: u64::try_from(newest).unwrap_or(0) };
+    }
     if let Some(reason) = session.connection.close_reason() {
         // The NCU gave up waiting and has most likely registered again on a new connection, whose targets are in
         // the driver already: pinging on for this session would replace them, and its end would stop them.

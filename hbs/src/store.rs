@@ -73,23 +73,25 @@ pub struct Registration {
     pub uplinks: Vec<Uplink>,
     /// The complete set (`Register`): the NCU's other addresses are withdrawn.
     pub replace_all: bool,
+    /// The session's generation (see `ToHbs::Register`); 0 is unordered.
+    pub generation: i64,
 }
 
-/// What became of a registration's uplinks.
-pub type Outcome = (Vec<Registered>, Vec<Refusal>);
+/// What became of a registration.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// Uplinks accepted, with their rows.
+    pub accepted: Vec<Registered>,
+    /// Uplinks refused, with the reason.
+    pub refused: Vec<Refusal>,
+    /// Nothing was written: a newer session of the NCU holds it, at this stored generation.
+    pub superseded: Option<i64>,
+}
 
 /// Records the NCU's uplinks as this server's addresses, in one transaction. An uplink whose interface address is
 /// unchanged keeps its row and state (no flap on handover); a changed address replaces the row; with `replace_all`,
 /// uplinks no longer listed are withdrawn at once.
-pub async fn register(
-    pool: &PgPool,
-    me: &str,
-    ncu_id: i64,
-    domain_id: i64,
-    uplinks: &[Uplink],
-    replace_all: bool,
-) -> Result<Outcome, StoreError> {
-    let registration = Registration { ncu_id, domain_id, uplinks: uplinks.to_vec(), replace_all };
+pub async fn register(pool: &PgPool, me: &str, registration: Registration) -> Result<Outcome, StoreError> {
     let mut outcomes = register_batch(pool, me, MAX_ADDRESSES_PER_DOMAIN, std::slice::from_ref(&registration)).await?;
     Ok(outcomes.pop().unwrap_or_default())
 }
@@ -108,8 +110,39 @@ pub async fn register_batch(
     max_addresses: u32,
     batch: &[Registration],
 ) -> Result<Vec<Outcome>, StoreError> {
-    let ncu_ids: Vec<i64> = batch.iter().map(|r| r.ncu_id).collect();
     let mut tx = pool.begin().await?;
+    // The newest session owns the NCU: a registration of an older generation writes nothing. The row lock taken
+    // here orders racing registrations of one NCU at two servers, so the newer generation's is written last.
+    let all = batch;
+    let ids: Vec<i64> = all.iter().map(|r| r.ncu_id).collect();
+    let stored: std::collections::HashMap<i64, i64> =
+        sqlx::query_as("SELECT id, session_generation FROM ncus WHERE id = ANY($1) FOR UPDATE")
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+    let stale = |r: &Registration| r.generation != 0 && r.generation < stored.get(&r.ncu_id).copied().unwrap_or(0);
+    let current: Vec<usize> = (0..all.len()).filter(|&i| !stale(&all[i])).collect();
+    let raised: Vec<(i64, i64)> = current
+        .iter()
+        .map(|&i| (all[i].ncu_id, all[i].generation))
+        .filter(|&(id, generation)| generation > stored.get(&id).copied().unwrap_or(0))
+        .collect();
+    if !raised.is_empty() {
+        let (ids, generations): (Vec<i64>, Vec<i64>) = raised.into_iter().unzip();
+        sqlx::query(
+            "UPDATE ncus n SET session_generation = v.generation \
+             FROM UNNEST($1::bigint[], $2::bigint[]) AS v(id, generation) WHERE n.id = v.id",
+        )
+        .bind(&ids)
+        .bind(&generations)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let batch: Vec<Registration> = current.iter().map(|&i| all[i].clone()).collect();
+    let batch = batch.as_slice();
+    let ncu_ids: Vec<i64> = batch.iter().map(|r| r.ncu_id).collect();
     let rows = sqlx::query(
         "SELECT id, ncu_id, uplink, ip, interface_ip, state::text AS state FROM addresses \
          WHERE source = 'ncu' AND ncu_id = ANY($1)",
@@ -193,16 +226,18 @@ pub async fn register_batch(
         }
     }
     tx.commit().await?;
-    let mut outcomes: Vec<Outcome> = batch.iter().map(|_| Outcome::default()).collect();
+    let mut outcomes: Vec<Outcome> =
+        all.iter().map(|r| Outcome { superseded: stale(r).then(|| stored[&r.ncu_id]), ..Outcome::default() }).collect();
     for keep in &plan.keeps {
         let uplink = batch[keep.request].uplinks[keep.uplink].clone();
-        outcomes[keep.request].0.push(Registered { uplink, id: keep.id, live: keep.live });
+        outcomes[current[keep.request]].accepted.push(Registered { uplink, id: keep.id, live: keep.live });
     }
     for &(request, index) in &plan.inserts {
         let uplink = &batch[request].uplinks[index];
+        let outcome = &mut outcomes[current[request]];
         match inserted.get(&(request, index)) {
-            Some(&id) => outcomes[request].0.push(Registered { uplink: uplink.clone(), id, live: false }),
-            None => outcomes[request].1.push(Refusal {
+            Some(&id) => outcome.accepted.push(Registered { uplink: uplink.clone(), id, live: false }),
+            None => outcome.refused.push(Refusal {
                 name: uplink.name.clone(),
                 reason: format!(
                     "{} is already another address of this domain, or the domain has its most addresses ({max_addresses})",
@@ -279,15 +314,17 @@ fn columns(batch: &[Registration], slots: impl Iterator<Item = (usize, usize)>) 
 }
 
 /// Withdraws one uplink's address.
-pub async fn withdraw(pool: &PgPool, ncu_id: i64, uplink: &str) -> Result<Option<i64>, StoreError> {
+/// Only a session of the newest generation (or an unordered one, 0) withdraws.
+pub async fn withdraw(pool: &PgPool, ncu_id: i64, uplink: &str, generation: i64) -> Result<Option<i64>, StoreError> {
     // The reason the address history records, for this statement's transaction.
     Ok(sqlx::query_scalar(
         "WITH r AS (SELECT set_config('tether.reason', 'withdrawn by the NCU: link down or address gone', true)) \
          DELETE FROM addresses WHERE ncu_id = $1 AND uplink = $2 AND source = 'ncu' AND EXISTS (SELECT 1 FROM r) \
-         RETURNING id",
+         AND ($3 = 0 OR $3 >= (SELECT session_generation FROM ncus WHERE id = $1)) RETURNING id",
     )
     .bind(ncu_id)
     .bind(uplink)
+    .bind(generation)
     .fetch_optional(pool)
     .await?)
 }
@@ -439,8 +476,15 @@ mod tests {
                 domain_id: 10,
                 uplinks: vec![uplink("wan0", "198.18.0.1"), uplink("wan1", "198.18.0.9"), uplink("wan2", "198.18.0.3")],
                 replace_all: true,
+                generation: 0,
             },
-            Registration { ncu_id: 2, domain_id: 20, uplinks: vec![uplink("lte", "198.18.1.1")], replace_all: false },
+            Registration {
+                ncu_id: 2,
+                domain_id: 20,
+                uplinks: vec![uplink("lte", "198.18.1.1")],
+                replace_all: false,
+                generation: 0,
+            },
         ];
         let existing = [
             row(100, 1, "wan0", "198.18.0.1", true),
@@ -462,6 +506,7 @@ mod tests {
             domain_id: 10,
             uplinks: vec![uplink("wan0", "198.18.0.1"), uplink("wan1", "198.18.0.2")],
             replace_all: true,
+            generation: 0,
         }];
         let existing = [row(100, 1, "wan0", "198.18.0.1", true), row(101, 1, "wan1", "198.18.0.2", false)];
         let plan = plan(&batch, &existing);

@@ -218,7 +218,18 @@ pub async fn run(
                 }
                 other => other,
             },
-            message = control_message(agent.connected.as_mut()) => agent.control(message),
+            message = control_message(agent.connected.as_mut()) => match message {
+                // This is the NCU's live session, so it is the newest: it registers again above the stored generation.
+                Ok(ToNcu::Superseded { generation }) => {
+                    warn!(generation, "the heartbeat server holds a newer generation of this NCU; registering again above it");
+                    generation::adopt(generation);
+                    if let Some(connected) = agent.connected.as_mut() {
+                        connected.generation = generation::next();
+                    }
+                    agent.uplinks_changed().await
+                }
+                message => agent.control(message),
+            },
             changed = agent.uplinks.changed(), if agent.uplinks_open => {
                 if changed.is_err() {
                     // A fixed set (or a finished source): the uplinks stay as they are.
@@ -355,6 +366,8 @@ struct Connected {
     accepted: Vec<String>,
     /// The uplinks the registration carried: when the set changed while it was on its way, the new one is sent.
     sent: Vec<Uplink>,
+    /// The session's generation, sent with every `Register` on it.
+    generation: u64,
 }
 
 impl Agent {
@@ -494,6 +507,8 @@ impl Agent {
                 warn!(?code, %message, "heartbeat server refused");
                 None
             }
+            // Answered in the run loop, which can send.
+            Ok(ToNcu::Superseded { .. }) => None,
             Err(reason) => {
                 warn!(%reason, "control connection closed; moving to the backup");
                 // Its reader is gone: never polled again, whatever the session makes of it.
@@ -522,7 +537,8 @@ impl Agent {
         let indexes: Vec<u8> = uplinks.iter().map(|u| u.index).collect();
         self.responder.set_uplinks(&indexes, Instant::now().into_std());
         let connected = self.connected.as_mut()?;
-        match frame::write(&mut connected.send, control::VERSION, &ToHbs::Register { uplinks }).await {
+        let register = ToHbs::Register { uplinks, generation: connected.generation };
+        match frame::write(&mut connected.send, control::VERSION, &register).await {
             Ok(()) => None,
             Err(error) => {
                 warn!(%error, "cannot send the new uplinks; moving to the backup");
@@ -669,10 +685,25 @@ async fn register(
     uplinks: Vec<Uplink>,
 ) -> anyhow::Result<Connected> {
     let (mut send, mut recv) = connection.open_bi().await?;
-    frame::write(&mut send, control::VERSION, &ToHbs::Register { uplinks: uplinks.clone() }).await?;
-    let first = frame::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME)
-        .await?
-        .context("the server closed the stream")?;
+    let mut generation = generation::next();
+    let mut first = None;
+    // A stored generation above this session's (a clock set back) is adopted once: this session is the newest.
+    for _ in 0..2 {
+        let register = ToHbs::Register { uplinks: uplinks.clone(), generation };
+        frame::write(&mut send, control::VERSION, &register).await?;
+        let answer = frame::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME)
+            .await?
+            .context("the server closed the stream")?;
+        if let ToNcu::Superseded { generation: newest } = answer {
+            warn!(hbs = %target.name, newest, "a newer generation of this NCU is stored; registering above it");
+            generation::adopt(newest);
+            generation = generation::next();
+            continue;
+        }
+        first = Some(answer);
+        break;
+    }
+    let first = first.context("superseded twice")?;
     let ToNcu::Registered { session, key, heartbeat_port, accepted, refused, .. } = first else {
         bail!("registration refused by {}: {first:?}", target.name);
     };
@@ -695,7 +726,7 @@ async fn register(
         }
     });
     let heartbeat = SocketAddr::new(connection.remote_address().ip(), heartbeat_port);
-    Ok(Connected { connection, send, messages, session, key, heartbeat, accepted, sent: uplinks })
+    Ok(Connected { connection, send, messages, session, key, heartbeat, accepted, sent: uplinks, generation })
 }
 
 /// The next message of the control session; never without one.
@@ -768,4 +799,41 @@ fn bind_uplink(spec: &UplinkSpec) -> std::io::Result<UdpSocket> {
 fn decode_key(hex_key: &str) -> anyhow::Result<[u8; 32]> {
     let bytes = hex::decode(hex_key).context("session key is not hex")?;
     bytes.try_into().map_err(|_| anyhow::anyhow!("session key is not 32 bytes"))
+}
+
+/// Session generations: each new control session takes a higher one than any before it in this process, starting
+/// from the clock, so the newest session of the NCU owns its addresses even across restarts.
+mod generation {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    /// Far below `i64::MAX`: the server stores generations as a bigint.
+    const CEILING: u64 = 1 << 62;
+
+    /// A generation above every one taken or adopted so far, and at least the clock in microseconds.
+    pub(super) fn next() -> u64 {
+        let clock = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(CEILING));
+        let next = |last: u64| Some(last.max(clock.min(CEILING)).saturating_add(1));
+        let previous = LAST.fetch_update(Ordering::Relaxed, Ordering::Relaxed, next).unwrap_or_default();
+        next(previous).unwrap_or_default()
+    }
+
+    /// Makes the next generation exceed `stored` (the server's newest, after the clock went back).
+    pub(super) fn adopt(stored: u64) {
+        LAST.fetch_max(stored.min(2 * CEILING), Ordering::Relaxed);
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn generations_rise_and_pass_an_adopted_one() {
+            let a = super::next();
+            let b = super::next();
+            assert!(b > a);
+            super::adopt(b + 1_000_000_000);
+            assert_eq!(super::next(), b + 1_000_000_001);
+        }
+    }
 }

@@ -90,7 +90,7 @@ pub(crate) async fn register_on(connection: quinn::Connection, ncu: &SimNcu, por
             weight: 1,
         })
         .collect();
-    frame::write(&mut send, control::VERSION, &ToHbs::Register { uplinks }).await?;
+    frame::write(&mut send, control::VERSION, &ToHbs::Register { uplinks, generation: 0 }).await?;
     let first = frame::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME)
         .await?
         .context("the server closed the stream")?;

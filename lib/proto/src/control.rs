@@ -25,6 +25,11 @@ pub enum ToHbs {
     Register {
         /// At most [`MAX_UPLINKS`].
         uplinks: Vec<Uplink>,
+        /// The session's generation: the NCU raises it with every new session, so the newest session owns its
+        /// addresses and a late registration of an older one (at another server) changes nothing. 0 (older NCUs,
+        /// tools) is unordered: written whatever the stored generation.
+        #[serde(default)]
+        generation: u64,
     },
     /// One uplink (re)appeared. Answered with `Registered`.
     UplinkUp {
@@ -148,6 +153,12 @@ pub enum ToNcu {
     Services {
         /// The tuples.
         services: Vec<SiteService>,
+    },
+    /// A newer session of this NCU (at `generation`, perhaps at another server) holds its addresses: nothing was
+    /// written. An NCU whose session this is (it is the newest it knows of) registers again above `generation`.
+    Superseded {
+        /// The stored generation.
+        generation: u64,
     },
     /// Ask hds for another heartbeat server and move there.
     Drain {
@@ -292,8 +303,17 @@ mod tests {
     }
 
     #[test]
+    fn a_register_without_a_generation_is_unordered() {
+        let body = br#"{"version":1,"body":{"type":"register","uplinks":[]}}"#;
+        let mut bytes = u32::try_from(body.len()).expect("short").to_be_bytes().to_vec();
+        bytes.extend_from_slice(body);
+        let decoded = crate::frame::decode::<ToHbs>(VERSION, MAX_FRAME, &bytes);
+        assert_eq!(decoded, Ok(ToHbs::Register { uplinks: vec![], generation: 0 }));
+    }
+
+    #[test]
     fn frames_round_trip() {
-        let message = ToHbs::Register { uplinks: vec![uplink("wan1", 0, "198.18.0.1")] };
+        let message = ToHbs::Register { uplinks: vec![uplink("wan1", 0, "198.18.0.1")], generation: 7 };
         let bytes = crate::frame::encode(VERSION, &message);
         assert_eq!(crate::frame::decode::<ToHbs>(VERSION, MAX_FRAME, &bytes), Ok(message));
     }

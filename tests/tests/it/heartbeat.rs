@@ -316,7 +316,8 @@ async fn bad_input_is_refused_and_the_server_stays_up() -> Result<()> {
             weight: 1,
         })
         .collect();
-    tether_pki::stream::write(&mut send, control::VERSION, &ToHbs::Register { uplinks: sixteen }).await?;
+    tether_pki::stream::write(&mut send, control::VERSION, &ToHbs::Register { uplinks: sixteen, generation: 0 })
+        .await?;
     let answer = tether_pki::stream::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME).await?;
     assert!(
         matches!(&answer, Some(ToNcu::Error { code: ControlError::Invalid, message }) if message.contains("at most 15")),
@@ -347,7 +348,8 @@ async fn bad_input_is_refused_and_the_server_stays_up() -> Result<()> {
         let connection =
             endpoint.connect_with(quinn::ClientConfig::new(Arc::new(crypto)), hbs.control, "127.0.0.1")?.await?;
         let (mut send, mut recv) = connection.open_bi().await?;
-        tether_pki::stream::write(&mut send, control::VERSION, &ToHbs::Register { uplinks: vec![] }).await?;
+        tether_pki::stream::write(&mut send, control::VERSION, &ToHbs::Register { uplinks: vec![], generation: 0 })
+            .await?;
         anyhow::Ok(tether_pki::stream::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME).await?)
     }
     .await;
@@ -516,7 +518,8 @@ async fn register_one(
     let connection = endpoint.connect_with(quinn::ClientConfig::new(crypto.clone()), server, "127.0.0.1")?.await?;
     let (mut send, mut recv) = connection.open_bi().await?;
     let uplink = Uplink { name: "wan1".into(), index: 0, address: address.into(), port: 9, priority: 0, weight: 1 };
-    tether_pki::stream::write(&mut send, control::VERSION, &ToHbs::Register { uplinks: vec![uplink] }).await?;
+    tether_pki::stream::write(&mut send, control::VERSION, &ToHbs::Register { uplinks: vec![uplink], generation: 0 })
+        .await?;
     let answer = tether_pki::stream::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME).await?;
     Ok(((connection, send, recv), answer))
 }
@@ -549,5 +552,77 @@ async fn one_certificate_holds_at_most_four_sessions() -> Result<()> {
     })
     .await?;
     connection.close(0_u32.into(), b"bye");
+    Ok(())
+}
+
+/// Sends `Register` (one uplink on 127.0.2.1) with `generation` on a new session to `server`, and reads the answer.
+async fn register_generation(
+    endpoint: &quinn::Endpoint,
+    crypto: &Arc<quinn::crypto::rustls::QuicClientConfig>,
+    server: std::net::SocketAddr,
+    generation: u64,
+) -> Result<(Held, Option<ToNcu>)> {
+    let connection = endpoint.connect_with(quinn::ClientConfig::new(crypto.clone()), server, "127.0.0.1")?.await?;
+    let (mut send, mut recv) = connection.open_bi().await?;
+    let uplink =
+        Uplink { name: "wan1".into(), index: 0, address: [127, 0, 2, 1].into(), port: 9, priority: 0, weight: 1 };
+    tether_pki::stream::write(&mut send, control::VERSION, &ToHbs::Register { uplinks: vec![uplink], generation })
+        .await?;
+    let answer = tether_pki::stream::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME).await?;
+    Ok(((connection, send, recv), answer))
+}
+
+#[tokio::test]
+async fn the_newest_session_owns_the_ncu_when_two_servers_race() -> Result<()> {
+    let world = World::new(2).await?;
+    let db = world.stack.pg.pool().await?;
+    let (a, b) = (world.hbs[0].control, world.hbs[1].control);
+    let (endpoint, crypto) = control_client(&world.identity)?;
+    let owner = || async { Ok::<_, anyhow::Error>(world.hbs_of_rows().await?.into_iter().collect::<Vec<_>>()) };
+
+    // The NCU's newest session is at hbs-1; a registration of its older session at hbs-0 arrives late.
+    let (_newest, answer) = register_generation(&endpoint, &crypto, b, 200).await?;
+    assert!(matches!(answer, Some(ToNcu::Registered { .. })), "{answer:?}");
+    let (mut late, answer) = register_generation(&endpoint, &crypto, a, 100).await?;
+    assert_eq!(answer, Some(ToNcu::Superseded { generation: 200 }));
+    assert_eq!(owner().await?, ["hbs-1"], "the late registration took nothing");
+    // Nor may the older session withdraw what the newer one holds.
+    tether_pki::stream::write(&mut late.1, control::VERSION, &ToHbs::UplinkDown { name: "wan1".into() }).await?;
+    let _ = tether_pki::stream::read::<ToNcu>(&mut late.2, control::VERSION, control::MAX_FRAME).await?;
+    assert_eq!(owner().await?, ["hbs-1"], "the older session's withdrawal removed nothing");
+
+    // Both registrations in flight at once, held back by a lock on the NCU until both wait: whichever commits
+    // first, the newer generation's server holds the rows at the end.
+    for (older, newer) in [(300_u64, 400_u64), (500, 600)] {
+        let mut lock = db.begin().await?;
+        sqlx::query("SELECT id FROM ncus FOR UPDATE").execute(&mut *lock).await?;
+        let first = tokio::spawn({
+            let (endpoint, crypto) = (endpoint.clone(), crypto.clone());
+            async move { register_generation(&endpoint, &crypto, if older == 300 { a } else { b }, older).await }
+        });
+        let second = tokio::spawn({
+            let (endpoint, crypto) = (endpoint.clone(), crypto.clone());
+            async move { register_generation(&endpoint, &crypto, if older == 300 { b } else { a }, newer).await }
+        });
+        eventually(Duration::from_secs(10), "both registrations waiting on the lock", || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%ncus%'",
+            )
+            .fetch_one(&db)
+            .await
+            .ok()?;
+            (waiting >= 2).then_some(())
+        })
+        .await?;
+        lock.rollback().await?;
+        let (_older_session, older_answer) = first.await??;
+        let (_newer_session, newer_answer) = second.await??;
+        assert!(matches!(newer_answer, Some(ToNcu::Registered { .. })), "{newer_answer:?}");
+        assert!(matches!(older_answer, Some(ToNcu::Registered { .. } | ToNcu::Superseded { .. })), "{older_answer:?}");
+        let want = if older == 300 { "hbs-1" } else { "hbs-0" };
+        assert_eq!(owner().await?, [want], "generation {newer} holds the NCU");
+        let stored: i64 = sqlx::query_scalar("SELECT session_generation FROM ncus").fetch_one(&db).await?;
+        assert_eq!(stored, i64::try_from(newer)?);
+    }
     Ok(())
 }
