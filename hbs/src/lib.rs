@@ -153,7 +153,14 @@ mod run {
             inner.clone(),
         ));
         let (sites_tx, sites_rx) = watch::channel(crate::site::ByNcu::default());
-        tasks.spawn(crate::site::run(pool.clone(), config.name.clone(), sites_tx, inner.clone()));
+        let open_sessions = crate::site::Open::default();
+        tasks.spawn(crate::site::run(
+            pool.clone(),
+            config.name.clone(),
+            open_sessions.clone(),
+            sites_tx,
+            inner.clone(),
+        ));
         let context = Arc::new(server::Context {
             pool: pool.clone(),
             me: config.name.clone(),
@@ -168,6 +175,7 @@ mod run {
             metrics,
             sites: sites_rx,
             per_certificate: Arc::default(),
+            open_sessions,
         });
         info!(name = %config.name, %control_addr, %heartbeat_addr, %advertise, "hbs serving");
         server::serve(endpoint, context, shutdown.clone()).await;

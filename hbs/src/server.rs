@@ -57,6 +57,8 @@ pub struct Context {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// What each NCU should hold: service tuples, host migrations' redirects.
     pub sites: watch::Receiver<crate::site::ByNcu>,
+    /// Sessions open per NCU, for [`crate::site`] to find deleted ones.
+    pub open_sessions: crate::site::Open,
     /// Sessions open per client certificate.
     pub per_certificate: Arc<std::sync::Mutex<std::collections::HashMap<[u8; 32], u32>>>,
 }
@@ -206,6 +208,8 @@ async fn session(connection: Connection, context: Arc<Context>, shutdown: Cancel
         return;
     };
     info!(ncu = ncu.id, domain = %ncu.domain, session = session.id, "NCU connected");
+    let _open = OpenSession::new(&context.open_sessions, ncu.id);
+    let mut deleted = false;
     context.metrics.sessions.inc();
     let mut draining = context.draining.clone();
     let mut sites = context.sites.clone();
@@ -223,6 +227,10 @@ async fn session(connection: Connection, context: Arc<Context>, shutdown: Cancel
                         }
                     }
                     let all = sites.borrow_and_update().clone();
+                    if all.deleted.contains(&session.ncu_id) {
+                        deleted = true;
+                        break;
+                    }
                     if send_site(&mut session, &mut send, &all).await.is_err() {
                         break;
                     }
@@ -246,6 +254,10 @@ async fn session(connection: Connection, context: Arc<Context>, shutdown: Cancel
                     break;
                 }
                 let all = sites.borrow_and_update().clone();
+                if all.deleted.contains(&session.ncu_id) {
+                    deleted = true;
+                    break;
+                }
                 if send_site(&mut session, &mut send, &all).await.is_err() {
                     break;
                 }
@@ -268,7 +280,45 @@ async fn session(connection: Connection, context: Arc<Context>, shutdown: Cancel
     }
     info!(session = session.id, "NCU disconnected");
     context.metrics.sessions.dec();
-    end_session(&session, &context);
+    if deleted {
+        warn!(session = session.id, ncu = session.ncu_id, "the NCU was deleted; its session is closed");
+        // Its rows are gone: nothing to ping through a grace time.
+        let _ = context.driver.send(Command::RemoveSession(session.id));
+        let message = "this NCU was deleted: its certificate is no longer enrolled";
+        let _ = reply(&mut send, error(ControlError::UnknownCertificate, message)).await;
+        let _ = send.finish();
+        // The reason is delivered before the connection goes: the client closes it, or it is closed after 2 s.
+        if tokio::time::timeout(Duration::from_secs(2), connection.closed()).await.is_err() {
+            connection.close(5_u32.into(), b"NCU deleted");
+        }
+    } else {
+        end_session(&session, &context);
+    }
+}
+
+/// An NCU's entry in [`Context::open_sessions`] while its session runs.
+struct OpenSession {
+    open: crate::site::Open,
+    ncu: i64,
+}
+
+impl OpenSession {
+    fn new(open: &crate::site::Open, ncu: i64) -> Self {
+        *open.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(ncu).or_insert(0) += 1;
+        Self { open: open.clone(), ncu }
+    }
+}
+
+impl Drop for OpenSession {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.ncu) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.ncu);
+            }
+        }
+    }
 }
 
 /// Sends the NCU its service tuples and redirects when they differ from what it was last sent (once registered).

@@ -4,7 +4,12 @@
 //! they change ([`crate::server`]), and writes what the NCU reports back: a migration's flows ([`report`]), a
 //! tuple's health ([`health`]).
 
-use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    sync::Arc,
+    time::Duration,
+};
 
 use sqlx::PgPool;
 use tether_proto::control::{Redirect, SiteService};
@@ -22,13 +27,19 @@ pub struct Sites {
     pub redirects: BTreeMap<i64, Vec<Redirect>>,
     /// Service tuples.
     pub services: BTreeMap<i64, Vec<SiteService>>,
+    /// NCUs with a session here that are no longer enrolled (deleted through the API): their sessions end.
+    pub deleted: BTreeSet<i64>,
 }
 
 /// Shared between the reader and the sessions.
 pub type ByNcu = Arc<Sites>;
 
-/// Publishes the redirects and services of the NCUs whose addresses `me` holds until `shutdown`.
-pub async fn run(pool: PgPool, me: String, out: watch::Sender<ByNcu>, shutdown: CancellationToken) {
+/// The NCUs with a session open here, with their count of sessions.
+pub type Open = Arc<std::sync::Mutex<BTreeMap<i64, u32>>>;
+
+/// Publishes the redirects and services of the NCUs whose addresses `me` holds, and which NCUs of the `open`
+/// sessions were deleted, until `shutdown`.
+pub async fn run(pool: PgPool, me: String, open: Open, out: watch::Sender<ByNcu>, shutdown: CancellationToken) {
     let mut tick = tether_config::ticker(EVERY);
     let mut failing = false;
     loop {
@@ -36,7 +47,9 @@ pub async fn run(pool: PgPool, me: String, out: watch::Sender<ByNcu>, shutdown: 
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match read(&pool, &me).await {
+        let sessions: Vec<i64> =
+            open.lock().unwrap_or_else(std::sync::PoisonError::into_inner).keys().copied().collect();
+        match read(&pool, &me, &sessions).await {
             Ok(by_ncu) => {
                 failing = false;
                 out.send_if_modified(|current| {
@@ -56,8 +69,18 @@ pub async fn run(pool: PgPool, me: String, out: watch::Sender<ByNcu>, shutdown: 
     }
 }
 
-async fn read(pool: &PgPool, me: &str) -> Result<Sites, sqlx::Error> {
-    Ok(Sites { redirects: read_redirects(pool, me).await?, services: read_services(pool, me).await? })
+async fn read(pool: &PgPool, me: &str, sessions: &[i64]) -> Result<Sites, sqlx::Error> {
+    let enrolled: BTreeSet<i64> = sqlx::query_scalar("SELECT id FROM ncus WHERE id = ANY($1)")
+        .bind(sessions)
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .collect();
+    Ok(Sites {
+        redirects: read_redirects(pool, me).await?,
+        services: read_services(pool, me).await?,
+        deleted: sessions.iter().copied().filter(|id| !enrolled.contains(id)).collect(),
+    })
 }
 
 async fn read_services(pool: &PgPool, me: &str) -> Result<BTreeMap<i64, Vec<SiteService>>, sqlx::Error> {

@@ -82,6 +82,12 @@ async fn handle_request(
 ) -> Response {
     match request {
         Request::Enroll { token, csr, serial, mac } => enroll(context, &token, &csr, serial, mac).await,
+        Request::Renew { csr } => {
+            let Some(fingerprint) = fingerprint else {
+                return Response::error(ErrorCode::CertificateRequired, "renewal needs the NCU's current certificate");
+            };
+            renew(context, fingerprint, &csr).await
+        }
         Request::Assign { failed } => {
             let Some(fingerprint) = fingerprint else {
                 return Response::error(
@@ -97,18 +103,49 @@ async fn handle_request(
 async fn enroll(context: &Context, token: &str, csr: &str, serial: Option<String>, mac: Option<String>) -> Response {
     let limit = |s: &Option<String>| s.as_deref().map(|v| v.chars().take(64).collect::<String>());
     let (serial, mac) = (limit(&serial), limit(&mac));
-    let sign = |domain: &str| {
-        let pem = context.ca.sign_ncu(csr, domain, context.ncu_cert_validity).map_err(|e| e.to_string())?;
-        let der = pki::cert_from_pem(&pem).map_err(|e| e.to_string())?;
-        Ok((pem, pki::fingerprint(&der)))
-    };
-    match store::enroll(&context.pool, token, serial.as_deref(), mac.as_deref(), sign).await {
+    let sign = signer(context, csr);
+    match store::enroll(&context.pool, token, csr, serial.as_deref(), mac.as_deref(), sign).await {
         Ok((enrolled, certificate)) => {
-            info!(ncu = enrolled.ncu_id, domain = %enrolled.domain, "NCU enrolled");
+            if enrolled.replayed {
+                info!(ncu = enrolled.ncu_id, domain = %enrolled.domain, "enrollment repeated with the same CSR; same certificate");
+            } else {
+                info!(ncu = enrolled.ncu_id, domain = %enrolled.domain, "NCU enrolled");
+            }
             Response::Enrolled { certificate, domain: enrolled.domain }
         }
         Err(error) => {
             warn!(%error, "enrollment refused");
+            refusal(error)
+        }
+    }
+}
+
+/// Signs `csr` for a domain as an NCU certificate: its PEM and fingerprint.
+fn signer<'a>(context: &'a Context, csr: &'a str) -> impl FnOnce(&str) -> Result<(String, [u8; 32]), String> + 'a {
+    move |domain| {
+        let pem = context.ca.sign_ncu(csr, domain, context.ncu_cert_validity).map_err(|e| e.to_string())?;
+        let der = pki::cert_from_pem(&pem).map_err(|e| e.to_string())?;
+        Ok((pem, pki::fingerprint(&der)))
+    }
+}
+
+async fn renew(context: &Context, fingerprint: &[u8; 32], csr: &str) -> Response {
+    let ncu = match tether_db::ncus::by_fingerprint(&context.pool, fingerprint).await {
+        Ok(Some(ncu)) => ncu,
+        Ok(None) => {
+            warn!(fingerprint = %hex::encode(fingerprint), "renewal with the certificate of no enrolled NCU");
+            return Response::error(ErrorCode::UnknownCertificate, "this certificate belongs to no enrolled NCU");
+        }
+        Err(error) => return refusal(error.into()),
+    };
+    let sign = signer(context, csr);
+    match store::renew(&context.pool, ncu.id, &ncu.domain, csr, sign).await {
+        Ok(certificate) => {
+            info!(ncu = ncu.id, domain = %ncu.domain, "NCU certificate renewed");
+            Response::Renewed { certificate }
+        }
+        Err(error) => {
+            warn!(ncu = ncu.id, %error, "renewal refused");
             refusal(error)
         }
     }

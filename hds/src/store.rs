@@ -41,13 +41,17 @@ pub struct Enrolled {
     pub ncu_id: i64,
     /// The domain the NCU serves.
     pub domain: String,
+    /// The token was used before with the same CSR: its certificate was given again.
+    pub replayed: bool,
 }
 
 /// Consumes a one-time token and records the NCU, in one transaction; `sign` makes the certificate (PEM and
-/// fingerprint) for the token's domain and runs only once the token is known to be good.
+/// fingerprint) for the token's domain and runs only once the token is known to be good. A token used before with
+/// the same CSR (the reply was lost) gives the same certificate again while it has not expired.
 pub async fn enroll<F>(
     pool: &PgPool,
     token: &str,
+    csr: &str,
     serial: Option<&str>,
     mac: Option<&str>,
     sign: F,
@@ -56,10 +60,11 @@ where
     F: FnOnce(&str) -> Result<(String, [u8; 32]), String>,
 {
     let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    let csr_hash: [u8; 32] = Sha256::digest(csr.trim().as_bytes()).into();
     let mut tx = pool.begin().await?;
     let row = sqlx::query(
-        "SELECT e.id, e.domain_id, e.expires_at, e.used_at, d.fqdn FROM enrollments e \
-         JOIN domains d ON d.id = e.domain_id WHERE e.token_hash = $1 FOR UPDATE OF e",
+        "SELECT e.id, e.domain_id, e.expires_at, e.used_at, e.csr_hash, e.certificate, e.ncu_id, d.fqdn \
+         FROM enrollments e JOIN domains d ON d.id = e.domain_id WHERE e.token_hash = $1 FOR UPDATE OF e",
     )
     .bind(&hash[..])
     .fetch_optional(&mut *tx)
@@ -67,24 +72,26 @@ where
     let Some(row) = row else {
         return Err(EnrollError::UnknownToken);
     };
-    if row.try_get::<Option<chrono::DateTime<chrono::Utc>>, _>("used_at")?.is_some() {
-        return Err(EnrollError::TokenUsed);
-    }
     let expires_at: chrono::DateTime<chrono::Utc> = row.try_get("expires_at")?;
+    let fqdn: String = row.try_get("fqdn")?;
+    let domain = fqdn.trim_end_matches('.').to_owned();
+    if row.try_get::<Option<chrono::DateTime<chrono::Utc>>, _>("used_at")?.is_some() {
+        let same_csr = row.try_get::<Option<Vec<u8>>, _>("csr_hash")?.is_some_and(|h| h == csr_hash);
+        let certificate: Option<String> = row.try_get("certificate")?;
+        let ncu_id: Option<i64> = row.try_get("ncu_id")?;
+        return match (same_csr && expires_at > chrono::Utc::now(), certificate, ncu_id) {
+            (true, Some(certificate), Some(ncu_id)) => Ok((Enrolled { ncu_id, domain, replayed: true }, certificate)),
+            _ => Err(EnrollError::TokenUsed),
+        };
+    }
     if expires_at <= chrono::Utc::now() {
         return Err(EnrollError::TokenExpired(expires_at));
     }
-    let fqdn: String = row.try_get("fqdn")?;
-    let domain = fqdn.trim_end_matches('.').to_owned();
     let (certificate, fingerprint) = match sign(&domain) {
         Ok(signed) => signed,
         // The transaction rolls back: the token stays unused, so the NCU may try again with a good CSR.
         Err(reason) => return Err(EnrollError::BadCsr(reason)),
     };
-    sqlx::query("UPDATE enrollments SET used_at = now() WHERE id = $1")
-        .bind(row.try_get::<i64, _>("id")?)
-        .execute(&mut *tx)
-        .await?;
     let ncu_id: i64 = sqlx::query_scalar(
         "INSERT INTO ncus (domain_id, cert_fingerprint, serial_number, mac) VALUES ($1, $2, $3, $4) RETURNING id",
     )
@@ -94,8 +101,52 @@ where
     .bind(mac)
     .fetch_one(&mut *tx)
     .await?;
+    sqlx::query("UPDATE enrollments SET used_at = now(), csr_hash = $2, certificate = $3, ncu_id = $4 WHERE id = $1")
+        .bind(row.try_get::<i64, _>("id")?)
+        .bind(&csr_hash[..])
+        .bind(&certificate)
+        .bind(ncu_id)
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
-    Ok((Enrolled { ncu_id, domain }, certificate))
+    Ok((Enrolled { ncu_id, domain, replayed: false }, certificate))
+}
+
+/// Gives the NCU `ncu_id` its next certificate for `csr`: the one already made for the same CSR (a lost reply), or a
+/// new one from `sign`, which replaces any earlier unused next certificate. The current certificate stays valid
+/// until the next one is first used.
+pub async fn renew<F>(pool: &PgPool, ncu_id: i64, domain: &str, csr: &str, sign: F) -> Result<String, EnrollError>
+where
+    F: FnOnce(&str) -> Result<(String, [u8; 32]), String>,
+{
+    let csr_hash: [u8; 32] = Sha256::digest(csr.trim().as_bytes()).into();
+    let mut tx = pool.begin().await?;
+    let row: Option<(Option<Vec<u8>>, Option<String>)> =
+        sqlx::query_as("SELECT next_csr_hash, next_certificate FROM ncus WHERE id = $1 FOR UPDATE")
+            .bind(ncu_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some((stored_hash, stored_certificate)) = row else {
+        return Err(EnrollError::UnknownToken);
+    };
+    if let (Some(stored), Some(certificate)) = (stored_hash, stored_certificate)
+        && stored == csr_hash
+    {
+        return Ok(certificate);
+    }
+    let (certificate, fingerprint) = sign(domain).map_err(EnrollError::BadCsr)?;
+    sqlx::query(
+        "UPDATE ncus SET next_fingerprint = $2, next_certificate = $3, next_csr_hash = $4, renewed_at = now() \
+         WHERE id = $1",
+    )
+    .bind(ncu_id)
+    .bind(&fingerprint[..])
+    .bind(&certificate)
+    .bind(&csr_hash[..])
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(certificate)
 }
 
 /// Every row of `heartbeat_servers`, with its age by the database's clock.

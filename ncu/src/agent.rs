@@ -112,6 +112,8 @@ enum Done {
     Registered(HeartbeatServer, anyhow::Result<Connected>),
     BackupFound(Option<HeartbeatServer>),
     Standby(HeartbeatServer, Option<quinn::Connection>),
+    /// The certificate was renewed: new connections use the new identity.
+    Renewed(Box<Identity>),
 }
 
 /// Who the agent is and what it runs besides its uplinks (no `Debug`: the identity holds the private key).
@@ -125,6 +127,8 @@ pub struct Setup {
     pub failover_after: Duration,
     /// Services and load.
     pub site: SiteConfig,
+    /// Where the identity is stored: its certificate is renewed there before it expires (without one, never).
+    pub identity_dir: Option<std::path::PathBuf>,
 }
 
 /// Runs the agent until `shutdown`; fails only when hds refuses this NCU for good (an unknown certificate).
@@ -135,7 +139,7 @@ pub async fn run(
     status: watch::Sender<Status>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let Setup { hds, identity, failover_after, site } = setup;
+    let Setup { hds, identity, failover_after, site, identity_dir } = setup;
     let tls = Arc::new(
         pki::client_tls(&identity.ca_pem, Some((&identity.cert_pem, &identity.key_pem)), control::ALPN)
             .context("building TLS from the NCU identity")?,
@@ -151,6 +155,13 @@ pub async fn run(
     let relay = tokio::spawn(redirect::run(redirects_rx, reports_tx.clone(), relay_stop.clone()));
     let site_task = tokio::spawn(services::run(site.services, services_rx, reports_tx, relay_stop.clone()));
     let _stop_relay = relay_stop.clone().drop_guard();
+    if let Some(dir) = identity_dir {
+        let done = done_tx.clone();
+        let renewed = move |identity| {
+            let _ = done.send(Done::Renewed(Box::new(identity)));
+        };
+        tokio::spawn(crate::renewal::run(hds.clone(), identity.clone(), dir, renewed, relay_stop.clone()));
+    }
     let mut agent = Agent {
         hds,
         identity,
@@ -437,6 +448,17 @@ impl Agent {
     /// for good.
     fn complete(&mut self, done: Done) -> anyhow::Result<Option<Input>> {
         Ok(Some(match done {
+            Done::Renewed(identity) => {
+                match pki::client_tls(&identity.ca_pem, Some((&identity.cert_pem, &identity.key_pem)), control::ALPN) {
+                    Ok(tls) => {
+                        info!("renewed certificate in use for new connections");
+                        self.tls = Arc::new(tls);
+                        self.identity = *identity;
+                    }
+                    Err(error) => warn!(%error, "the renewed identity is unusable; keeping the current one"),
+                }
+                return Ok(None);
+            }
             Done::Assigned(Ok(Assignment { primary, backup })) => Input::Assigned { primary, backup },
             Done::Assigned(Err(error)) if error.is_transient() => {
                 warn!(%error, "no heartbeat servers yet");

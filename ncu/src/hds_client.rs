@@ -69,6 +69,21 @@ pub async fn enroll(
     }
 }
 
+/// Renews the NCU's certificate: a new key and CSR here, exchanged with hds under the current certificate. The new
+/// key and certificate replace the old pair in `dir` and are returned.
+pub async fn renew(hds: &[String], identity: &Identity, dir: &Path) -> Result<Identity, NcuError> {
+    let csr = pki::new_csr("tether ncu")?;
+    let tls = Arc::new(pki::client_tls(&identity.ca_pem, Some((&identity.cert_pem, &identity.key_pem)), proto::ALPN)?);
+    match client::request_any(hds, tls, &Request::Renew { csr: csr.csr_pem }).await? {
+        Response::Renewed { certificate } => {
+            let renewed = Identity { ca_pem: identity.ca_pem.clone(), key_pem: csr.key_pem, cert_pem: certificate };
+            renewed.replace(dir)?;
+            Ok(renewed)
+        }
+        other => Err(NcuError::Unexpected(Box::new(other))),
+    }
+}
+
 /// Asks hds once for a primary and a backup, never one of `failed`.
 pub async fn assign_once(hds: &[String], identity: &Identity, failed: &[String]) -> Result<Assignment, NcuError> {
     let tls = Arc::new(pki::client_tls(&identity.ca_pem, Some((&identity.cert_pem, &identity.key_pem)), proto::ALPN)?);

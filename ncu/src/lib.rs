@@ -9,6 +9,7 @@ pub mod hds_client;
 pub mod identity;
 pub mod load;
 pub mod redirect;
+pub mod renewal;
 pub mod services;
 pub mod session;
 pub mod uplinks;

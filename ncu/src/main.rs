@@ -53,6 +53,17 @@ enum Command {
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         wait: Duration,
     },
+    /// Renews this NCU's certificate now (the agent also renews it by itself before it expires): a new key, its CSR
+    /// exchanged with hds under the current certificate; the new pair replaces the old one in the identity directory.
+    /// A running agent uses the new certificate from its next start.
+    Renew {
+        /// hds address(es), host:port; tried in turn.
+        #[arg(long, required = true, value_delimiter = ',')]
+        hds: Vec<String>,
+        /// Where the identity is stored.
+        #[arg(long, default_value = "/var/lib/tether-ncu")]
+        dir: PathBuf,
+    },
     /// Runs the agent: registers the uplinks, answers heartbeats, fails over.
     Run {
         /// Configuration file (TOML).
@@ -104,6 +115,15 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             eprintln!("ncu: enrolled for {domain}; identity stored in {} (0600)", dir.display());
             Ok(())
         }
+        Command::Renew { hds, dir } => {
+            let identity =
+                Identity::load(&dir).with_context(|| format!("no NCU identity in {} (enroll first)", dir.display()))?;
+            let renewed = hds_client::renew(&hds, &identity, &dir).await.context("renewal failed")?;
+            let (_, not_after) = tether_pki::validity(&renewed.cert_pem)?;
+            let until = humantime::format_rfc3339_seconds(not_after);
+            eprintln!("ncu: certificate renewed, valid until {until}; identity in {} (0600)", dir.display());
+            Ok(())
+        }
         Command::Assign { hds, dir, failed, wait } => {
             let identity =
                 Identity::load(&dir).with_context(|| format!("no NCU identity in {} (enroll first)", dir.display()))?;
@@ -142,6 +162,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
                 identity,
                 failover_after: config.failover_after,
                 site: agent::SiteConfig { services: config.services, load: config.load },
+                identity_dir: Some(config.identity.clone()),
             };
             agent::run(setup, uplinks_rx, agent::Drill::default(), status, shutdown).await
         }

@@ -124,7 +124,8 @@ impl Agent {
         let (status_tx, status) = watch::channel(Status::default());
         let drill = Drill::default();
         let shutdown = CancellationToken::new();
-        let setup = ncu::agent::Setup { hds, identity, failover_after: Duration::from_secs(3), site };
+        let setup =
+            ncu::agent::Setup { hds, identity, failover_after: Duration::from_secs(3), site, identity_dir: None };
         let task = tokio::spawn(ncu::agent::run(setup, uplinks_rx, drill.clone(), status_tx, shutdown.clone()));
         Self { drill, status, uplinks: uplinks_tx, shutdown, task: Some(task) }
     }

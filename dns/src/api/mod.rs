@@ -96,6 +96,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/domains/{name}/migrations", post(migrations::create).get(migrations::list))
         .route("/v1/domains/{name}/migrations/{id}", get(migrations::get).delete(migrations::delete))
         .route("/v1/domains/{name}/enrollments", post(routes::create_enrollment))
+        .route("/v1/domains/{name}/ncus/{id}", delete(routes::delete_ncu))
         .route(
             "/v1/domains/{name}/dyndns-credentials",
             post(routes::create_dyndns_credential).get(routes::list_dyndns_credentials),

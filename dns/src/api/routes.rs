@@ -489,6 +489,21 @@ pub(super) async fn delete_update_key(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+pub(super) async fn delete_ncu(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let domain = owned_domain(&state, caller, &name).await?;
+    let not_found = || ApiError::not_found(format!("no NCU {id} enrolled for {}", display(&domain.fqdn)));
+    let id: i64 = id.parse().map_err(|_| not_found())?;
+    if !admin::delete_ncu(&state.pool, domain.id, id).await? {
+        return Err(not_found());
+    }
+    tracing::info!(domain = %domain.fqdn, ncu = id, "NCU deleted: its certificate is refused from now on");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 pub(super) async fn create_dyndns_credential(
     State(state): State<AppState>,
     caller: Caller,

@@ -538,6 +538,19 @@ pub async fn ncus(pool: &PgPool, domain_id: i64) -> Result<Vec<NcuRow>, StoreErr
     .await?)
 }
 
+/// Deletes an enrolled NCU of the domain (its addresses go with it); false when there is none.
+pub async fn delete_ncu(pool: &PgPool, domain_id: i64, id: i64) -> Result<bool, StoreError> {
+    let done = sqlx::query(
+        "WITH r AS (SELECT set_config('tether.reason', 'NCU deleted through the API', true)) \
+         DELETE FROM ncus WHERE domain_id = $1 AND id = $2 AND EXISTS (SELECT 1 FROM r)",
+    )
+    .bind(domain_id)
+    .bind(id)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// A row of the fleet table.
 #[derive(Debug, Clone, Serialize, FromRow)]
 pub struct HeartbeatServer {

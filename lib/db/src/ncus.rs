@@ -15,10 +15,16 @@ pub struct Ncu {
     pub domain: String,
 }
 
-/// The enrolled NCU holding the certificate with this fingerprint; marks it seen.
+/// The enrolled NCU holding the certificate with this fingerprint; marks it seen. A renewed certificate's first
+/// use makes it the NCU's certificate: the one it replaces is refused from then on.
 pub async fn by_fingerprint(pool: &PgPool, fingerprint: &[u8; 32]) -> Result<Option<Ncu>, StoreError> {
     let row = sqlx::query(
-        "UPDATE ncus n SET last_seen = now() FROM domains d WHERE d.id = n.domain_id AND n.cert_fingerprint = $1 \
+        "UPDATE ncus n SET last_seen = now(), \
+           cert_fingerprint = CASE WHEN n.next_fingerprint = $1 THEN $1 ELSE n.cert_fingerprint END, \
+           next_certificate = CASE WHEN n.next_fingerprint = $1 THEN NULL ELSE n.next_certificate END, \
+           next_csr_hash = CASE WHEN n.next_fingerprint = $1 THEN NULL ELSE n.next_csr_hash END, \
+           next_fingerprint = CASE WHEN n.next_fingerprint = $1 THEN NULL ELSE n.next_fingerprint END \
+         FROM domains d WHERE d.id = n.domain_id AND (n.cert_fingerprint = $1 OR n.next_fingerprint = $1) \
          RETURNING n.id, n.domain_id, d.fqdn",
     )
     .bind(&fingerprint[..])

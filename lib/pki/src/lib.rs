@@ -178,6 +178,18 @@ pub fn new_csr(common_name: &str) -> Result<Csr, PkiError> {
     Ok(Csr { key_pem: key.serialize_pem(), csr_pem: csr.pem()? })
 }
 
+/// When a certificate (the first in a PEM text) starts and stops being valid.
+pub fn validity(pem: &str) -> Result<(std::time::SystemTime, std::time::SystemTime), PkiError> {
+    let der = cert_from_pem(pem)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| PkiError::Pem(format!("unreadable certificate: {e}")))?;
+    let at = |t: x509_parser::time::ASN1Time| {
+        let seconds = u64::try_from(t.timestamp()).unwrap_or(0);
+        std::time::UNIX_EPOCH + Duration::from_secs(seconds)
+    };
+    Ok((at(cert.validity().not_before), at(cert.validity().not_after)))
+}
+
 /// SHA-256 of a certificate's DER: how hds and hbs know an NCU.
 pub fn fingerprint(cert: &CertificateDer<'_>) -> [u8; 32] {
     Sha256::digest(cert.as_ref()).into()

@@ -30,6 +30,12 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         mac: Option<String>,
     },
+    /// Exchange a new CSR for a new certificate of the same NCU, before the current one expires. Needs the NCU's
+    /// (current) client certificate. The old certificate stays valid until the new one is first used.
+    Renew {
+        /// PKCS#10 request for the new key, PEM.
+        csr: String,
+    },
     /// Ask for a primary and a backup heartbeat server. Needs the NCU's client certificate.
     Assign {
         /// Servers the NCU found unreachable; never assigned back.
@@ -48,6 +54,11 @@ pub enum Response {
         certificate: String,
         /// The domain it is bound to.
         domain: String,
+    },
+    /// The NCU's new certificate (after `Renew`).
+    Renewed {
+        /// Client certificate, PEM.
+        certificate: String,
     },
     /// The heartbeat servers to use.
     Assignment {

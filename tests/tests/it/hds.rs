@@ -344,3 +344,76 @@ async fn hds_publishes_itself_as_srv_through_our_dns() -> Result<()> {
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_lost_enrollment_reply_is_repeated_for_the_same_csr_only() -> Result<()> {
+    let world = World::new().await?;
+    let token = world.token().await?;
+    let tls = std::sync::Arc::new(pki::client_tls(&world.pki.ca_pem(), None, proto::ALPN)?);
+    let csr = pki::new_csr("tether ncu")?;
+    let enroll = |csr: &str| Request::Enroll { token: token.clone(), csr: csr.to_owned(), serial: None, mac: None };
+    let address = world.hds.address();
+    let first = tether_pki::hds_client::request_one(&address, tls.clone(), &enroll(&csr.csr_pem)).await?;
+    let Response::Enrolled { certificate, .. } = &first else { anyhow::bail!("not enrolled: {first:?}") };
+    // The reply was lost: the NCU asks again with the same CSR and gets the same certificate, and one NCU exists.
+    let again = tether_pki::hds_client::request_one(&address, tls.clone(), &enroll(&csr.csr_pem)).await?;
+    assert_eq!(again, first);
+    let db = world.stack.pg.pool().await?;
+    let ncus: i64 = sqlx::query_scalar("SELECT count(*) FROM ncus").fetch_one(&db).await?;
+    assert_eq!(ncus, 1);
+    // Anyone else with the token (another key) gets nothing.
+    let other = pki::new_csr("tether ncu")?;
+    let answer = tether_pki::hds_client::request_one(&address, tls.clone(), &enroll(&other.csr_pem)).await?;
+    assert!(matches!(answer, Response::Error { code: ErrorCode::TokenUsed, .. }), "{answer:?}");
+    // Past the token's lifetime the same CSR gets nothing either.
+    sqlx::query("UPDATE enrollments SET expires_at = now() - interval '1 second'").execute(&db).await?;
+    let answer = tether_pki::hds_client::request_one(&address, tls, &enroll(&csr.csr_pem)).await?;
+    assert!(matches!(answer, Response::Error { code: ErrorCode::TokenUsed, .. }), "{answer:?}");
+    assert!(certificate.contains("BEGIN CERTIFICATE"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn ncu_renew_replaces_the_certificate_and_the_old_one_ends_at_the_new_ones_first_use() -> Result<()> {
+    let world = World::new().await?;
+    let dir = tempfile::tempdir()?;
+    let dir = dir.path().join("id");
+    world.enroll(&dir).await??;
+    let old = Identity::load(&dir)?;
+    let hds = world.hds.address();
+
+    // `ncu renew`, the binary as an operator runs it.
+    let output = tokio::process::Command::new(tether_tests::system::binaries()?.join("ncu"))
+        .args(["renew", "--hds", &hds, "--dir"])
+        .arg(&dir)
+        .output()
+        .await?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("certificate renewed, valid until"), "{stderr}");
+    let new = Identity::load(&dir)?;
+    assert_ne!(new.cert_pem, old.cert_pem);
+    assert_ne!(new.key_pem, old.key_pem);
+    assert_eq!(std::fs::metadata(dir.join("ncu.key"))?.permissions().mode() & 0o777, 0o600);
+    assert!(!dir.join("ncu.pem.new").exists() && !dir.join("ncu.key.new").exists());
+
+    // Until the new certificate is used, the old one still works (a renewal whose reply was lost harms nothing).
+    world.fleet(&[("a", "127.0.0.1:7001", 100, 10, "active", 0)]).await?;
+    hds_client::assign(&[hds.clone()], &old, &[], PATIENCE).await?;
+    // The new one works, and from then on the old one is refused.
+    hds_client::assign(&[hds.clone()], &new, &[], PATIENCE).await?;
+    let (code, _) = refused(hds_client::assign(&[hds.clone()], &old, &[], PATIENCE).await);
+    assert_eq!(code, ErrorCode::UnknownCertificate);
+
+    // The same CSR twice (a lost reply) gets the same certificate; renewal needs a certificate.
+    let tls = std::sync::Arc::new(pki::client_tls(&new.ca_pem, Some((&new.cert_pem, &new.key_pem)), proto::ALPN)?);
+    let csr = pki::new_csr("tether ncu")?;
+    let renew = Request::Renew { csr: csr.csr_pem };
+    let first = tether_pki::hds_client::request_one(&hds, tls.clone(), &renew).await?;
+    assert!(matches!(first, Response::Renewed { .. }), "{first:?}");
+    assert_eq!(tether_pki::hds_client::request_one(&hds, tls, &renew).await?, first);
+    let anonymous = std::sync::Arc::new(pki::client_tls(&new.ca_pem, None, proto::ALPN)?);
+    let answer = tether_pki::hds_client::request_one(&hds, anonymous, &renew).await?;
+    assert!(matches!(answer, Response::Error { code: ErrorCode::CertificateRequired, .. }), "{answer:?}");
+    Ok(())
+}

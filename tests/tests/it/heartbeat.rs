@@ -626,3 +626,56 @@ async fn the_newest_session_owns_the_ncu_when_two_servers_race() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_deleted_ncu_is_cut_off_at_once() -> Result<()> {
+    let world = World::new(1).await?;
+    let agent = world.agent(&[("wan1", "127.0.0.2")]);
+    world.answers_become(&["127.0.0.2"], Duration::from_secs(10)).await?;
+    // A second session of the same certificate, read directly.
+    let (endpoint, crypto) = control_client(&world.identity)?;
+    let ((_connection, _send, mut recv), answer) =
+        register_one(&endpoint, &crypto, world.hbs[0].control, [127, 0, 2, 1]).await?;
+    assert!(matches!(answer, Some(ToNcu::Registered { .. })), "{answer:?}");
+    let (_, body) = world.stack.api.call(Method::GET, "/v1/domains/site.tether.test", Some(&world.acme), None).await?;
+    let id = body["ncus"][0]["id"].as_i64().ok_or_else(|| anyhow::anyhow!("no NCU listed: {body}"))?;
+    let path = format!("/v1/domains/site.tether.test/ncus/{id}");
+
+    // Nobody else may, and a bad id is simply not found.
+    let bob = world.stack.subscriber("bob").await?;
+    let (status, body) = world.stack.api.call(Method::DELETE, &path, Some(&bob), None).await?;
+    assert!(matches!(status, StatusCode::FORBIDDEN | StatusCode::NOT_FOUND), "{status} {body}");
+    for bad in ["x", "99999", "-1"] {
+        let (status, body) = world
+            .stack
+            .api
+            .call(Method::DELETE, &format!("/v1/domains/site.tether.test/ncus/{bad}"), Some(&world.acme), None)
+            .await?;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{bad}: {body}");
+    }
+
+    let (status, body) = world.stack.api.call(Method::DELETE, &path, Some(&world.acme), None).await?;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let deleted = std::time::Instant::now();
+    world.answers_become(&[], Duration::from_secs(2)).await?;
+    // hbs ends the open session itself, saying why, within about a second.
+    let said = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match tether_pki::stream::read::<ToNcu>(&mut recv, control::VERSION, control::MAX_FRAME).await {
+                Ok(Some(ToNcu::Error { code, message })) => return Some((code, message)),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    })
+    .await?;
+    let (code, message) = said.ok_or_else(|| anyhow::anyhow!("the session ended without a reason"))?;
+    assert_eq!(code, ControlError::UnknownCertificate);
+    assert!(message.contains("deleted"), "{message}");
+    eprintln!("the deleted NCU's session was closed {:?} after the DELETE", deleted.elapsed());
+    // The certificate opens no new session.
+    let (_, answer) = register_one(&endpoint, &crypto, world.hbs[0].control, [127, 0, 2, 1]).await?;
+    assert!(matches!(answer, Some(ToNcu::Error { code: ControlError::UnknownCertificate, .. })), "{answer:?}");
+    let _ = agent.stop().await;
+    Ok(())
+}

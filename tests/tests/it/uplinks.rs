@@ -88,6 +88,7 @@ impl SiteNcu {
                         identity,
                         failover_after: Duration::from_secs(3),
                         site: ncu::agent::SiteConfig::default(),
+                        identity_dir: None,
                     };
                     let agent = ncu::agent::run(setup, uplinks_rx, Drill::default(), status_tx, stop.clone());
                     let (d, a) = tokio::join!(discovery, agent);
