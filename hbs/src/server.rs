@@ -154,7 +154,7 @@ async fn session(connection: Connection, context: Arc<Context>, shutdown: Cancel
     // the NCU is looked up meanwhile, so a storm of moves costs neither handshakes nor lookups.
     let (streams, found) =
         tokio::join!(connection.accept_bi(), tether_db::ncus::by_fingerprint(&context.pool, &fingerprint));
-    let (mut send, mut recv) = match streams {
+    let (mut send, recv) = match streams {
         Ok(streams) => streams,
         Err(error) => {
             debug!(%error, "connection ended before a stream");
@@ -214,11 +214,14 @@ async fn session(connection: Connection, context: Arc<Context>, shutdown: Cancel
     let mut draining = context.draining.clone();
     let mut sites = context.sites.clone();
     let mut asked_to_drain = false;
+    let (reader, mut frames) = read_frames(recv);
+    // The reader holds the stream (and so the connection): it goes with the session.
+    let _reader = tokio_util::task::AbortOnDropHandle::new(reader);
     loop {
         let wants_drain = *draining.borrow() && !asked_to_drain && !session.targets.is_empty();
         tokio::select! {
             () = shutdown.cancelled() => break,
-            frame = frame::read::<ToHbs>(&mut recv, control::VERSION, control::MAX_FRAME) => match frame {
+            frame = frames.recv() => match frame.unwrap_or(Ok(None)) {
                 Ok(Some(message)) => {
                     if let Some(answer) = handle(&mut session, message, &context).await {
                         session.registered |= matches!(answer, ToNcu::Registered { .. });
@@ -319,6 +322,33 @@ impl Drop for OpenSession {
             }
         }
     }
+}
+
+/// How long a new session has to send its first frame (the NCU sends `Register` as it opens the stream).
+pub const FIRST_FRAME_WITHIN: Duration = Duration::from_secs(10);
+
+/// Reads the control stream's frames in a task of its own, so a frame is never cut by the session's other events;
+/// the first must come within [`FIRST_FRAME_WITHIN`], and each frame's bytes within
+/// [`frame::FRAME_DEADLINE`] of its first. Ends after the stream's end or an error that leaves it unusable.
+fn read_frames(
+    mut recv: quinn::RecvStream,
+) -> (tokio::task::JoinHandle<()>, mpsc::Receiver<Result<Option<ToHbs>, FrameError>>) {
+    let (tx, rx) = mpsc::channel(4);
+    let task = tokio::spawn(async move {
+        let first =
+            tokio::time::timeout(FIRST_FRAME_WITHIN, frame::read(&mut recv, control::VERSION, control::MAX_FRAME));
+        let mut next = first.await.unwrap_or_else(|_| {
+            Err(FrameError::Stream(format!("no frame within {FIRST_FRAME_WITHIN:?} of the stream's opening")))
+        });
+        loop {
+            let go_on = matches!(next, Ok(Some(_)) | Err(FrameError::Malformed(_) | FrameError::Version { .. }));
+            if tx.send(next).await.is_err() || !go_on {
+                return;
+            }
+            next = frame::read(&mut recv, control::VERSION, control::MAX_FRAME).await;
+        }
+    });
+    (task, rx)
 }
 
 /// Sends the NCU its service tuples and redirects when they differ from what it was last sent (once registered).

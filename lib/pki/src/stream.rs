@@ -1,8 +1,14 @@
 //! Frames ([`tether_proto::frame`]) over QUIC streams: a long-lived stream of many frames ([`read`], [`write`]), or
 //! one request and one response per stream ([`read_whole`], [`write_whole`]).
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 use tether_proto::frame::{FrameError, decode, decode_body, encode};
+
+/// Longest a frame may take to arrive once its first bytes did ([`read`]), and a whole request ([`read_whole`]): a
+/// peer trickling bytes (or stopping mid-frame) holds a stream no longer than this.
+pub const FRAME_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Reads the next frame of a long-lived stream; `None` when the peer finished the stream cleanly.
 pub async fn read<T: for<'de> Deserialize<'de>>(
@@ -22,7 +28,10 @@ pub async fn read<T: for<'de> Deserialize<'de>>(
         return Err(FrameError::TooLarge { size, limit });
     }
     let mut json = vec![0_u8; size];
-    recv.read_exact(&mut json).await.map_err(|e| match e {
+    let body = tokio::time::timeout(FRAME_DEADLINE, recv.read_exact(&mut json))
+        .await
+        .map_err(|_| FrameError::Stream(format!("frame of {size} bytes incomplete after {FRAME_DEADLINE:?}")))?;
+    body.map_err(|e| match e {
         quinn::ReadExactError::FinishedEarly(_) => FrameError::Truncated,
         quinn::ReadExactError::ReadError(e) => FrameError::Stream(e.to_string()),
     })?;
@@ -40,7 +49,10 @@ pub async fn read_whole<T: for<'de> Deserialize<'de>>(
     version: u16,
     limit: usize,
 ) -> Result<T, FrameError> {
-    match recv.read_to_end(limit + 4).await {
+    let whole = tokio::time::timeout(FRAME_DEADLINE, recv.read_to_end(limit + 4))
+        .await
+        .map_err(|_| FrameError::Stream(format!("request incomplete after {FRAME_DEADLINE:?}")))?;
+    match whole {
         Ok(bytes) => decode(version, limit, &bytes),
         Err(quinn::ReadToEndError::TooLong) => Err(FrameError::TooLarge { size: limit + 1, limit }),
         Err(quinn::ReadToEndError::Read(e)) => Err(FrameError::Stream(e.to_string())),

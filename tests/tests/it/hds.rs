@@ -417,3 +417,27 @@ async fn ncu_renew_replaces_the_certificate_and_the_old_one_ends_at_the_new_ones
     assert!(matches!(answer, Response::Error { code: ErrorCode::CertificateRequired, .. }), "{answer:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_request_that_never_completes_is_answered_with_an_error_after_the_deadline() -> Result<()> {
+    let world = World::new().await?;
+    let tls = pki::client_tls(&world.pki.ca_pem(), None, proto::ALPN)?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let address: std::net::SocketAddr = world.hds.address().parse()?;
+    let connection =
+        endpoint.connect_with(quinn::ClientConfig::new(std::sync::Arc::new(crypto)), address, "127.0.0.1")?.await?;
+    let (mut send, mut recv) = connection.open_bi().await?;
+    // Part of a request, never finished: the stream is not held forever.
+    send.write_all(&40_u32.to_be_bytes()).await?;
+    send.write_all(b"{\"version\":1,").await?;
+    let answer = tokio::time::timeout(Duration::from_secs(20), recv.read_to_end(proto::MAX_FRAME + 4))
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer to an incomplete request"))??;
+    let answer: Response = proto::decode(&answer)?;
+    assert!(
+        matches!(&answer, Response::Error { code: ErrorCode::Malformed, message } if message.contains("incomplete")),
+        "{answer:?}"
+    );
+    Ok(())
+}

@@ -679,3 +679,37 @@ async fn a_deleted_ncu_is_cut_off_at_once() -> Result<()> {
     let _ = agent.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_silent_or_trickling_control_stream_is_closed_after_the_deadline_and_an_idle_session_is_not() -> Result<()> {
+    let world = World::new(1).await?;
+    let server = world.hbs[0].control;
+    let (endpoint, crypto) = control_client(&world.identity)?;
+    // Opens a stream and sends only the first two bytes of a frame's length.
+    let silent = endpoint.connect_with(quinn::ClientConfig::new(crypto.clone()), server, "127.0.0.1")?.await?;
+    let (mut silent_send, _silent_recv) = silent.open_bi().await?;
+    silent_send.write_all(&[0, 0]).await?;
+    // Registers, then starts a 100-byte frame and sends ten bytes of it.
+    let ((trickling, mut trickling_send, _r1), answer) =
+        register_one(&endpoint, &crypto, server, [127, 0, 2, 1]).await?;
+    assert!(matches!(answer, Some(ToNcu::Registered { .. })), "{answer:?}");
+    trickling_send.write_all(&100_u32.to_be_bytes()).await?;
+    trickling_send.write_all(b"{\"version\"").await?;
+    // Registers and then says nothing: idle between frames is normal.
+    let ((idle, _s2, _r2), answer) = register_one(&endpoint, &crypto, server, [127, 0, 2, 2]).await?;
+    assert!(matches!(answer, Some(ToNcu::Registered { .. })), "{answer:?}");
+
+    let started = std::time::Instant::now();
+    for (what, connection) in [("silent", &silent), ("trickling", &trickling)] {
+        let reason = tokio::time::timeout(Duration::from_secs(20), connection.closed())
+            .await
+            .map_err(|_| anyhow::anyhow!("the {what} stream was never closed"))?;
+        assert!(
+            matches!(&reason, quinn::ConnectionError::ApplicationClosed(close) if close.error_code == quinn::VarInt::from_u32(3)),
+            "{what}: {reason:?}"
+        );
+    }
+    eprintln!("both closed {:?} after the frames stalled", started.elapsed());
+    assert!(idle.close_reason().is_none(), "an idle registered session stays: {:?}", idle.close_reason());
+    Ok(())
+}
