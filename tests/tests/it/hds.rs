@@ -399,10 +399,10 @@ async fn ncu_renew_replaces_the_certificate_and_the_old_one_ends_at_the_new_ones
 
     // Until the new certificate is used, the old one still works (a renewal whose reply was lost harms nothing).
     world.fleet(&[("a", "127.0.0.1:7001", 100, 10, "active", 0)]).await?;
-    hds_client::assign(&[hds.clone()], &old, &[], PATIENCE).await?;
+    hds_client::assign(std::slice::from_ref(&hds), &old, &[], PATIENCE).await?;
     // The new one works, and from then on the old one is refused.
-    hds_client::assign(&[hds.clone()], &new, &[], PATIENCE).await?;
-    let (code, _) = refused(hds_client::assign(&[hds.clone()], &old, &[], PATIENCE).await);
+    hds_client::assign(std::slice::from_ref(&hds), &new, &[], PATIENCE).await?;
+    let (code, _) = refused(hds_client::assign(std::slice::from_ref(&hds), &old, &[], PATIENCE).await);
     assert_eq!(code, ErrorCode::UnknownCertificate);
 
     // The same CSR twice (a lost reply) gets the same certificate; renewal needs a certificate.
