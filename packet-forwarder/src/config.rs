@@ -46,6 +46,10 @@ pub struct Config {
     /// that vanished is found and its flow freed.
     #[serde(default = "default_tcp_keepalive", with = "humantime_serde")]
     pub tcp_keepalive: Duration,
+    /// A relayed TCP connection that moves no byte either way for this long is closed, so silent peers cannot hold
+    /// flows (and the domain's flow cap) forever.
+    #[serde(default = "default_tcp_idle_timeout", with = "humantime_serde")]
+    pub tcp_idle_timeout: Duration,
     /// Ranges of private or reserved space (`tether_config::RESERVED_RANGES`) the forwarder may still relay to;
     /// a live address or fallback anywhere else in that space (written by other means than the API) is dropped.
     #[serde(default)]
@@ -83,6 +87,9 @@ impl Load for Config {
         }
         if self.tcp_keepalive < Duration::from_secs(1) || self.tcp_keepalive > Duration::from_secs(7200) {
             return Err(invalid("tcp_keepalive", "must be between 1s and 2h"));
+        }
+        if self.tcp_idle_timeout < Duration::from_secs(1) || self.tcp_idle_timeout > Duration::from_secs(86_400) {
+            return Err(invalid("tcp_idle_timeout", "must be between 1s and 24h"));
         }
         tether_config::check_backoff(self.max_backoff)
     }
@@ -146,6 +153,10 @@ fn default_max_flows_total() -> u32 {
 
 fn default_tcp_keepalive() -> Duration {
     Duration::from_secs(60)
+}
+
+fn default_tcp_idle_timeout() -> Duration {
+    Duration::from_secs(900)
 }
 
 fn default_shutdown_grace() -> Duration {

@@ -69,6 +69,8 @@ pub struct Shared {
     pub tcp_buffer: usize,
     /// See [`Config::tcp_keepalive`].
     pub tcp_keepalive: Duration,
+    /// See [`Config::tcp_idle_timeout`].
+    pub tcp_idle_timeout: Duration,
     /// Pipes of `tcp_buffer` bytes, lent to TCP flows while they splice.
     pub pipes: splice::Pipes,
     changed: watch::Sender<()>,
@@ -91,6 +93,7 @@ impl Shared {
             udp_idle_timeout: config.udp_idle_timeout,
             tcp_buffer: config.tcp_buffer,
             tcp_keepalive: config.tcp_keepalive,
+            tcp_idle_timeout: config.tcp_idle_timeout,
             pipes: splice::Pipes::new(config.tcp_buffer),
             changed: watch::Sender::new(()),
             redirects: watch::Sender::new(Vec::new()),

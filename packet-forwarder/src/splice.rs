@@ -38,6 +38,67 @@ pub struct Pipe {
     size: usize,
 }
 
+/// When a flow last moved a byte either way, for its idle timeout: a clock of its own, touched with every chunk.
+#[derive(Debug)]
+pub struct Activity {
+    start: std::time::Instant,
+    /// Milliseconds from `start` to the last chunk moved.
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl Activity {
+    /// A flow starting now.
+    pub fn new() -> Self {
+        Self { start: std::time::Instant::now(), last: std::sync::atomic::AtomicU64::new(0) }
+    }
+
+    /// Bytes moved now.
+    pub fn touch(&self) {
+        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Time since bytes last moved (or since the start).
+    pub fn idle(&self) -> std::time::Duration {
+        let last = std::time::Duration::from_millis(self.last.load(std::sync::atomic::Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+
+    /// Resolves once no byte moved for `limit`.
+    pub async fn idle_for(&self, limit: std::time::Duration) {
+        loop {
+            let idle = self.idle();
+            if idle >= limit {
+                return;
+            }
+            tokio::time::sleep(limit - idle).await;
+        }
+    }
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Where one direction counts what it moved: the domain's byte counter and the flow's activity.
+#[derive(Debug, Clone, Copy)]
+pub struct Tally<'a> {
+    /// Bytes, by domain and direction.
+    pub bytes: &'a Counter,
+    /// The flow's last movement.
+    pub activity: &'a Activity,
+}
+
+impl Tally<'_> {
+    /// `n` bytes moved.
+    pub fn add(&self, n: usize) {
+        self.bytes.inc_by(n as u64);
+        self.activity.touch();
+    }
+}
+
 /// How [`forward`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Spliced {
@@ -101,7 +162,7 @@ pub fn unsupported(error: &io::Error) -> bool {
 
 /// Moves bytes from `from` to `to` through pipes borrowed from `pipes` until `from`'s EOF, counting them in
 /// `counter` as they reach `to`. The caller half-closes `to` afterwards.
-pub async fn forward(from: &TcpStream, to: &TcpStream, pipes: &Pipes, counter: &Counter) -> io::Result<Spliced> {
+pub async fn forward(from: &TcpStream, to: &TcpStream, pipes: &Pipes, tally: Tally<'_>) -> io::Result<Spliced> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut moved_any = false;
     loop {
@@ -139,7 +200,7 @@ pub async fn forward(from: &TcpStream, to: &TcpStream, pipes: &Pipes, counter: &
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     in_pipe -= n;
-                    counter.inc_by(n as u64);
+                    tally.add(n);
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
                 // A pipe dropped with bytes in it is closed, never lent again.
@@ -200,7 +261,8 @@ mod tests {
             io::Result::Ok(got)
         };
         let relay = async {
-            let spliced = forward(&from, &to, &pipes, &counter).await?;
+            let activity = Activity::new();
+            let spliced = forward(&from, &to, &pipes, Tally { bytes: &counter, activity: &activity }).await?;
             // As the relay does on EOF: half-close the writer, so the reader sees the end.
             nix::sys::socket::shutdown(std::os::fd::AsRawFd::as_raw_fd(&to), nix::sys::socket::Shutdown::Write)?;
             io::Result::Ok(spliced)

@@ -12,8 +12,6 @@
 
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
-use prometheus_client::metrics::counter::Counter;
-
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{
@@ -29,7 +27,7 @@ use crate::{
     limits::Caps,
     metrics::{FlowMetrics, Refusal},
     proxy,
-    splice::{self, Pipes, Spliced},
+    splice::{self, Activity, Pipes, Spliced, Tally},
     table::{Domain, Entry, Key, Protocol, TargetState},
 };
 
@@ -106,10 +104,15 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, key: Key, shared: Arc<S
             return;
         }
     }
+    let activity = Activity::new();
     tokio::select! {
         () = token.cancelled() => debug!(domain = %domain.row.name, "address left the live set; flow closed"),
         () = shared.cut.cancelled() => {}
-        result = relay(&mut client, &mut upstream, &shared, &metrics) => if let Err(error) = result {
+        () = activity.idle_for(shared.tcp_idle_timeout) => {
+            metrics.error("idle_timeout");
+            debug!(domain = %domain.row.name, %peer, idle = ?shared.tcp_idle_timeout, "no byte either way; flow closed");
+        }
+        result = relay(&mut client, &mut upstream, &shared, &metrics, &activity) => if let Err(error) = result {
             metrics.error("relay");
             debug!(%error, domain = %domain.row.name, "relay ended with an error");
         },
@@ -172,13 +175,16 @@ async fn relay(
     upstream: &mut TcpStream,
     shared: &Shared,
     metrics: &FlowMetrics,
+    activity: &Activity,
 ) -> io::Result<()> {
     let (mut client_read, mut client_write) = client.split();
     let (mut upstream_read, mut upstream_write) = upstream.split();
     let (pipes, size) = (&shared.pipes, shared.tcp_buffer);
+    let up = Tally { bytes: &metrics.bytes_up, activity };
+    let down = Tally { bytes: &metrics.bytes_down, activity };
     tokio::try_join!(
-        pump(&mut client_read, &mut upstream_write, pipes, size, &metrics.bytes_up),
-        pump(&mut upstream_read, &mut client_write, pipes, size, &metrics.bytes_down),
+        pump(&mut client_read, &mut upstream_write, pipes, size, up),
+        pump(&mut upstream_read, &mut client_write, pipes, size, down),
     )?;
     Ok(())
 }
@@ -190,11 +196,11 @@ async fn pump(
     writer: &mut WriteHalf<'_>,
     pipes: &Pipes,
     size: usize,
-    counter: &Counter,
+    tally: Tally<'_>,
 ) -> io::Result<()> {
-    if splice::forward(reader.as_ref(), writer.as_ref(), pipes, counter).await? == Spliced::Unsupported {
+    if splice::forward(reader.as_ref(), writer.as_ref(), pipes, tally).await? == Spliced::Unsupported {
         debug!("splice unavailable; copying this direction through user space");
-        copy(reader, writer, size, counter).await?;
+        copy(reader, writer, size, tally).await?;
     }
     // The peer may be gone already (ENOTCONN); the other direction decides the flow's end.
     let _ = writer.shutdown().await;
@@ -202,7 +208,7 @@ async fn pump(
 }
 
 /// The fallback: read into a buffer, write it all, count, until EOF.
-async fn copy(reader: &mut ReadHalf<'_>, writer: &mut WriteHalf<'_>, size: usize, counter: &Counter) -> io::Result<()> {
+async fn copy(reader: &mut ReadHalf<'_>, writer: &mut WriteHalf<'_>, size: usize, tally: Tally<'_>) -> io::Result<()> {
     // Capacity, not zeroed bytes: `read_buf` fills the spare capacity, so a flow costs no memset of its buffer and
     // touches only the pages its reads reach.
     let mut buf = Vec::with_capacity(size);
@@ -213,7 +219,7 @@ async fn copy(reader: &mut ReadHalf<'_>, writer: &mut WriteHalf<'_>, size: usize
             return Ok(());
         }
         writer.write_all(&buf).await?;
-        counter.inc_by(n as u64);
+        tally.add(n);
     }
 }
 

@@ -8,7 +8,7 @@ use serde_json::json;
 use tether_tests::eventually;
 use tokio::net::UdpSocket;
 
-use super::common::{SOON, Setup, Site, connect, expect_refused, ip, ping};
+use super::common::{SOON, Setup, Site, closes_within, connect, expect_refused, ip, ping};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flows_beyond_the_caps_are_refused() -> Result<()> {
@@ -85,5 +85,27 @@ async fn udp_flows_beyond_the_client_cap_get_no_reply() -> Result<()> {
     other.send_to(b"y", to).await?;
     let (len, from) = tokio::time::timeout(SOON, other.recv_from(&mut buf)).await??;
     assert_eq!((&buf[..len], from), (&b"\x02y"[..], to));
+    forwarder.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_flow_silent_both_ways_is_closed_after_the_idle_timeout_and_a_talking_one_is_not() -> Result<()> {
+    let setup = Setup::new(54, "idle", &[2], json!({})).await?;
+    let _site = Site::start(SocketAddr::new(ip(54, 2), setup.port), false).await?;
+    let forwarder = setup.forwarder("tcp_idle_timeout = '2s'").await?;
+    let to = setup.static_addr();
+    let (mut silent, _) =
+        eventually(SOON, "the static listener", || async { connect(to, ip(54, 100)).await.ok() }).await?;
+    let (mut talking, _) = connect(to, ip(54, 101)).await?;
+    let started = std::time::Instant::now();
+    // One round trip every 500 ms keeps a flow open well past the idle timeout.
+    while started.elapsed() < Duration::from_secs(5) {
+        ping(&mut talking).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    closes_within(&mut silent, Duration::from_secs(1)).await?;
+    ping(&mut talking).await?;
+    let closed = "tether_forwarder_errors_total{domain=\"idle.tether.test\",protocol=\"tcp\",kind=\"idle_timeout\"}";
+    assert_eq!(forwarder.sample(closed).await?, 1.0);
     forwarder.stop().await
 }
