@@ -63,6 +63,19 @@ pub struct Config {
     /// this bounds its memory (64: 4,096 records).
     #[serde(default = "default_max_addresses_per_domain")]
     pub max_addresses_per_domain: u32,
+    /// Response rate limiting over UDP: answers per second one source prefix gets for one name (errors: for one
+    /// response code); 0 turns it off.
+    #[serde(default = "default_rrl_responses_per_second")]
+    pub rrl_responses_per_second: u32,
+    /// Every this many answers over the rate one goes out truncated (a resolver then asks over TCP); 0 drops all.
+    #[serde(default = "default_rrl_slip")]
+    pub rrl_slip: u32,
+    /// Prefix lengths a source is counted by: IPv4, IPv6.
+    #[serde(default = "default_rrl_prefixes")]
+    pub rrl_prefixes: (u8, u8),
+    /// Sources never rate limited (default: loopback, for local monitoring and benchmarks).
+    #[serde(default = "default_rrl_exempt")]
+    pub rrl_exempt: Vec<ipnet::IpNet>,
     /// Most domains one subscriber may have.
     #[serde(default = "default_max_domains_per_subscriber")]
     pub max_domains_per_subscriber: u32,
@@ -113,6 +126,12 @@ impl Load for Config {
         if !(1..=1024).contains(&self.max_addresses_per_domain) {
             return Err(invalid("max_addresses_per_domain", "must be 1 to 1024"));
         }
+        if self.rrl_slip > 100 {
+            return Err(invalid("rrl_slip", "must be 0 to 100"));
+        }
+        if !(8..=32).contains(&self.rrl_prefixes.0) || !(16..=128).contains(&self.rrl_prefixes.1) {
+            return Err(invalid("rrl_prefixes", "must be [8 to 32, 16 to 128]"));
+        }
         if self.max_domains_per_subscriber == 0 {
             return Err(invalid("max_domains_per_subscriber", "must be above zero"));
         }
@@ -159,6 +178,35 @@ fn default_tcp_idle_timeout() -> Duration {
 
 fn default_enrollment_ttl() -> Duration {
     Duration::from_secs(3600)
+}
+
+fn default_rrl_responses_per_second() -> u32 {
+    20
+}
+
+fn default_rrl_slip() -> u32 {
+    2
+}
+
+fn default_rrl_prefixes() -> (u8, u8) {
+    (24, 56)
+}
+
+fn default_rrl_exempt() -> Vec<ipnet::IpNet> {
+    ["127.0.0.0/8", "::1/128"].iter().filter_map(|net| net.parse().ok()).collect()
+}
+
+impl Config {
+    /// The response rate limiter these settings describe.
+    pub fn rrl(&self) -> crate::rrl::Settings {
+        crate::rrl::Settings {
+            rate: self.rrl_responses_per_second,
+            slip: self.rrl_slip,
+            ipv4_prefix: self.rrl_prefixes.0,
+            ipv6_prefix: self.rrl_prefixes.1,
+            exempt: self.rrl_exempt.clone(),
+        }
+    }
 }
 
 fn default_max_addresses_per_domain() -> u32 {
@@ -208,6 +256,24 @@ mod tests {
         assert_eq!(config.api_listen, default_api_listen());
         assert_eq!(config.tcp_idle_timeout, Duration::from_secs(10));
         assert_eq!(config.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn rate_limiting_is_on_by_default_and_its_settings_are_checked() {
+        let base = "database_url = 'postgres://localhost/tether'\n";
+        let config = Config::parse(base).expect("parses");
+        let rrl = config.rrl();
+        assert_eq!((rrl.rate, rrl.slip, rrl.ipv4_prefix, rrl.ipv6_prefix), (20, 2, 24, 56));
+        assert_eq!(rrl.exempt.len(), 2, "loopback");
+        let custom =
+            format!("{base}rrl_prefixes = [20, 48]\nrrl_slip = 0\nrrl_exempt = []\nrrl_responses_per_second = 0\n");
+        let config = Config::parse(&custom).expect("parses");
+        config.validate().expect("validates");
+        assert_eq!((config.rrl_prefixes, config.rrl_slip, config.rrl_exempt.len()), ((20, 48), 0, 0));
+        for (bad, field) in [("rrl_prefixes = [4, 56]", "rrl_prefixes"), ("rrl_slip = 1000", "rrl_slip")] {
+            let err = Config::parse(&format!("{base}{bad}\n")).expect("parses").validate().expect_err(bad);
+            assert!(err.to_string().contains(field), "{err}");
+        }
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod config;
 pub mod history;
 pub mod metrics;
 pub mod migrate;
+pub mod rrl;
 pub mod server;
 pub mod store;
 pub mod sync;
@@ -81,8 +82,12 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
         allowed: config.allowed_target_ranges.clone(),
         operator: config.operator_addresses.clone(),
     };
-    let shared =
-        Arc::new(sync::Shared::new().with_targets(targets).with_address_bound(config.max_addresses_per_domain));
+    let shared = Arc::new(
+        sync::Shared::new()
+            .with_targets(targets)
+            .with_address_bound(config.max_addresses_per_domain)
+            .with_rrl(config.rrl()),
+    );
     let (synced_tx, mut synced_rx) = watch::channel(false);
     // The view sync has connections of its own: a flood of API requests (bogus tokens, say) queues on the API's
     // pool and never delays DNS freshness.

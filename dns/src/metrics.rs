@@ -33,6 +33,8 @@ pub struct Metrics {
     pub transfers: Family<KindLabel, Counter>,
     /// NOTIFY messages by outcome: `sent`, `acknowledged`, `refused`, `unanswered` (after six attempts).
     pub notifies: Family<KindLabel, Counter>,
+    /// UDP answers over the response rate limit: `dropped` or `slipped` (sent truncated).
+    pub rrl: Family<KindLabel, Counter>,
 }
 
 /// A label naming a kind of event.
@@ -72,6 +74,7 @@ impl Metrics {
             api_responses: Family::default(),
             transfers: Family::default(),
             notifies: Family::default(),
+            rrl: Family::default(),
             registry,
         };
         let mut registry = metrics.registry;
@@ -92,6 +95,7 @@ impl Metrics {
         registry.register("api_responses", "Admin API responses by status", metrics.api_responses.clone());
         registry.register("zone_transfers", "Zone transfer requests by what they got", metrics.transfers.clone());
         registry.register("notifies", "NOTIFY messages by outcome", metrics.notifies.clone());
+        registry.register("rrl", "UDP answers over the response rate limit, dropped or slipped", metrics.rrl.clone());
         Self { registry, ..metrics }
     }
 

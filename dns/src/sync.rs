@@ -39,6 +39,8 @@ pub struct Shared {
     pub targets: tether_config::TargetPolicy,
     /// Most addresses a domain may have (the API and UPDATE check it).
     pub addresses_per_domain: u32,
+    /// Response rate limiting of UDP answers.
+    pub rrl: crate::rrl::Limiter,
 }
 
 impl Shared {
@@ -51,12 +53,18 @@ impl Shared {
             generation: watch::Sender::new(0),
             targets: tether_config::TargetPolicy::default(),
             addresses_per_domain: 64,
+            rrl: crate::rrl::Limiter::off(),
         }
     }
 
     /// The same, with the most addresses a domain may have.
     pub fn with_address_bound(self, addresses_per_domain: u32) -> Self {
         Self { addresses_per_domain, ..self }
+    }
+
+    /// The same, rate limiting UDP answers with `settings`.
+    pub fn with_rrl(self, settings: crate::rrl::Settings) -> Self {
+        Self { rrl: crate::rrl::Limiter::new(settings), ..self }
     }
 
     /// The same, with the operator's target policy.

@@ -14,8 +14,8 @@ use std::{
 use hickory_server::{
     net::{NetError, runtime::TokioTime, xfer::Protocol},
     proto::{
-        op::{Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode},
-        rr::Record,
+        op::{Header, HeaderCounts, Message, MessageType, Metadata, OpCode, ResponseCode},
+        rr::{Record, RecordType},
         serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder},
     },
     server::{Request, RequestHandler, ResponseHandler, ResponseInfo},
@@ -25,7 +25,12 @@ use tokio::{net::UdpSocket, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::{server::Handler, view::View, wire};
+use crate::{
+    rrl::{Verdict, truncated},
+    server::Handler,
+    view::View,
+    wire,
+};
 
 /// Datagrams handled per wake-up before other tasks get a turn.
 const BUDGET: usize = 64;
@@ -77,8 +82,12 @@ pub async fn serve(socket: UdpSocket, handler: Arc<Handler>, shutdown: Cancellat
                 continue;
             }
             let packet = &buf[..len];
+            let start = answers.len();
             if answer_prebuilt(&handler, &view, packet, &mut answers) {
-                sends.push((src, answers.len()));
+                let name = wire::parse(packet).map_or(&[][..], |q| q.qname);
+                if limit(handler.shared(), src.ip(), name, 0, &mut answers, start) {
+                    sends.push((src, answers.len()));
+                }
                 continue;
             }
             if slow.len() >= MAX_SLOW {
@@ -89,7 +98,13 @@ pub async fn serve(socket: UdpSocket, handler: Arc<Handler>, shutdown: Cancellat
                 debug!(%src, "catalog busy; query dropped");
                 continue;
             }
-            let responder = UdpResponder { socket: socket.clone(), dst: src };
+            let responder = UdpResponder {
+                socket: socket.clone(),
+                dst: src,
+                minimal_any: false,
+                name: Vec::new(),
+                handler: handler.clone(),
+            };
             slow.spawn(handle_with_catalog(handler.clone(), packet.to_vec(), src, responder));
         }
         let mut start = 0;
@@ -120,6 +135,35 @@ fn answer_prebuilt(handler: &Handler, view: &View, packet: &[u8], out: &mut Vec<
     }
     handler.shared().metrics.count_response(u16::from(ResponseCode::NoError));
     true
+}
+
+/// Response rate limiting of the answer in `out[start..]` to `source`: true to send it (as it is, or truncated in
+/// place when it slips); false when it was dropped (and removed from `out`).
+fn limit(
+    shared: &crate::sync::Shared,
+    source: IpAddr,
+    name: &[u8],
+    rcode: u16,
+    out: &mut Vec<u8>,
+    start: usize,
+) -> bool {
+    match shared.rrl.check(source, name, rcode) {
+        Verdict::Send => true,
+        Verdict::Slip => {
+            let short = truncated(&out[start..]);
+            out.truncate(start);
+            shared.metrics.rrl.get_or_create(&crate::metrics::KindLabel { kind: "slipped" }).inc();
+            short.is_some_and(|short| {
+                out.extend_from_slice(&short);
+                true
+            })
+        }
+        Verdict::Drop => {
+            out.truncate(start);
+            shared.metrics.rrl.get_or_create(&crate::metrics::KindLabel { kind: "dropped" }).inc();
+            false
+        }
+    }
 }
 
 async fn send(socket: &UdpSocket, bytes: &[u8], dst: SocketAddr) {
@@ -155,6 +199,10 @@ async fn handle_with_catalog(handler: Arc<Handler>, packet: Vec<u8>, src: Socket
     if request.metadata.message_type == MessageType::Response {
         return;
     }
+    // RFC 8482: ANY over UDP gets one RRset of the name, never all of them (no amplification); over TCP, all.
+    let question = request.queries.queries().first();
+    responder.minimal_any = question.is_some_and(|q| q.query_type() == RecordType::ANY);
+    responder.name = question.map(|q| q.name().to_string().into_bytes()).unwrap_or_default();
     handler.handle_request::<_, TokioTime>(&request, responder).await;
 }
 
@@ -163,6 +211,12 @@ async fn handle_with_catalog(handler: Arc<Handler>, packet: Vec<u8>, src: Socket
 struct UdpResponder {
     socket: Arc<UdpSocket>,
     dst: SocketAddr,
+    /// Answer a query for ANY with its first RRset only.
+    minimal_any: bool,
+    /// The question's name, for rate limiting.
+    name: Vec<u8>,
+    /// Its rate limiter and metrics.
+    handler: Arc<Handler>,
 }
 
 #[async_trait::async_trait]
@@ -178,10 +232,29 @@ impl ResponseHandler for UdpResponder {
             impl Iterator<Item = &'a Record> + Send + 'a,
         >,
     ) -> Result<ResponseInfo, NetError> {
-        let (info, bytes) = encode_udp(response)?;
-        self.socket.send_to(&bytes, self.dst).await?;
+        let (info, mut bytes) = encode_udp(response)?;
+        if self.minimal_any {
+            bytes = minimal_any(bytes);
+        }
+        let rcode = u16::from(info.response_code);
+        if limit(self.handler.shared(), self.dst.ip(), &self.name, rcode, &mut bytes, 0) {
+            self.socket.send_to(&bytes, self.dst).await?;
+        }
         Ok(info)
     }
+}
+
+/// Keeps only the first RRset of an answer to ANY (RFC 8482 section 4.1; the choice is the catalog's first), with
+/// what the additional section says; a message that cannot be read back is sent as it is.
+fn minimal_any(bytes: Vec<u8>) -> Vec<u8> {
+    let Ok(mut message) = Message::from_bytes(&bytes) else {
+        return bytes;
+    };
+    let Some(first) = message.answers.first().map(|r| (r.record_type(), r.name.clone())) else {
+        return bytes;
+    };
+    message.answers.retain(|r| (r.record_type(), &r.name) == (first.0, &first.1));
+    message.to_bytes().unwrap_or(bytes)
 }
 
 /// Largest UDP answer whatever the requestor's EDNS size (DNS flag day 2020, as NSD and Knot): larger answers are
@@ -269,6 +342,10 @@ mod tests {
     }
 
     fn handler() -> Handler {
+        handler_with(crate::rrl::Settings::default())
+    }
+
+    fn handler_with(rrl: crate::rrl::Settings) -> Handler {
         let zone = ZoneRow {
             id: 1,
             origin: Name::from_ascii("example.test.").expect("origin"),
@@ -315,7 +392,7 @@ mod tests {
             value: "v=spf1 -all".into(),
             ttl: 30,
         });
-        let shared = Shared::new();
+        let shared = Shared::new().with_rrl(rrl);
         shared.view.store(Arc::new(View::build(vec![zone], domains)));
         Handler::new(Arc::new(shared))
     }
@@ -560,5 +637,68 @@ mod tests {
             .expect("stops")
             .expect("joins")
             .expect("ok");
+    }
+
+    async fn exchange(client: &UdpSocket, addr: SocketAddr, packet: &[u8]) -> Option<Message> {
+        let mut buf = vec![0u8; 4096];
+        client.send_to(packet, addr).await.expect("send");
+        let wait = tokio::time::timeout(std::time::Duration::from_millis(300), client.recv_from(&mut buf)).await;
+        wait.ok().map(|received| Message::from_vec(&buf[..received.expect("recv").0]).expect("decodes"))
+    }
+
+    /// Sends every packet, then collects answers until none comes for 300 ms.
+    async fn burst_exchange(client: &UdpSocket, addr: SocketAddr, packets: &[Vec<u8>]) -> Vec<Message> {
+        for packet in packets {
+            client.send_to(packet, addr).await.expect("send");
+        }
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 4096];
+        while let Ok(received) =
+            tokio::time::timeout(std::time::Duration::from_millis(300), client.recv_from(&mut buf)).await
+        {
+            got.push(Message::from_vec(&buf[..received.expect("recv").0]).expect("decodes"));
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn any_over_udp_gets_one_rrset_and_answers_past_the_rate_slip_or_drop() {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let addr = socket.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let rrl = crate::rrl::Settings { rate: 4, slip: 2, ..crate::rrl::Settings::default() };
+        let handler = Arc::new(handler_with(rrl));
+        let task = tokio::spawn(serve(socket, handler.clone(), shutdown.clone()));
+        let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind client");
+
+        // www has two A records and a TXT: ANY over UDP gets one of the two RRsets, whole.
+        let any = exchange(&client, addr, &query("www.example.test.", RecordType::ANY, Some(1232), 1, false)).await;
+        let any = any.expect("ANY answered");
+        let types: std::collections::BTreeSet<RecordType> = any.answers.iter().map(Record::record_type).collect();
+        assert_eq!(types.len(), 1, "{:?}", any.answers);
+        let expected = if types.contains(&RecordType::A) { 2 } else { 1 };
+        assert_eq!(any.answers.len(), expected, "{:?}", any.answers);
+        assert_eq!(any.metadata.response_code, ResponseCode::NoError);
+
+        // Four A answers a second for this name from this prefix (the fast path); past them every second answer
+        // slips (truncated, no records) and the others are dropped. A burst falls in at most two seconds.
+        let burst: Vec<Vec<u8>> =
+            (10..20_u16).map(|id| query("weighted.example.test.", RecordType::A, None, id, false)).collect();
+        let got = burst_exchange(&client, addr, &burst).await;
+        let full = got.iter().filter(|m| !m.metadata.truncation && m.answers.len() == 2).count();
+        let slipped = got.iter().filter(|m| m.metadata.truncation && m.answers.is_empty()).count();
+        assert_eq!(full + slipped, got.len(), "nothing else");
+        assert!((4..=8).contains(&full) && slipped >= 1 && got.len() < 10, "{full} full, {slipped} slipped of 10");
+        // Catalog answers count too: NXDOMAIN for any name shares one budget.
+        let burst: Vec<Vec<u8>> =
+            (0..12_u16).map(|id| query(&format!("nope{id}.example.test."), RecordType::A, None, id, false)).collect();
+        let got = burst_exchange(&client, addr, &burst).await;
+        let full = got.iter().filter(|m| m.metadata.response_code == ResponseCode::NXDomain && !m.metadata.truncation);
+        assert!(full.count() <= 8 && got.len() < 12, "{} of 12 answered", got.len());
+        let dropped = handler.shared().metrics.rrl.get_or_create(&crate::metrics::KindLabel { kind: "dropped" }).get();
+        let slipped = handler.shared().metrics.rrl.get_or_create(&crate::metrics::KindLabel { kind: "slipped" }).get();
+        assert!(dropped >= 3 && slipped >= 1, "dropped {dropped}, slipped {slipped}");
+        shutdown.cancel();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
     }
 }
