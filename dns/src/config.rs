@@ -19,6 +19,11 @@ pub struct Config {
     /// Postgres URL; the environment variable `DATABASE_URL` takes precedence.
     #[serde(default)]
     pub database_url: Option<Secret>,
+    /// Where the view is read from, when not `database_url`: a hot standby of it at this master's own site (the
+    /// environment variable `TETHER_VIEW_DATABASE_URL` takes precedence). Writes (the API, UPDATE, migrations) still
+    /// go to `database_url`; while that is away this dns serves on from its own replica.
+    #[serde(default)]
+    pub view_database_url: Option<Secret>,
     /// Bearer token of the operator; the environment variable `TETHER_OPERATOR_TOKEN` takes precedence.
     #[serde(default)]
     pub operator_token: Option<Secret>,
@@ -92,6 +97,7 @@ impl Load for Config {
     fn apply_env(&mut self, var: &dyn Fn(&str) -> Option<String>) {
         tether_config::env_secret(&mut self.database_url, var, "DATABASE_URL");
         tether_config::env_secret(&mut self.operator_token, var, "TETHER_OPERATOR_TOKEN");
+        tether_config::env_secret(&mut self.view_database_url, var, "TETHER_VIEW_DATABASE_URL");
     }
 
     /// Checks what serde cannot: presence of the database URL, token strength, sane durations.
@@ -161,6 +167,11 @@ impl Config {
     /// The database URL; present once `validate` has passed.
     pub fn database_url(&self) -> &str {
         self.database_url.as_ref().map_or("", Secret::expose)
+    }
+
+    /// Where the view is read from: `view_database_url`, else the database.
+    pub fn view_database_url(&self) -> &str {
+        self.view_database_url.as_ref().map_or_else(|| self.database_url(), Secret::expose)
     }
 }
 

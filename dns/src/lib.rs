@@ -91,7 +91,8 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
     let (synced_tx, mut synced_rx) = watch::channel(false);
     // The view sync has connections of its own: a flood of API requests (bogus tokens, say) queues on the API's
     // pool and never delays DNS freshness.
-    let sync_pool = tether_db::pool(config.database_url()).context("database_url")?;
+    // At a second master site the view comes from the site's own hot standby (`view_database_url`).
+    let sync_pool = tether_db::pool(config.view_database_url()).context("view_database_url")?;
     let sync_task =
         tokio::spawn(sync::run(sync_pool.clone(), shared.clone(), config.max_backoff, synced_tx, shutdown.clone()));
     tokio::select! {

@@ -68,6 +68,42 @@ impl Postgres {
         Ok(pg)
     }
 
+    /// A hot standby of `primary`: a base backup streamed from it (`pg_basebackup -R`), then started; it follows the
+    /// primary's WAL from then on and takes only reads. In the primary's network namespace, if any.
+    pub async fn standby_of(primary: &Postgres) -> Result<Self> {
+        let bin = postgres_bin()?;
+        let root = tempfile::Builder::new().prefix("tether-pg-standby-").tempdir()?;
+        std::fs::create_dir(root.path().join("run"))?;
+        if let Some((uid, gid)) = primary.owner {
+            for dir in [root.path().to_owned(), root.path().join("run")] {
+                std::os::unix::fs::chown(&dir, Some(uid.as_raw()), Some(gid.as_raw()))?;
+            }
+        }
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755))?;
+        let mut standby = Self { root, bin, owner: primary.owner, netns: primary.netns.clone(), child: None };
+        let status = standby
+            .command("pg_basebackup")
+            .args(["-D", "data", "-R", "-X", "stream", "-c", "fast", "-U", "postgres", "-p", &PORT.to_string(), "-h"])
+            .arg(primary.root.path().join("run"))
+            .stdout(Stdio::null())
+            .stderr(standby.log_file()?)
+            .status()
+            .context("running pg_basebackup")?;
+        if !status.success() {
+            bail!("pg_basebackup failed: {}", standby.log_tail());
+        }
+        standby.restart().await?;
+        Ok(standby)
+    }
+
+    /// Promotes a standby to a primary (and waits until it is one).
+    pub async fn promote(&self) -> Result<()> {
+        let pool = self.pool().await?;
+        sqlx::query("SELECT pg_promote(true, 30)").execute(&pool).await?;
+        pool.close().await;
+        Ok(())
+    }
+
     /// A URL for sqlx and the servers.
     pub fn url(&self) -> String {
         format!("postgres://postgres@localhost:{PORT}/postgres?host={}", self.root.path().join("run").display())

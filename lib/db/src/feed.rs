@@ -79,6 +79,11 @@ async fn read_notifications(
     let mut backoff = Backoff::new(max_backoff);
     loop {
         let session = async {
+            // A hot standby takes no LISTEN: there the change log (which streams with the data) is followed.
+            let standby: bool = sqlx::query_scalar("SELECT pg_is_in_recovery()").fetch_one(&pool).await?;
+            if standby {
+                return follow_log(&pool, &metrics, &tx, &mut backoff).await;
+            }
             let mut listener = PgListener::connect_with(&pool).await?;
             listener.listen(CHANNEL).await?;
             metrics.connected.set(1);
@@ -117,6 +122,128 @@ async fn read_notifications(
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
         }
+    }
+}
+
+/// How often a standby's change log is read.
+const LOG_EVERY: Duration = Duration::from_millis(100);
+/// Most log rows read at once; a longer backlog is read in turns.
+const LOG_BATCH: i64 = 5000;
+/// How long an id missing below the highest seen is still awaited: a transaction that took it may commit later
+/// (ids are taken at insert, rows appear at commit); past this it rolled back.
+const GAP_WAIT: Duration = Duration::from_secs(60);
+/// More missing ids than this at once: reload everything instead of tracking them.
+const MAX_GAPS: i64 = 100_000;
+
+/// Follows `change_log` on a hot standby until the connection fails (an error) or the standby is promoted (`Ok`:
+/// the caller reconnects and LISTENs).
+async fn follow_log(
+    pool: &PgPool,
+    metrics: &FeedMetrics,
+    tx: &mpsc::UnboundedSender<Event>,
+    backoff: &mut Backoff,
+) -> Result<(), sqlx::Error> {
+    let max: i64 = sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM change_log").fetch_one(pool).await?;
+    let mut cursor = LogCursor::new(max);
+    metrics.connected.set(1);
+    info!("the database is a hot standby: following its change log");
+    backoff.reset();
+    // The cursor is placed before the reload starts, so nothing falls between the two.
+    let _ = tx.send(Event::Resync);
+    let mut tick = tokio::time::interval(LOG_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut checked = std::time::Instant::now();
+    loop {
+        tick.tick().await;
+        if checked.elapsed() >= Duration::from_secs(1) {
+            checked = std::time::Instant::now();
+            let (standby, oldest): (bool, i64) =
+                sqlx::query_as("SELECT pg_is_in_recovery(), COALESCE((SELECT min(id) FROM change_log), 0)")
+                    .fetch_one(pool)
+                    .await?;
+            if !standby {
+                info!("the database was promoted; listening for changes instead");
+                return Ok(());
+            }
+            if cursor.pruned_past(oldest) {
+                warn!("the change log was pruned past this reader; reloading everything");
+                cursor = LogCursor::new(
+                    sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM change_log").fetch_one(pool).await?,
+                );
+                let _ = tx.send(Event::Resync);
+            }
+        }
+        loop {
+            let rows: Vec<(i64, String)> =
+                sqlx::query_as("SELECT id, payload FROM change_log WHERE id > $1 OR id = ANY($2) ORDER BY id LIMIT $3")
+                    .bind(cursor.max)
+                    .bind(cursor.gaps())
+                    .bind(LOG_BATCH)
+                    .fetch_all(pool)
+                    .await?;
+            let full = i64::try_from(rows.len()).unwrap_or(i64::MAX) >= LOG_BATCH;
+            match cursor.take(rows, std::time::Instant::now()) {
+                Some(payloads) => {
+                    for payload in payloads {
+                        metrics.notifications.inc();
+                        let _ = tx.send(Event::Notify(payload));
+                    }
+                }
+                None => {
+                    warn!("the change log jumped too far ahead; reloading everything");
+                    cursor = LogCursor::new(
+                        sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM change_log").fetch_one(pool).await?,
+                    );
+                    let _ = tx.send(Event::Resync);
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+    }
+}
+
+/// Where a reader of `change_log` stands: the highest id applied and the ids below it not seen yet.
+#[derive(Debug)]
+struct LogCursor {
+    max: i64,
+    gaps: std::collections::BTreeMap<i64, std::time::Instant>,
+}
+
+impl LogCursor {
+    fn new(max: i64) -> Self {
+        Self { max, gaps: std::collections::BTreeMap::new() }
+    }
+
+    /// True when rows this reader has not seen were pruned: the oldest row left is past an id it still lacks.
+    fn pruned_past(&self, oldest: i64) -> bool {
+        oldest > 0 && (oldest > self.max + 1 || self.gaps.keys().next().is_some_and(|&gap| gap < oldest))
+    }
+
+    fn gaps(&self) -> Vec<i64> {
+        self.gaps.keys().copied().collect()
+    }
+
+    /// The payloads of `rows` not applied before, in order; `None` when too many ids are missing to track.
+    fn take(&mut self, rows: Vec<(i64, String)>, now: std::time::Instant) -> Option<Vec<String>> {
+        let mut out = Vec::new();
+        for (id, payload) in rows {
+            if self.gaps.remove(&id).is_some() {
+                out.push(payload);
+            } else if id > self.max {
+                if id - self.max - 1 > MAX_GAPS {
+                    return None;
+                }
+                for missing in self.max + 1..id {
+                    self.gaps.insert(missing, now);
+                }
+                self.max = id;
+                out.push(payload);
+            }
+        }
+        self.gaps.retain(|_, since| now.duration_since(*since) < GAP_WAIT);
+        Some(out)
     }
 }
 
@@ -258,6 +385,32 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_log_cursor_applies_each_row_once_and_waits_for_gaps_a_while() {
+        let at = std::time::Instant::now();
+        let row = |id: i64| (id, format!("domain:{id}"));
+        let mut cursor = LogCursor::new(10);
+        // 12 is in a transaction not committed yet when 11 and 13 are read.
+        assert_eq!(cursor.take(vec![row(11), row(13)], at), Some(vec!["domain:11".into(), "domain:13".into()]));
+        assert_eq!(cursor.gaps(), [12]);
+        // Read again (the gap and above): 13 is not applied twice, 12 is when it shows.
+        assert_eq!(
+            cursor.take(vec![row(12), row(13), row(14)], at),
+            Some(vec!["domain:12".into(), "domain:14".into()])
+        );
+        assert!(cursor.gaps().is_empty());
+        // A gap that never fills (a rollback) is given up after a while.
+        assert_eq!(cursor.take(vec![row(16)], at), Some(vec!["domain:16".into()]));
+        assert_eq!(cursor.gaps(), [15]);
+        assert_eq!(cursor.take(vec![], at + GAP_WAIT), Some(vec![]));
+        assert!(cursor.gaps().is_empty());
+        // Rows pruned before this reader saw them: it must reload.
+        assert!(!cursor.pruned_past(0) && !cursor.pruned_past(10) && !cursor.pruned_past(17));
+        assert!(cursor.pruned_past(18));
+        // Too far ahead to track: reload instead.
+        assert_eq!(cursor.take(vec![row(16 + MAX_GAPS + 2)], at), None);
+    }
 
     #[test]
     fn payloads_parse() {

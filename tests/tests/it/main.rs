@@ -12,6 +12,7 @@ mod layout;
 mod migration;
 mod ncu_binary;
 mod site_services;
+mod standby;
 mod status_page;
 mod sync;
 mod system;
