@@ -19,6 +19,7 @@ pub mod config;
 pub mod history;
 pub mod metrics;
 pub mod migrate;
+pub mod monitor;
 pub mod rrl;
 pub mod server;
 pub mod store;

@@ -30,6 +30,10 @@ pub struct Postgres {
     owner: Option<(Uid, Gid)>,
     netns: Option<String>,
     child: Option<Child>,
+    /// TCP address it listens on besides its Unix socket, if any.
+    listen: Option<String>,
+    /// Extra `-c name=value` settings.
+    settings: Vec<String>,
 }
 
 const PORT: u16 = 5432;
@@ -43,6 +47,12 @@ impl Postgres {
     /// Like [`Postgres::start`], with the server inside network namespace `netns` (its full name; needs root).
     /// It still listens on a Unix socket only, which any namespace reaches.
     pub async fn start_in(netns: Option<String>) -> Result<Self> {
+        Self::start_listening(netns, None).await
+    }
+
+    /// [`Postgres::start_in`], also listening on TCP at `listen` (an address of its namespace), where any client
+    /// of 198.18.0.0/15 may connect and replicate without a password.
+    pub async fn start_listening(netns: Option<String>, listen: Option<&str>) -> Result<Self> {
         let bin = postgres_bin()?;
         let owner = if Uid::effective().is_root() { Some(postgres_user()?) } else { None };
         let root = tempfile::Builder::new().prefix("tether-pg-").tempdir()?;
@@ -53,7 +63,10 @@ impl Postgres {
             }
         }
         std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755))?;
-        let mut pg = Self { root, bin, owner, netns, child: None };
+        let listen = listen.map(str::to_owned);
+        // A standby that stops answering is dropped after 2 s (keep-alives every second), not 60.
+        let settings = if listen.is_some() { vec!["wal_sender_timeout=2s".to_owned()] } else { Vec::new() };
+        let mut pg = Self { root, bin, owner, netns, child: None, listen, settings };
         let status = pg
             .command("initdb")
             .args(["-D", "data", "-U", "postgres", "--auth=trust", "--no-locale", "-E", "UTF8", "-N"])
@@ -64,6 +77,14 @@ impl Postgres {
         if !status.success() {
             bail!("initdb failed: {}", pg.log_tail());
         }
+        if pg.listen.is_some() {
+            let hba = pg.root.path().join("data").join("pg_hba.conf");
+            let mut file = File::options().append(true).open(&hba)?;
+            std::io::Write::write_all(
+                &mut file,
+                b"host all all 198.18.0.0/15 trust\nhost replication all 198.18.0.0/15 trust\n",
+            )?;
+        }
         pg.restart().await?;
         Ok(pg)
     }
@@ -71,6 +92,13 @@ impl Postgres {
     /// A hot standby of `primary`: a base backup streamed from it (`pg_basebackup -R`), then started; it follows the
     /// primary's WAL from then on and takes only reads. In the primary's network namespace, if any.
     pub async fn standby_of(primary: &Postgres) -> Result<Self> {
+        Self::standby_via(primary, None).await
+    }
+
+    /// [`Postgres::standby_of`] streaming over TCP from `host` (the primary's listening address, reached from the
+    /// primary's namespace or `netns`), so cutting the link between them cuts the replication; the standby retries
+    /// every 200 ms.
+    pub async fn standby_via(primary: &Postgres, via: Option<(&str, Option<String>)>) -> Result<Self> {
         let bin = postgres_bin()?;
         let root = tempfile::Builder::new().prefix("tether-pg-standby-").tempdir()?;
         std::fs::create_dir(root.path().join("run"))?;
@@ -80,11 +108,22 @@ impl Postgres {
             }
         }
         std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755))?;
-        let mut standby = Self { root, bin, owner: primary.owner, netns: primary.netns.clone(), child: None };
+        let (host, netns) = match via {
+            Some((host, netns)) => (std::path::PathBuf::from(host), netns),
+            None => (primary.root.path().join("run"), primary.netns.clone()),
+        };
+        // A silent primary (a cut link) is noticed within 2 s, a connection attempt gives up after 1 s, and the
+        // next one follows 200 ms later: replication resumes about a second after the link returns.
+        let settings =
+            ["wal_retrieve_retry_interval=200ms", "wal_receiver_timeout=2s", "wal_receiver_status_interval=1s"]
+                .map(str::to_owned)
+                .to_vec();
+        let mut standby = Self { root, bin, owner: primary.owner, netns, child: None, listen: None, settings };
         let status = standby
             .command("pg_basebackup")
-            .args(["-D", "data", "-R", "-X", "stream", "-c", "fast", "-U", "postgres", "-p", &PORT.to_string(), "-h"])
-            .arg(primary.root.path().join("run"))
+            .args(["-D", "data", "-R", "-X", "stream", "-c", "fast", "-U", "postgres", "-p", &PORT.to_string()])
+            .args(["-d", "connect_timeout=1", "-h"])
+            .arg(host)
             .stdout(Stdio::null())
             .stderr(standby.log_file()?)
             .status()
@@ -128,16 +167,10 @@ impl Postgres {
             .command("postgres")
             .args(["-D", "data", "-p", &PORT.to_string(), "-k"])
             .arg(&run)
-            .args([
-                "-c",
-                "listen_addresses=",
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
-                "full_page_writes=off",
-            ])
+            .arg("-c")
+            .arg(format!("listen_addresses={}", self.listen.as_deref().unwrap_or("")))
+            .args(self.settings.iter().flat_map(|setting| ["-c", setting.as_str()]))
+            .args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
             .stdout(Stdio::null())
             .stderr(self.log_file()?)
             .spawn()

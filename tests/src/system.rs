@@ -27,8 +27,9 @@ use crate::{
 };
 
 /// The workspace's binaries, each with the workspace crates it is built from.
-const BINARIES: [(&str, &[&str]); 5] = [
+const BINARIES: [(&str, &[&str]); 6] = [
     ("dns", &["dns"]),
+    ("dns-monitor", &["dns"]),
     ("hds", &["hds"]),
     ("hbs", &["hbs", "hds"]),
     ("ncu", &["ncu", "hbs", "hds"]),

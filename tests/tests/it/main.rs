@@ -1,6 +1,7 @@
 //! Integration tests: real Postgres, real sockets, the dns server in-process on port 0.
 
 mod admin_api;
+mod anycast;
 mod dns_answers;
 mod dns_differential;
 mod dyndns;
