@@ -14,7 +14,7 @@ use std::{
 };
 
 use axum::{
-    extract::{ConnectInfo, Query, State},
+    extract::{ConnectInfo, Query, State, rejection::QueryRejection},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -23,7 +23,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use tracing::{info, warn};
 
-use super::{AppState, input, token_hash};
+use super::{ApiError, AppState, input, token_hash};
 use crate::store::admin;
 
 /// Most hostnames in one request.
@@ -84,8 +84,8 @@ impl Limiter {
 /// The query of `GET /nic/update`.
 #[derive(Debug, Deserialize)]
 pub(super) struct UpdateQuery {
-    hostname: Option<String>,
-    myip: Option<String>,
+    pub(super) hostname: Option<String>,
+    pub(super) myip: Option<String>,
     /// Sent by some clients (`wildcard`, `mx`, `backmx`, `offline`, `system`); accepted and ignored.
     #[serde(flatten)]
     _rest: HashMap<String, String>,
@@ -96,8 +96,13 @@ pub(super) async fn update(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    Query(query): Query<UpdateQuery>,
+    query: Result<Query<UpdateQuery>, QueryRejection>,
 ) -> Response {
+    // A query that is no dyndns2 query (a field twice, bytes that are not UTF-8) gets the API's JSON error.
+    let query = match query {
+        Ok(Query(query)) => query,
+        Err(rejection) => return ApiError::from(rejection).into_response(),
+    };
     let source = client_address(peer, &headers, &state.dyndns_trusted_proxies);
     let source_key = format!("src:{source}");
     if state.dyndns_limiter.peek(&source_key) >= MAX_BAD_AUTH {
@@ -182,7 +187,11 @@ pub(super) async fn update(
 }
 
 /// The addresses to set: `myip`'s (at most one per family, no unusable ones) or else the source address.
-fn addresses(myip: Option<&str>, source: IpAddr, targets: &tether_config::TargetPolicy) -> Option<Vec<IpAddr>> {
+pub(super) fn addresses(
+    myip: Option<&str>,
+    source: IpAddr,
+    targets: &tether_config::TargetPolicy,
+) -> Option<Vec<IpAddr>> {
     let given: Vec<&str> = myip.unwrap_or("").split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
     let ips: Vec<IpAddr> = if given.is_empty() {
         vec![source]
@@ -198,7 +207,7 @@ fn addresses(myip: Option<&str>, source: IpAddr, targets: &tether_config::Target
 }
 
 /// The client's address: the peer's, or the last `X-Forwarded-For` hop when the peer is a trusted proxy.
-fn client_address(peer: SocketAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+pub(super) fn client_address(peer: SocketAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
     let peer_ip = peer.ip().to_canonical();
     if !trusted.iter().any(|net| net.contains(&peer_ip)) {
         return peer_ip;
@@ -212,7 +221,7 @@ fn client_address(peer: SocketAddr, headers: &HeaderMap, trusted: &[IpNet]) -> I
 }
 
 /// The user and password of a `Basic` Authorization header.
-fn basic_auth(headers: &HeaderMap) -> Option<(String, String)> {
+pub(super) fn basic_auth(headers: &HeaderMap) -> Option<(String, String)> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let encoded = value.strip_prefix("Basic ").or_else(|| value.strip_prefix("basic "))?;
     let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;

@@ -4,7 +4,7 @@ use axum::{
     Json,
     extract::{
         FromRequest, FromRequestParts, Request,
-        rejection::{JsonRejection, PathRejection},
+        rejection::{JsonRejection, PathRejection, QueryRejection},
     },
     http::{StatusCode, request::Parts},
     response::{IntoResponse, Response},
@@ -91,6 +91,10 @@ impl From<StoreError> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            let message = format!("the body is larger than {} KiB", super::MAX_BODY / 1024);
+            return Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message);
+        }
         let code = match rejection {
             JsonRejection::JsonSyntaxError(_) => "malformed_json",
             JsonRejection::MissingJsonContentType(_) => "unsupported_media_type",
@@ -98,6 +102,12 @@ impl From<JsonRejection> for ApiError {
             _ => "bad_request",
         };
         Self::new(rejection.status(), code, rejection.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_query", rejection.body_text())
     }
 }
 

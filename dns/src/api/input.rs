@@ -122,9 +122,9 @@ pub(super) enum Check {
 const MAX_CHECK_TEXT: usize = 256;
 
 impl Check {
-    /// Refuses what would make a check a tool against others: an HTTP path that is not a path (`@127.0.0.1/` would
-    /// name another host), bytes chosen by the subscriber sent into private or reserved space (even a range the
-    /// operator opened), texts past [`MAX_CHECK_TEXT`].
+    /// Refuses port 0, an HTTP status that is none, and what would make a check a tool against others: an HTTP path
+    /// that is not a path (`@127.0.0.1/` would name another host), bytes chosen by the subscriber sent into private
+    /// or reserved space (even a range the operator opened), texts past [`MAX_CHECK_TEXT`].
     pub(super) fn validate(&self, ip: IpAddr) -> Result<(), ApiError> {
         let text = |field: &str, value: &str| {
             if value.len() > MAX_CHECK_TEXT || value.chars().any(|c| c.is_control() && c != '\r' && c != '\n') {
@@ -134,8 +134,15 @@ impl Check {
             }
             Ok(())
         };
+        let (Self::Tcp { port, .. } | Self::Http { port, .. }) = self;
+        if *port == 0 {
+            return Err(ApiError::invalid("check.port: 1-65535"));
+        }
         match self {
-            Self::Http { path, .. } => {
+            Self::Http { path, status, .. } => {
+                if !(100..=599).contains(status) {
+                    return Err(ApiError::invalid(format!("check.status: {status} is not an HTTP status (100-599)")));
+                }
                 let path_ok =
                     path.starts_with('/') && path.len() <= MAX_CHECK_TEXT && path.bytes().all(|b| b.is_ascii_graphic());
                 if !path_ok {

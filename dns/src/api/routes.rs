@@ -136,7 +136,7 @@ pub(super) async fn get_transfer(
     Path(origin): Path<String>,
 ) -> Result<Response, ApiError> {
     caller.require_operator()?;
-    let origin = input::hostname("origin", &origin)?;
+    let origin = path_name(&origin)?;
     let policy = admin::zone_transfer(&state.pool, &origin)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no zone {}", display(&origin))))?;
@@ -150,7 +150,7 @@ pub(super) async fn put_transfer(
     Body(policy): Body<TransferPolicy>,
 ) -> Result<Response, ApiError> {
     caller.require_operator()?;
-    let origin = input::hostname("origin", &origin)?;
+    let origin = path_name(&origin)?;
     let in_config = |name: &hickory_server::proto::rr::Name| {
         state.tsig_keys.iter().any(|k| xfr::policy::key_name(&k.name).ok().as_ref() == Some(name))
     };
@@ -358,7 +358,7 @@ pub(super) async fn put_services(
     admin::replace_services(&state.pool, domain.id, &services).await?;
     tracing::info!(domain = %domain.fqdn, count = services.len(), "services replaced");
     let stored = admin::services(&state.pool, domain.id).await?;
-    Ok(Json(stored).into_response())
+    Ok(Json(services_out(stored)).into_response())
 }
 
 pub(super) async fn put_forwarding(
@@ -588,18 +588,23 @@ async fn set_heartbeat_server_state(
 
 /// The named domain, if it exists and the caller may touch it.
 pub(super) async fn owned_domain(state: &AppState, caller: Caller, name: &str) -> Result<admin::Domain, ApiError> {
-    let fqdn = input::hostname("name", name).map_err(|e| {
-        if e.status() == StatusCode::UNPROCESSABLE_ENTITY {
-            ApiError::new(StatusCode::BAD_REQUEST, "bad_path", format!("{name:?} is not a valid domain name"))
-        } else {
-            e
-        }
-    })?;
+    let fqdn = path_name(name)?;
     let Some(domain) = admin::domain_by_name(&state.pool, &fqdn).await? else {
         return Err(ApiError::not_found(format!("no domain {}", display(&fqdn))));
     };
     caller.require_owner(domain.subscriber_id)?;
     Ok(domain)
+}
+
+/// A domain name from the path, normalised; one that is not a name is a 400 `bad_path`, as for any other path.
+fn path_name(name: &str) -> Result<String, ApiError> {
+    input::hostname("name", name).map_err(|e| {
+        if e.status() == StatusCode::UNPROCESSABLE_ENTITY {
+            ApiError::new(StatusCode::BAD_REQUEST, "bad_path", format!("{name:?} is not a valid domain name"))
+        } else {
+            e
+        }
+    })
 }
 
 /// Refuses a new domain whose name or static address belongs to someone else: the zone's apex and nameserver names
@@ -707,8 +712,11 @@ fn domain_out(
         created_at: d.created_at,
         addresses,
         ncus: None,
-        services: services.map(|list| {
-            list.into_iter().map(|s| admin::Service { target: s.target.map(|t| display(&t).to_owned()), ..s }).collect()
-        }),
+        services: services.map(services_out),
     }
+}
+
+/// Service tuples as the API shows them: targets without the trailing dot, like every name.
+fn services_out(list: Vec<admin::Service>) -> Vec<admin::Service> {
+    list.into_iter().map(|s| admin::Service { target: s.target.map(|t| display(&t).to_owned()), ..s }).collect()
 }

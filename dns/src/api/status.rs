@@ -10,7 +10,7 @@ use std::{
 use axum::{
     Json,
     extract::{Query, State, rejection::QueryRejection},
-    http::{StatusCode, header},
+    http::header,
     response::{IntoResponse, Redirect, Response},
 };
 use chrono::{DateTime, Utc};
@@ -56,7 +56,7 @@ pub(super) struct ChangesQuery {
 }
 
 fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
-    query.map(|Query(q)| q).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))
+    query.map(|Query(q)| q).map_err(ApiError::from)
 }
 
 fn window(q: &EventsQuery) -> Result<(DateTime<Utc>, i64), ApiError> {
@@ -64,6 +64,9 @@ fn window(q: &EventsQuery) -> Result<(DateTime<Utc>, i64), ApiError> {
     let limit = q.limit.unwrap_or(MAX_EVENTS);
     if !(1..=MAX_EVENTS).contains(&limit) {
         return Err(ApiError::invalid(format!("limit: 1 to {MAX_EVENTS}")));
+    }
+    if q.after < 0 {
+        return Err(ApiError::invalid(format!("after: {} is not an event id (0 or more)", q.after)));
     }
     Ok((since, limit))
 }
@@ -77,7 +80,7 @@ pub(super) async fn domain_events(
     let q = query(q)?;
     let domain = owned_domain(&state, caller, &name).await?;
     let (since, limit) = window(&q)?;
-    let list = events::for_domain(&state.pool, domain.id, since, q.after.max(0), limit).await?;
+    let list = events::for_domain(&state.pool, domain.id, since, q.after, limit).await?;
     Ok(Json(list).into_response())
 }
 
@@ -89,7 +92,7 @@ pub(super) async fn handovers(
     caller.require_operator()?;
     let q = query(q)?;
     let (since, limit) = window(&q)?;
-    Ok(Json(events::handovers(&state.pool, since, limit).await?).into_response())
+    Ok(Json(events::handovers(&state.pool, since, q.after, limit).await?).into_response())
 }
 
 pub(super) async fn changes(

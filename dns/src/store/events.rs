@@ -60,13 +60,14 @@ pub async fn for_domain(
     Ok(sqlx::query_as(&sql).bind(domain_id).bind(since).bind(after).bind(limit).fetch_all(pool).await?)
 }
 
-/// Handovers between heartbeat servers (failovers, drains) across every domain since `since`, newest first.
-pub async fn handovers(pool: &PgPool, since: DateTime<Utc>, limit: i64) -> Result<Vec<Event>, StoreError> {
+/// Handovers between heartbeat servers (failovers, drains) across every domain since `since` (and after event
+/// `after`), newest first.
+pub async fn handovers(pool: &PgPool, since: DateTime<Utc>, after: i64, limit: i64) -> Result<Vec<Event>, StoreError> {
     let sql = format!(
         "SELECT {COLUMNS}, rtrim(d.fqdn, '.') AS domain FROM address_events e JOIN domains d ON d.id = e.domain_id \
-         WHERE e.kind = 'handover' AND e.at >= $1 ORDER BY e.id DESC LIMIT $2"
+         WHERE e.kind = 'handover' AND e.at >= $1 AND e.id > $2 ORDER BY e.id DESC LIMIT $3"
     );
-    Ok(sqlx::query_as(&sql).bind(since).bind(limit).fetch_all(pool).await?)
+    Ok(sqlx::query_as(&sql).bind(since).bind(after).bind(limit).fetch_all(pool).await?)
 }
 
 /// Deletes events older than `retention`, `batch` rows per statement and at most `batches` statements, so a large

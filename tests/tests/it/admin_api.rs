@@ -341,3 +341,53 @@ async fn health_metrics_and_openapi() -> Result<()> {
     }
     Ok(())
 }
+
+/// Found by schemathesis: a check on port 0 or with a status no HTTP server answers was stored.
+#[tokio::test]
+async fn checks_on_port_zero_or_with_no_http_status_are_refused() -> Result<()> {
+    let (stack, acme) = Stack::with_acme().await?;
+    stack.domain(&acme, json!({ "name": "chk.tether.test" })).await?;
+    let path = "/v1/domains/chk.tether.test/addresses";
+    for (check, mention) in [
+        (json!({ "kind": "tcp", "port": 0 }), "check.port"),
+        (json!({ "kind": "http", "port": 0 }), "check.port"),
+        (json!({ "kind": "http", "port": 80, "status": 0 }), "check.status"),
+        (json!({ "kind": "http", "port": 80, "status": 600 }), "check.status"),
+    ] {
+        let body = json!({ "ip": "198.18.1.1", "check": check });
+        let (status, answer) = stack.api.call(Method::POST, path, Some(&acme), Some(body)).await?;
+        assert_eq!((status, code(&answer)), (StatusCode::UNPROCESSABLE_ENTITY, "invalid"), "{check}: {answer}");
+        assert!(answer["error"]["message"].as_str().unwrap_or_default().contains(mention), "{check}: {answer}");
+    }
+    let body = json!({ "ip": "198.18.1.1", "check": { "kind": "http", "port": 80, "status": 204 } });
+    let (status, answer) = stack.api.call(Method::POST, path, Some(&acme), Some(body)).await?;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    Ok(())
+}
+
+/// Found by schemathesis: `PUT .../services` answered targets with the trailing dot that every read leaves out.
+#[tokio::test]
+async fn replaced_services_show_targets_as_reads_do() -> Result<()> {
+    let (stack, acme) = Stack::with_acme().await?;
+    stack.domain(&acme, json!({ "name": "srv.tether.test" })).await?;
+    let tuples = json!([{ "service": "sip", "transport": "udp", "target": "SIP.Example.NET.", "port": 5060 }]);
+    let path = "/v1/domains/srv.tether.test/services";
+    let (status, put) = stack.api.call(Method::PUT, path, Some(&acme), Some(tuples)).await?;
+    assert_eq!(status, StatusCode::OK, "{put}");
+    assert_eq!(put[0]["target"], "sip.example.net", "{put}");
+    let (_, domain) = stack.api.call(Method::GET, "/v1/domains/srv.tether.test", Some(&acme), None).await?;
+    assert_eq!(domain["services"], put, "the write answers what a read shows");
+    Ok(())
+}
+
+/// Found with schemathesis: a body past 64 KiB was a 413 with the code `bad_request` and axum's buffering text.
+#[tokio::test]
+async fn an_oversized_body_is_a_413_that_says_so() -> Result<()> {
+    let (stack, acme) = Stack::with_acme().await?;
+    let big = format!("{{\"name\": \"{}\"}}", "a".repeat(70 * 1024));
+    let (status, body) =
+        stack.api.raw(Method::POST, "/v1/domains", Some(&acme), Some("application/json"), &big).await?;
+    assert_eq!((status, code(&body)), (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"), "{body}");
+    assert_eq!(body["error"]["message"], "the body is larger than 64 KiB");
+    Ok(())
+}

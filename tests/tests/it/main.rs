@@ -12,6 +12,7 @@ mod heartbeat;
 mod layout;
 mod migration;
 mod ncu_binary;
+mod schema;
 mod site_services;
 mod standby;
 mod status_page;

@@ -111,6 +111,33 @@ async fn every_address_change_is_recorded_with_its_reason() -> Result<()> {
     Ok(())
 }
 
+/// Found by schemathesis: a negative `after` was taken as 0, and `/v1/events` ignored `after` altogether.
+#[tokio::test]
+async fn event_lists_page_by_after_and_refuse_a_negative_one() -> Result<()> {
+    let (stack, acme) = Stack::with_acme().await?;
+    let pool = stack.pg.pool().await?;
+    stack.domain(&acme, json!({ "name": NAME })).await?;
+    stack.address(&acme, NAME, json!({ "ip": "198.18.1.2" })).await?;
+    for hbs in ["hbs-a", "hbs-b", "hbs-c"] {
+        sqlx::query("UPDATE addresses SET hbs = $1 WHERE ip = '198.18.1.2'").bind(hbs).execute(&pool).await?;
+    }
+    let (status, all) = stack.api.call(Method::GET, "/v1/events", Some(OPERATOR_TOKEN), None).await?;
+    assert_eq!(status, StatusCode::OK);
+    let all = all.as_array().cloned().unwrap_or_default();
+    assert_eq!(all.len(), 3, "taken on by hbs-a, then to hbs-b, then to hbs-c: {all:#?}");
+    let older = all[1]["id"].as_i64().context("id")?;
+    let (status, newer) =
+        stack.api.call(Method::GET, &format!("/v1/events?after={older}"), Some(OPERATOR_TOKEN), None).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(newer, json!([all[0]]), "only the handover after {older}");
+    for path in ["/v1/events?after=-1".to_owned(), format!("/v1/domains/{NAME}/events?after=-1")] {
+        let (status, body) = stack.api.call(Method::GET, &path, Some(OPERATOR_TOKEN), None).await?;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{path}: {body}");
+        assert!(body["error"]["message"].as_str().unwrap_or_default().starts_with("after:"), "{path}: {body}");
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn the_answer_and_the_change_poll_follow_the_view() -> Result<()> {
     let (stack, acme) = Stack::with_acme().await?;

@@ -396,3 +396,18 @@ async fn transfer_policies_are_checked_and_operator_only() -> Result<()> {
     assert_eq!(body, json!({ "secondaries": [], "notify": [], "keys": [] }), "nothing was stored");
     Ok(())
 }
+
+/// Found by schemathesis: an origin in the path that is no name was a 422 as if it were the body's fault; like every
+/// other path, it is a 400 `bad_path`.
+#[tokio::test]
+async fn a_transfer_path_naming_no_zone_is_a_bad_path() -> Result<()> {
+    let stack = Stack::start().await?;
+    for origin in ["__main__", "a..b", "nodot"] {
+        let path = format!("/v1/zones/{origin}/transfer");
+        let (status, body) = stack.api.call(Method::GET, &path, Some(OPERATOR_TOKEN), None).await?;
+        assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_path")), "{body}");
+        let (status, body) = put_transfer(&stack, origin, json!({})).await?;
+        assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_path")), "{body}");
+    }
+    Ok(())
+}
