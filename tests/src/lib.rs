@@ -122,7 +122,9 @@ impl Postgres {
         let status = standby
             .command("pg_basebackup")
             .args(["-D", "data", "-R", "-X", "stream", "-c", "fast", "-U", "postgres", "-p", &PORT.to_string()])
-            .args(["-d", "connect_timeout=1", "-h"])
+            // A replication slot: the primary keeps the WAL the standby has not received, however long a
+            // partition lasts, so it always catches up.
+            .args(["-C", "-S", "tether_standby", "-d", "connect_timeout=1", "-h"])
             .arg(host)
             .stdout(Stdio::null())
             .stderr(standby.log_file()?)
