@@ -1,5 +1,7 @@
 //! Heartbeats: the packet format and the sans-IO state machines of both sides.
 
+#[cfg(test)]
+mod adversary;
 pub mod monitor;
 pub mod packet;
 pub mod responder;

@@ -116,7 +116,7 @@ pub struct Stats {
     pub malformed: u64,
     /// Datagrams for a session and uplink the monitor does not watch.
     pub unknown: u64,
-    /// Probes sent: pings and re-probes.
+    /// Probes sent: pings, re-probes, and pings of an address a hello or reply came from.
     pub pings: u64,
     /// Re-probes sent (included in `pings`).
     pub reprobes: u64,
@@ -178,6 +178,7 @@ impl Monitor {
                 timers: Wheel::new(cycle),
                 due: Vec::new(),
                 transmits: VecDeque::new(),
+                claims: Vec::new(),
                 events: VecDeque::new(),
                 stats: Stats::default(),
                 by_state: ByState::default(),
@@ -230,6 +231,7 @@ impl Monitor {
             uplink,
             keyed: packet::keyed(&key),
             dest,
+            candidate: None,
             liveness: initial,
             observed: (initial == Liveness::Live).then_some(dest),
             handover: (initial == Liveness::Live && !same_session)
@@ -316,14 +318,25 @@ impl Monitor {
         };
         match kind {
             Kind::Pong => target.on_pong(id, &packet, from, now, &self.policy, &mut self.out),
-            Kind::Hello => target.on_hello(id, &packet, from, now, &self.policy, &mut self.out.stats),
+            Kind::Hello => target.on_hello(id, &packet, from, now, &self.policy, &mut self.out),
             Kind::Ping => {}
         }
         self.out.timers.settle();
     }
 
-    /// Sends due pings/re-probes (nonces from `rng`), declares deaths.
+    /// Sends due pings/re-probes and pings of claimed addresses (nonces from `rng`), declares deaths.
     pub fn handle_timeout(&mut self, now: Instant, rng: &mut impl RngCore) {
+        let mut claims = std::mem::take(&mut self.out.claims);
+        claims.retain(|claim| {
+            if claim.at > now {
+                return true;
+            }
+            if let Some(target) = self.targets.get_mut(&claim.id) {
+                target.send_probe(claim.address, rng, &mut self.out);
+            }
+            false
+        });
+        self.out.claims = claims;
         let mut due = std::mem::take(&mut self.out.due);
         loop {
             self.out.timers.take_due(now, &mut due);
@@ -352,7 +365,8 @@ impl Monitor {
 
     /// When [`Monitor::handle_timeout`] must next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.out.timers.next()
+        let claims = self.out.claims.iter().map(|claim| claim.at);
+        claims.chain(self.out.timers.next()).min()
     }
 
     /// Counters since creation.
@@ -367,6 +381,7 @@ impl Monitor {
 
     fn remove_target(&mut self, id: TargetId) -> Option<Target> {
         let mut target = self.targets.remove(&id)?;
+        self.out.claims.retain(|claim| claim.id != id);
         *self.out.by_state.of_mut(target.liveness) -= 1;
         if let Some(place) = target.timer.take() {
             self.out.timers.cancel(place, id);
@@ -386,6 +401,8 @@ struct Output {
     /// The entries [`Monitor::handle_timeout`] is working through (kept for its allocation).
     due: Vec<Entry>,
     transmits: VecDeque<Transmit>,
+    /// Candidates to ping at once (see [`Target::claim`]).
+    claims: Vec<Claim>,
     events: VecDeque<Event>,
     stats: Stats,
     /// The targets in each state.
@@ -425,7 +442,10 @@ struct Target {
     session: u64,
     uplink: u8,
     keyed: Keyed,
+    /// Where pings go: the address registered, then the last one that answered a ping sent to it.
     dest: SocketAddr,
+    /// Another address the target may be at, pinged alongside `dest` until proved.
+    candidate: Option<Candidate>,
     liveness: Liveness,
     /// The source address last reported in an [`Event::Alive`] (or the destination, for a handover).
     observed: Option<SocketAddr>,
@@ -435,8 +455,8 @@ struct Target {
     load_reported_at: Option<Instant>,
     next_seq: u64,
     last_hello: Option<u64>,
-    /// (seq, nonce, destination) of the probes of the current cycle not yet answered.
-    probes: Vec<(u64, [u8; 16], SocketAddr)>,
+    /// The probes of the current cycle not yet answered.
+    probes: Vec<Probe>,
     phase: Phase,
     reprobes_sent: u8,
     next_ping: Instant,
@@ -475,7 +495,7 @@ impl Target {
                 if self.reprobes_sent < allowed {
                     self.reprobes_sent += 1;
                     out.stats.reprobes += 1;
-                    self.send_probe(rng, out);
+                    self.send_probes(rng, out);
                     out.schedule(self, id, now + policy.reprobe_interval);
                     return;
                 }
@@ -507,18 +527,29 @@ impl Target {
         self.reprobes_sent = 0;
         self.phase = Phase::Probing;
         self.next_ping = anchor + policy.interval;
-        self.send_probe(rng, out);
+        // A candidate claimed between cycles is pinged in this one too; one claimed during the last one is dropped.
+        let kept = self.candidate.filter(|candidate| candidate.next_cycle);
+        self.candidate = kept.map(|candidate| Candidate { next_cycle: false, ..candidate });
+        self.send_probes(rng, out);
         out.schedule(self, id, now + policy.reply_timeout);
     }
 
-    fn send_probe(&mut self, rng: &mut impl RngCore, out: &mut Output) {
+    /// Pings `dest`, and the candidate if there is one.
+    fn send_probes(&mut self, rng: &mut impl RngCore, out: &mut Output) {
+        self.send_probe(self.dest, rng, out);
+        if let Some(candidate) = self.candidate {
+            self.send_probe(candidate.address, rng, out);
+        }
+    }
+
+    fn send_probe(&mut self, dest: SocketAddr, rng: &mut impl RngCore, out: &mut Output) {
         let seq = self.next_seq;
         self.next_seq += 1;
         let mut nonce = [0u8; 16];
         rng.fill_bytes(&mut nonce);
-        self.probes.push((seq, nonce, self.dest));
+        self.probes.push(Probe { seq, nonce, dest, claimed: false });
         let ping = Packet { kind: Kind::Ping, session: self.session, uplink: self.uplink, seq, nonce, load: 0 };
-        out.transmits.push_back(Transmit { dest: self.dest, payload: packet::encode_with(&ping, &self.keyed) });
+        out.transmits.push_back(Transmit { dest, payload: packet::encode_with(&ping, &self.keyed) });
         out.stats.pings += 1;
     }
 
@@ -531,23 +562,28 @@ impl Target {
         policy: &Policy,
         out: &mut Output,
     ) {
-        let Some(index) = self.probes.iter().position(|&(seq, nonce, _)| seq == pong.seq && nonce == pong.nonce) else {
+        let Some(index) = self.probes.iter().position(|probe| probe.seq == pong.seq && probe.nonce == pong.nonce)
+        else {
             out.stats.stale += 1;
             tracing::trace!(id, seq = pong.seq, "stale pong");
             return;
         };
-        let (_, _, pinged) = self.probes.swap_remove(index);
+        let pinged = self.probes[index].dest;
         if from != pinged {
             // A pong proves only the address that was pinged: behind NAT the reply comes from the mapping, and an
-            // on-path re-sender or a spoofing NCU could send it from anyone's. Ping that address now; only its own
-            // answer publishes it (a victim never answers: it has no key).
+            // on-path re-sender or a spoofing NCU could send it from anyone's. The probe stays outstanding (a copy
+            // racing ahead of the genuine reply must not void it) and that address becomes the candidate (once per
+            // probe); only its own answer moves the pings there and publishes it (a victim never answers: no key).
             out.stats.unproven += 1;
             tracing::debug!(id, %pinged, %from, "reply from another address than pinged; pinging it to prove it");
-            self.dest = from;
-            self.phase = Phase::Waiting;
-            out.schedule(self, id, now);
+            if !std::mem::replace(&mut self.probes[index].claimed, true) {
+                self.claim(id, from, now, out);
+            }
             return;
         }
+        self.probes.swap_remove(index);
+        self.dest = from;
+        self.candidate = self.candidate.filter(|candidate| candidate.address != from);
         out.stats.pongs += 1;
         self.handover = None;
         if self.phase == Phase::Probing {
@@ -590,10 +626,10 @@ impl Target {
         from: SocketAddr,
         now: Instant,
         policy: &Policy,
-        stats: &mut Stats,
+        out: &mut Output,
     ) {
         if self.last_hello.is_some_and(|last| hello.seq <= last) {
-            stats.stale += 1;
+            out.stats.stale += 1;
             tracing::trace!(id, seq = hello.seq, "stale hello");
             return;
         }
@@ -603,12 +639,58 @@ impl Target {
             handover.until = handover.until.min(now + policy.interval);
             handover.key_shown = true;
         }
+        // Anyone on path can send a copy of the hello from anyone's address: that address is pinged, and takes the
+        // pings over only by answering.
         if self.dest != from {
-            tracing::debug!(id, dest = %from, "hello moved the ping destination");
+            tracing::debug!(id, %from, "hello from another address than pinged; pinging it to prove it");
+            self.claim(id, from, now, out);
         }
-        self.dest = from;
-        stats.hellos += 1;
+        out.stats.hellos += 1;
     }
+
+    /// Makes `address`, which a hello or a reply came from, the candidate, pinged at once (by the next
+    /// [`Monitor::handle_timeout`]), unless pings go there already.
+    fn claim(&mut self, id: TargetId, address: SocketAddr, now: Instant, out: &mut Output) {
+        if address == self.dest {
+            return;
+        }
+        let next_cycle = self.phase == Phase::Waiting;
+        if let Some(candidate) = self.candidate.as_mut().filter(|candidate| candidate.address == address) {
+            candidate.next_cycle |= next_cycle;
+            return;
+        }
+        self.candidate = Some(Candidate { address, next_cycle });
+        out.claims.push(Claim { at: now, id, address });
+    }
+}
+
+/// An address a hello or a reply came from, other than where pings go: pinged with every probe until it answers
+/// (then pings go there), another is claimed, or the cycle it was claimed in ends. Claimed between cycles, it is
+/// pinged in the next one. A live target's cycle ends at its answer: a victim's address costs one ping a claim.
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    address: SocketAddr,
+    /// Claimed between cycles: pinged in the next one too.
+    next_cycle: bool,
+}
+
+/// A ping of the current cycle not yet answered.
+#[derive(Debug, Clone, Copy)]
+struct Probe {
+    seq: u64,
+    nonce: [u8; 16],
+    /// Where it was sent: the only address its answer proves.
+    dest: SocketAddr,
+    /// An answer from another address came and made it the candidate: later ones do not.
+    claimed: bool,
+}
+
+/// An address a target's hello or reply came from, to be pinged at `at` to prove it.
+#[derive(Debug, Clone, Copy)]
+struct Claim {
+    at: Instant,
+    id: TargetId,
+    address: SocketAddr,
 }
 
 #[cfg(test)]
@@ -651,7 +733,7 @@ mod tests {
     }
 
     #[test]
-    fn a_pong_resent_from_another_address_never_publishes_that_address() {
+    fn a_pong_resent_from_another_address_neither_publishes_it_nor_voids_the_genuine_one() {
         let mut rng = StdRng::seed_from_u64(21);
         let base = Instant::now();
         let mut monitor = Monitor::new(Policy::default());
@@ -680,13 +762,51 @@ mod tests {
             }
             t += 10;
         }
-        assert!(!proving.is_empty() && proving.iter().all(|d| *d == victim), "the claim was put to the test");
-        assert!(
-            !events.iter().any(|e| matches!(e, Event::Alive { observed, .. } if *observed == victim)),
-            "the victim's address is never published: {events:?}"
+        assert!(proving.iter().all(|d| *d == victim), "the claim was put to the test");
+        assert_eq!(proving.len(), 10, "one ping to the victim per copy: the genuine reply ended each cycle");
+        assert_eq!(
+            events,
+            [Event::Alive { id: 1, observed: dest, load: 0 }],
+            "the victim's address is never published"
         );
-        assert_ne!(monitor.liveness(1), Some(Liveness::Live), "nothing proven");
-        assert!(monitor.stats().unproven >= 1);
+        assert_eq!(monitor.liveness(1), Some(Liveness::Live), "the genuine reply, behind the copy, still counts");
+        assert_eq!((monitor.stats().unproven, monitor.stats().pongs), (10, 10));
+    }
+
+    /// A copy of a fresh hello from a victim's address, ahead of the genuine one, moves no pings: the victim is
+    /// pinged (at once, and with the next cycle's ping), never answers, and the target stays live where it is.
+    #[test]
+    fn a_hello_resent_from_another_address_does_not_move_the_pings() {
+        let mut rng = StdRng::seed_from_u64(22);
+        let base = Instant::now();
+        let mut monitor = Monitor::new(Policy::default());
+        let (dest, victim) = (addr("192.0.2.10:5000"), addr("198.51.100.66:5000"));
+        monitor.add(1, 7, 0, KEY, dest, Liveness::Pending, base);
+        let hello = encode(&Packet { kind: Kind::Hello, session: 7, uplink: 0, seq: 1, nonce: [0; 16], load: 0 }, &KEY);
+        let mut to_victim = Vec::new();
+        let mut t = 0;
+        while t < 10_000 {
+            let now = base + ms(t);
+            if t == 3_500 {
+                monitor.handle_datagram(&hello, victim, now);
+                monitor.handle_datagram(&hello, dest, now + ms(1));
+            }
+            monitor.handle_timeout(now, &mut rng);
+            while let Some(transmit) = monitor.poll_transmit() {
+                if transmit.dest == dest {
+                    let ping = decode(&transmit.payload, &KEY).expect("ping");
+                    monitor.handle_datagram(&encode(&Packet { kind: Kind::Pong, ..ping }, &KEY), dest, now);
+                } else {
+                    to_victim.push((now - base, transmit.dest));
+                }
+            }
+            t += 10;
+        }
+        assert_eq!(to_victim, [(ms(3_500), victim), (ms(4_000), victim)]);
+        let events: Vec<Event> = std::iter::from_fn(|| monitor.poll_event()).collect();
+        assert_eq!(events, [Event::Alive { id: 1, observed: dest, load: 0 }]);
+        let stats = monitor.stats();
+        assert_eq!((stats.hellos, stats.stale, stats.pongs, stats.pings), (1, 1, 10, 12));
     }
 
     #[test]
@@ -792,11 +912,12 @@ mod tests {
         let registered = addr("198.51.100.7:1111");
         sim.watch(1, ncu, 0, Some(registered), Liveness::Pending);
         sim.run_until(ms(3_000));
-        // The first ping went to the registered address; the hello (sent at 0) redirected the first re-probe.
+        // The first ping went to the registered address; the hello's address (sent at 0, delivered within 20 ms) was
+        // pinged at once, and its answer moved the pings there.
         assert_eq!(sim.ping_times(registered, ms(0), ms(3_000)), [ms(0)]);
         let events = sim.events_since(ms(0));
         assert_eq!(events.len(), 1, "{events:?}");
-        assert!(events[0].0 >= ms(100) && events[0].0 <= ms(140));
+        assert!(events[0].0 <= ms(40), "{events:?}");
         assert_eq!(events[0].1, alive("198.51.100.7:40000", 0));
         assert_eq!(sim.monitor.stats().hellos, 1, "then keepalives, every 20 s");
     }

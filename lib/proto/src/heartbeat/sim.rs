@@ -89,6 +89,12 @@ pub(super) struct Sim {
     pub(super) to_hbs_delay: (Duration, Duration),
     /// Datagrams lost to `loss`.
     pub(super) dropped: u64,
+    /// Independent probability that a datagram is delivered twice (each copy with its own delay).
+    pub(super) duplicate: f64,
+    /// Independent probability that a datagram is held up, and the most it is held up by (on top of its delay).
+    pub(super) stall: (f64, Duration),
+    /// What an on-path observer sees, when set.
+    pub(super) tap: Option<Tap>,
     /// An on-path attacker answering the pings a silent NCU misses, without the key.
     pub(super) forger: bool,
     /// Keep `pings`, `delivered` and `hellos` (off for long runs).
@@ -124,6 +130,9 @@ impl Sim {
             to_ncu_delay: (ms(0), ms(20)),
             to_hbs_delay: (ms(0), ms(20)),
             dropped: 0,
+            duplicate: 0.0,
+            stall: (0.0, Duration::ZERO),
+            tap: None,
             forger: false,
             record: true,
             pings: Vec::new(),
@@ -198,18 +207,37 @@ impl Sim {
 
     /// Runs every delivery and deadline up to `offset` (inclusive), in order.
     pub(super) fn run_until(&mut self, offset: Duration) {
+        while self.step_until(offset) {}
+    }
+
+    /// Handles what is due at the next instant that has anything due, if that is not after `offset`, and returns
+    /// true; otherwise moves the clock to `offset` and returns false.
+    pub(super) fn step_until(&mut self, offset: Duration) -> bool {
         let end = self.at(offset);
-        loop {
-            let wire = self.wire.peek().map(|Reverse(queued)| queued.at);
-            let ncus = self.ncu_timers.peek().map(|Reverse((at, _))| *at);
-            let Some(next) = [wire, self.monitor.poll_timeout(), ncus].into_iter().flatten().min() else { break };
-            if next > end {
-                break;
+        let wire = self.wire.peek().map(|Reverse(queued)| queued.at);
+        let ncus = self.ncu_timers.peek().map(|Reverse((at, _))| *at);
+        match [wire, self.monitor.poll_timeout(), ncus].into_iter().flatten().min() {
+            Some(next) if next <= end => {
+                self.now = self.now.max(next);
+                self.step();
+                true
             }
-            self.now = self.now.max(next);
-            self.step();
+            _ => {
+                self.now = self.now.max(end);
+                false
+            }
         }
-        self.now = self.now.max(end);
+    }
+
+    /// Puts a datagram on the wire, delivered at `at` (not before now) whatever the loss: an attacker's.
+    pub(super) fn inject(&mut self, datagram: Datagram, at: Instant) {
+        self.sent += 1;
+        self.wire.push(Reverse(Queued { at: at.max(self.now), order: self.sent, datagram }));
+    }
+
+    /// Datagrams to `address` go nowhere from now on (a private address behind NAT).
+    pub(super) fn unroute(&mut self, address: SocketAddr) {
+        self.routes.remove(&address);
     }
 
     /// Moves an uplink's NAT mapping.
@@ -283,7 +311,7 @@ impl Sim {
         }
         if self.monitor.poll_timeout().is_some_and(|at| at <= now) {
             self.monitor.handle_timeout(now, &mut self.rng);
-            self.pump_monitor();
+            self.pump_monitor(None);
         }
         while let Some(&Reverse((at, index))) = self.ncu_timers.peek() {
             if at > now {
@@ -304,7 +332,7 @@ impl Sim {
                 self.delivered.push(datagram.clone());
             }
             self.monitor.handle_datagram(&datagram.payload, datagram.from, self.now);
-            self.pump_monitor();
+            self.pump_monitor(Some(&datagram));
             return;
         }
         let Some(&(index, uplink)) = self.routes.get(&datagram.to) else { return };
@@ -325,7 +353,8 @@ impl Sim {
         self.pump_ncu(index);
     }
 
-    fn pump_monitor(&mut self) {
+    /// Sends the monitor's pings and records its events, emitted while handling `cause` (None: a deadline).
+    fn pump_monitor(&mut self, cause: Option<&Datagram>) {
         while let Some(transmit) = self.monitor.poll_transmit() {
             if self.record {
                 self.pings.push((self.now, transmit.clone()));
@@ -333,6 +362,9 @@ impl Sim {
             self.send(HBS, transmit.dest, transmit.payload);
         }
         while let Some(event) = self.monitor.poll_event() {
+            if let Some(tap) = &mut self.tap {
+                tap.events.push((self.now, event.clone(), cause.cloned()));
+            }
             self.events.push((self.now, event));
         }
     }
@@ -358,20 +390,44 @@ impl Sim {
     }
 
     fn send(&mut self, from: SocketAddr, to: SocketAddr, payload: [u8; PACKET_LEN]) {
+        let datagram = Datagram { from, to, payload };
+        if let Some(tap) = &mut self.tap {
+            tap.sent.push((self.now, datagram.clone()));
+        }
         if self.loss > 0.0 && self.rng.random_bool(self.loss) {
             self.dropped += 1;
             return;
         }
-        let (low, high) = if to == HBS { self.to_hbs_delay } else { self.to_ncu_delay };
-        let micros = |d: Duration| u64::try_from(d.as_micros()).expect("short delay");
-        let delay = Duration::from_micros(self.rng.random_range(micros(low)..=micros(high)));
-        self.sent += 1;
-        self.wire.push(Reverse(Queued {
-            at: self.now + delay,
-            order: self.sent,
-            datagram: Datagram { from, to, payload },
-        }));
+        if self.duplicate > 0.0 && self.rng.random_bool(self.duplicate) {
+            self.queue(datagram.clone());
+        }
+        self.queue(datagram);
     }
+
+    /// Puts a datagram on the wire with a random delay (and, now and then, a stall).
+    fn queue(&mut self, datagram: Datagram) {
+        let (low, high) = if datagram.to == HBS { self.to_hbs_delay } else { self.to_ncu_delay };
+        let mut delay = Duration::from_micros(self.rng.random_range(micros(low)..=micros(high)));
+        if self.stall.0 > 0.0 && self.rng.random_bool(self.stall.0) {
+            delay += Duration::from_micros(self.rng.random_range(0..=micros(self.stall.1)));
+        }
+        self.sent += 1;
+        self.wire.push(Reverse(Queued { at: self.now + delay, order: self.sent, datagram }));
+    }
+}
+
+/// What an on-path observer of the simulated network sees: drained by whoever reads it.
+#[derive(Debug, Default)]
+pub(super) struct Tap {
+    /// Every datagram sent by the monitor or a responder (lost ones too, not injected ones), with when.
+    pub(super) sent: Vec<(Instant, Datagram)>,
+    /// Every event of the monitor, with when, and the datagram it was handling (None: a deadline).
+    pub(super) events: Vec<(Instant, Event, Option<Datagram>)>,
+}
+
+/// A short delay in microseconds.
+fn micros(delay: Duration) -> u64 {
+    u64::try_from(delay.as_micros()).expect("short delay")
 }
 
 /// An NCU uplink: its datagrams leave from `source` (its NAT mapping); datagrams to `listen` or `source` reach it.
