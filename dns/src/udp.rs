@@ -293,6 +293,22 @@ fn encode_udp<'a>(
     Ok((ResponseInfo::from(header), bytes))
 }
 
+/// Encodes a catalog response as DNS over UDP sends it (within the requestor's limit and [`MAX_UDP_ANSWER`]), for
+/// the `dns_fast_path` fuzz target, which holds it against the fast path's answer and that limit.
+#[cfg(feature = "fuzzing")]
+pub fn encode_response<'a>(
+    response: MessageResponse<
+        '_,
+        'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+    >,
+) -> Result<(ResponseInfo, Vec<u8>), NetError> {
+    encode_udp(response)
+}
+
 /// hickory's rule: never answer port 0, an unspecified or a broadcast address.
 fn usable_source(src: SocketAddr) -> bool {
     src.port() != 0

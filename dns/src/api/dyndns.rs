@@ -186,7 +186,9 @@ pub(super) async fn update(
     text(StatusCode::OK, &lines.join("\n"))
 }
 
-/// The addresses to set: `myip`'s (at most one per family, no unusable ones) or else the source address.
+/// The addresses to set: `myip`'s (at most one per family, no unusable ones) or else the source address. An
+/// IPv4-mapped IPv6 address stands for its IPv4 address: it is set as that (as the API stores a static address),
+/// never as an AAAA record beside another IPv4 address.
 pub(super) fn addresses(
     myip: Option<&str>,
     source: IpAddr,
@@ -194,9 +196,9 @@ pub(super) fn addresses(
 ) -> Option<Vec<IpAddr>> {
     let given: Vec<&str> = myip.unwrap_or("").split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
     let ips: Vec<IpAddr> = if given.is_empty() {
-        vec![source]
+        vec![source.to_canonical()]
     } else {
-        given.iter().map(|s| s.parse().ok()).collect::<Option<Vec<IpAddr>>>()?
+        given.iter().map(|s| s.parse().ok().map(|ip: IpAddr| ip.to_canonical())).collect::<Option<Vec<IpAddr>>>()?
     };
     let v4 = ips.iter().filter(|ip| ip.is_ipv4()).count();
     let v6 = ips.len() - v4;
@@ -272,6 +274,18 @@ mod tests {
         assert_eq!(addresses(Some("nonsense"), src), None);
         assert_eq!(addresses(Some("224.0.0.1"), src), None, "multicast");
         assert_eq!(addresses(Some("10.0.0.1"), src), None, "private space");
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_are_set_as_ipv4() {
+        let src: IpAddr = "198.18.0.1".parse().expect("ip");
+        let open =
+            tether_config::TargetPolicy { allowed: vec!["198.18.0.0/15".parse().expect("net")], operator: vec![] };
+        let v4: IpAddr = "198.18.5.5".parse().expect("ip");
+        assert_eq!(addresses(Some("::ffff:198.18.5.5"), src, &open), Some(vec![v4]), "not an AAAA record");
+        assert_eq!(addresses(Some("198.18.5.6, ::ffff:198.18.5.5"), src, &open), None, "two IPv4 addresses");
+        let mapped_source: IpAddr = "::ffff:198.18.5.5".parse().expect("ip");
+        assert_eq!(addresses(None, mapped_source, &open), Some(vec![v4]), "a forwarded-for hop, say");
     }
 
     #[test]

@@ -294,10 +294,11 @@ fn domain_name(field: &str, input: &str, underscore: bool) -> Result<String, Api
         if label.is_empty() {
             return Err(ApiError::invalid(format!("{field}: empty label in {input:?}")));
         }
-        let label = if underscore { label.strip_prefix('_').unwrap_or(label) } else { label };
+        // The underscore counts: a DNS label holds at most 63 bytes, whatever they are.
         if label.len() > 63 {
             return Err(ApiError::invalid(format!("{field}: label {label:?} is longer than 63 characters")));
         }
+        let label = if underscore { label.strip_prefix('_').unwrap_or(label) } else { label };
         if !label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
             return Err(ApiError::invalid(format!(
                 "{field}: label {label:?} may hold only letters, digits and hyphens"
@@ -413,6 +414,15 @@ mod tests {
             let err = hostname("name", input).expect_err(input);
             assert!(err.message_contains(why), "{input:?}: {err:?}");
         }
+    }
+
+    #[test]
+    fn an_underscore_counts_toward_the_label_limit() {
+        let longest = format!("_{}.www.example.com", "a".repeat(62));
+        assert_eq!(record_owner("name", &longest).ok(), Some(format!("{longest}.")));
+        let too_long = format!("_{}.www.example.com", "a".repeat(63));
+        let err = record_owner("name", &too_long).expect_err("a label of 64 bytes");
+        assert!(err.message_contains("63"), "{err:?}");
     }
 
     #[test]

@@ -18,6 +18,8 @@ use crate::{store, sync::Shared};
 
 pub mod dyndns;
 mod error;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod input;
 mod migrations;
 mod routes;
