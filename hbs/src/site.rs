@@ -70,17 +70,26 @@ pub async fn run(pool: PgPool, me: String, open: Open, out: watch::Sender<ByNcu>
 }
 
 async fn read(pool: &PgPool, me: &str, sessions: &[i64]) -> Result<Sites, sqlx::Error> {
-    let enrolled: BTreeSet<i64> = sqlx::query_scalar("SELECT id FROM ncus WHERE id = ANY($1)")
-        .bind(sessions)
-        .fetch_all(pool)
-        .await?
-        .into_iter()
-        .collect();
     Ok(Sites {
         redirects: read_redirects(pool, me).await?,
         services: read_services(pool, me).await?,
-        deleted: sessions.iter().copied().filter(|id| !enrolled.contains(id)).collect(),
+        deleted: read_deleted(pool, sessions).await?,
     })
+}
+
+/// The NCUs of `sessions` no longer enrolled. Only those rows come back: reading every enrolled id each second
+/// cost hbs more than a tenth of its instructions outside the heartbeat MACs at 10,000 addresses.
+async fn read_deleted(pool: &PgPool, sessions: &[i64]) -> Result<BTreeSet<i64>, sqlx::Error> {
+    if sessions.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    let deleted: Vec<i64> = sqlx::query_scalar(
+        "SELECT s.id FROM UNNEST($1::int8[]) AS s(id) WHERE NOT EXISTS (SELECT 1 FROM ncus n WHERE n.id = s.id)",
+    )
+    .bind(sessions)
+    .fetch_all(pool)
+    .await?;
+    Ok(deleted.into_iter().collect())
 }
 
 async fn read_services(pool: &PgPool, me: &str) -> Result<BTreeMap<i64, Vec<SiteService>>, sqlx::Error> {

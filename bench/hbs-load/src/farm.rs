@@ -1,6 +1,11 @@
 //! The responder farm: one UDP socket answering the pings of every simulated uplink with the real [`Responder`]. The
 //! socket is bound to the wildcard address with IP_PKTINFO (quinn-udp), so a ping to 127.16.3.7 is seen with that
 //! destination and answered from it: to hbs each uplink is a distinct address, as with real NCUs.
+//!
+//! On loopback the sender runs the receiver's side of each datagram: waking the farm when a ping arrives is work
+//! done in hbs's `sendmmsg`, and on hbs's CPU time. A farm that polls its socket ([`Farm::start`]'s `poll`) is never
+//! woken by a datagram, so hbs's figures count what hbs does, not how the generator sleeps (real NCUs are other
+//! machines, woken by their own interrupts).
 
 use std::{
     cmp::Reverse,
@@ -83,11 +88,13 @@ pub(crate) struct Farm {
 }
 
 impl Farm {
-    /// Starts the farm for `ncus` NCUs whose uplink addresses are `uplinks[ncu]`; lost primaries go to `lost`.
+    /// Starts the farm for `ncus` NCUs whose uplink addresses are `uplinks[ncu]`; lost primaries go to `lost`. With
+    /// `poll`, the socket is read that often instead of when it turns readable.
     pub(crate) fn start(
         uplinks: &[Vec<IpAddr>],
         failover_after: Duration,
         lost: mpsc::UnboundedSender<Lost>,
+        poll: Option<Duration>,
     ) -> anyhow::Result<Self> {
         let std_socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
         std_socket.set_nonblocking(true)?;
@@ -110,9 +117,13 @@ impl Farm {
         // A thread of its own: thousands of real NCUs each answer their heartbeats on their own router, so the
         // farm must not wait behind the generator's QUIC tasks (handshakes, registrations) on the shared runtime.
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let socket = {
-            let _farm_runtime = runtime.enter();
-            UdpSocket::from_std(std_socket)?
+        let socket = match poll {
+            // Not registered with the runtime: no readiness, so no wake-up per datagram.
+            Some(every) => Socket::Polled(std_socket, every),
+            None => {
+                let _farm_runtime = runtime.enter();
+                Socket::Woken(UdpSocket::from_std(std_socket)?)
+            }
         };
         std::thread::Builder::new().name("farm".into()).spawn(move || {
             runtime.block_on(async move {
@@ -135,8 +146,44 @@ impl Farm {
     }
 }
 
+/// The farm's socket, read when it turns readable or every so often.
+enum Socket {
+    Woken(UdpSocket),
+    Polled(std::net::UdpSocket, Duration),
+}
+
+impl Socket {
+    fn as_ref(&self) -> quinn_udp::UdpSockRef<'_> {
+        match self {
+            Self::Woken(socket) => socket.into(),
+            Self::Polled(socket, _) => socket.into(),
+        }
+    }
+
+    /// Until the socket turns readable; never for a polled one.
+    async fn readable(&self) -> std::io::Result<()> {
+        match self {
+            Self::Woken(socket) => socket.readable().await,
+            Self::Polled(..) => std::future::pending().await,
+        }
+    }
+
+    /// One receive of a batch; `WouldBlock` when there is nothing to read.
+    fn recv(
+        &self,
+        state: &UdpSocketState,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> std::io::Result<usize> {
+        match self {
+            Self::Woken(socket) => socket.try_io(Interest::READABLE, || state.recv(socket.into(), bufs, meta)),
+            Self::Polled(socket, _) => state.recv(socket.into(), bufs, meta),
+        }
+    }
+}
+
 struct Inner {
-    socket: UdpSocket,
+    socket: Socket,
     state: UdpSocketState,
     responders: Vec<Responder>,
     uplinks: Vec<Vec<IpAddr>>,
@@ -165,6 +212,12 @@ impl Inner {
         let mut meta = [RecvMeta::default(); BATCH];
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (polled, every) = match self.socket {
+            Socket::Polled(_, every) => (true, every),
+            Socket::Woken(_) => (false, Duration::from_secs(3600)),
+        };
+        let mut poll = tokio::time::interval(every);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 // Sessions first: a ping of a session the farm does not know yet goes unanswered until it does.
@@ -180,23 +233,25 @@ impl Inner {
                     if ready.is_err() {
                         return;
                     }
-                    // Drain what is queued, a bounded number of batches per turn.
-                    for _ in 0..64 {
-                        let mut bufs: Vec<IoSliceMut<'_>> = storage.iter_mut().map(|b| IoSliceMut::new(&mut b[..])).collect();
-                        let received = self.socket.try_io(Interest::READABLE, || {
-                            self.state.recv((&self.socket).into(), &mut bufs, &mut meta)
-                        });
-                        let Ok(count) = received else { break };
-                        let now = Instant::now();
-                        for (buf, meta) in storage.iter().zip(&meta).take(count) {
-                            let stride = meta.stride.max(1);
-                            for segment in buf[..meta.len].chunks(stride) {
-                                self.on_ping(segment, meta.addr, meta.dst_ip, now);
-                            }
-                        }
-                    }
+                    self.drain(&mut storage, &mut meta);
                 },
+                _ = poll.tick(), if polled => self.drain(&mut storage, &mut meta),
                 _ = tick.tick() => self.on_tick(),
+            }
+        }
+    }
+
+    /// Answers what is queued on the socket, a bounded number of batches per turn.
+    fn drain(&mut self, storage: &mut [[u8; 2048]], meta: &mut [RecvMeta; BATCH]) {
+        for _ in 0..64 {
+            let mut bufs: Vec<IoSliceMut<'_>> = storage.iter_mut().map(|b| IoSliceMut::new(&mut b[..])).collect();
+            let Ok(count) = self.socket.recv(&self.state, &mut bufs, meta) else { break };
+            let now = Instant::now();
+            for (buf, meta) in storage.iter().zip(meta.iter()).take(count) {
+                let stride = meta.stride.max(1);
+                for segment in buf[..meta.len].chunks(stride) {
+                    self.on_ping(segment, meta.addr, meta.dst_ip, now);
+                }
             }
         }
     }
@@ -246,7 +301,7 @@ impl Inner {
     ) -> bool {
         let Some(pong) = self.responders[ncu].handle_datagram(uplink, bytes, from, 5, now) else { return false };
         let transmit = Transmit { destination: from, ecn: None, contents: &pong, segment_size: None, src_ip: dst };
-        match self.state.try_send((&self.socket).into(), &transmit) {
+        match self.state.try_send(self.socket.as_ref(), &transmit) {
             Ok(()) => self.stats.pongs.fetch_add(1, Ordering::Relaxed),
             Err(_) => self.stats.send_errors.fetch_add(1, Ordering::Relaxed),
         };
@@ -295,7 +350,7 @@ impl Inner {
                 segment_size: None,
                 src_ip: Some(src),
             };
-            match self.state.try_send((&self.socket).into(), &transmit) {
+            match self.state.try_send(self.socket.as_ref(), &transmit) {
                 Ok(()) => self.stats.hellos.fetch_add(1, Ordering::Relaxed),
                 Err(_) => self.stats.send_errors.fetch_add(1, Ordering::Relaxed),
             };

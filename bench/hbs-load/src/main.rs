@@ -58,9 +58,19 @@ struct Args {
     /// Registrations in flight at once.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// The responder farm reads its socket every this many microseconds instead of when it turns readable (see
+    /// farm.rs: then no ping wakes it, work that would count in hbs's CPU time on loopback).
+    #[arg(long)]
+    farm_poll: Option<u64>,
+    /// Registrations started per second, at most (0: as many as `concurrency` allows).
+    #[arg(long, default_value_t = 0.0)]
+    register_rate: f64,
     /// Keep the work directory (hbs logs and configs) by moving it here at exit, instead of deleting it.
     #[arg(long, env = "HBS_LOAD_KEEP")]
     keep: Option<PathBuf>,
+    /// TOML lines appended to each hbs's configuration (e.g. a wider policy for a run under valgrind).
+    #[arg(long, env = "HBS_CONFIG_EXTRA", default_value = "")]
+    hbs_config: String,
     #[command(subcommand)]
     command: Mode,
 }
@@ -78,6 +88,18 @@ enum Mode {
         /// CPU list for hbs (taskset -c).
         #[arg(long, default_value = "1")]
         hbs_cpu: String,
+        /// Seconds every address of a step has to turn live.
+        #[arg(long, default_value_t = 120)]
+        live_within: u64,
+        /// Seconds between all addresses live and the held window.
+        #[arg(long, default_value_t = 5)]
+        settle: u64,
+        /// Shell command run (and waited for) just before each held window, with HBS_PID, ADDRESSES and HOLD set.
+        #[arg(long)]
+        before_hold: Option<String>,
+        /// Shell command run (and waited for) just after each held window, with the same variables.
+        #[arg(long)]
+        after_hold: Option<String>,
     },
     /// Failover storm: SIGKILL the hbs carrying every NCU.
     Storm {
@@ -130,8 +152,14 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<()> {
     tether_db::migrate(&pool).await?;
     setup::install_death_log(&pool).await?;
     match &args.command {
-        Mode::Capacity { steps, hold, hbs_cpu } => {
-            capacity(args, dir, &pool, steps, Duration::from_secs(*hold), hbs_cpu).await
+        Mode::Capacity { steps, hold, hbs_cpu, live_within, settle, before_hold, after_hold } => {
+            let timing = Timing {
+                hold: Duration::from_secs(*hold),
+                live_within: Duration::from_secs(*live_within),
+                settle: Duration::from_secs(*settle),
+            };
+            let hooks = Hooks { before: before_hold.as_deref(), after: after_hold.as_deref() };
+            capacity(args, dir, &pool, steps, timing, hooks, hbs_cpu).await
         }
         Mode::Storm { ncus, failover_after, watch } => {
             storm(args, dir, &pool, *ncus, Duration::from_secs_f64(*failover_after), Duration::from_secs(*watch)).await
@@ -139,18 +167,40 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// How long each step of `capacity` waits and holds.
+struct Timing {
+    hold: Duration,
+    live_within: Duration,
+    settle: Duration,
+}
+
+/// Commands run around each held window of `capacity` (`sh -c`).
+struct Hooks<'a> {
+    before: Option<&'a str>,
+    after: Option<&'a str>,
+}
+
 async fn capacity(
     args: &Args,
     dir: &Path,
     pool: &PgPool,
     steps: &[usize],
-    hold: Duration,
+    timing: Timing,
+    hooks: Hooks<'_>,
     hbs_cpu: &str,
 ) -> anyhow::Result<()> {
+    let Timing { hold, live_within, settle } = timing;
     let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let ca = setup::make_pki(dir, &[("hbs-a", local)])?;
-    let mut hbs =
-        HbsProcess::start(&args.hbs_bin, dir, "hbs-a", setup::free_port(local)?, &args.database_url, Some(hbs_cpu))?;
+    let mut hbs = HbsProcess::start(
+        &args.hbs_bin,
+        dir,
+        "hbs-a",
+        setup::free_port(local)?,
+        &args.database_url,
+        Some(hbs_cpu),
+        &args.hbs_config,
+    )?;
     setup::wait_for_fleet_row(pool, "hbs-a", Duration::from_secs(30)).await?;
     let most = steps.iter().copied().max().unwrap_or(0);
     let count = most.div_ceil(args.uplinks.max(1));
@@ -159,7 +209,7 @@ async fn capacity(
     eprintln!("seeded {count} NCUs × {} uplinks in {:.1?}", args.uplinks, started.elapsed());
     let (lost_tx, mut lost_rx) = mpsc::unbounded_channel();
     let ips: Vec<Vec<IpAddr>> = ncus.iter().map(|n| n.ips.clone()).collect();
-    let farm = Farm::start(&ips, Duration::from_secs(3), lost_tx)?;
+    let farm = Farm::start(&ips, Duration::from_secs(3), lost_tx, args.farm_poll.map(Duration::from_micros))?;
     let endpoints = client_endpoints(local)?;
     let mut sessions = Vec::new();
     println!(
@@ -170,15 +220,14 @@ async fn capacity(
         let want = step.div_ceil(args.uplinks.max(1)).min(count);
         let before_ramp = setup::deaths(pool).await?;
         let ramp = Instant::now();
-        let new =
-            register_all(&ncus, sessions.len()..want, &endpoints, &farm, &hbs.control.to_string(), args.concurrency)
-                .await?;
+        let new = register_all(args, &ncus, sessions.len()..want, &endpoints, &farm, &hbs.control.to_string()).await?;
         sessions.extend(new);
         let addresses = i64::try_from(want * args.uplinks)?;
-        wait_live(pool, "hbs-a", addresses, Duration::from_secs(120)).await?;
+        wait_live(pool, "hbs-a", addresses, live_within).await?;
         eprintln!("{addresses} addresses live after {:.1?}; settling", ramp.elapsed());
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        tokio::time::sleep(settle).await;
         hbs.check()?;
+        run_hook(hooks.before, hbs.pid(), addresses, hold).await?;
         let deaths0 = setup::deaths(pool).await?;
         let cpu0 = setup::cpu_time(hbs.pid())?;
         let pongs0 = farm.stats.pongs.load(Ordering::Relaxed);
@@ -193,6 +242,7 @@ async fn capacity(
         }
         let elapsed = t0.elapsed();
         let cpu = setup::cpu_time(hbs.pid())?.saturating_sub(cpu0);
+        run_hook(hooks.after, hbs.pid(), addresses, hold).await?;
         let deaths1 = setup::deaths(pool).await?;
         let deaths = (deaths1.0 - deaths0.0, deaths1.1 - deaths0.1);
         let pongs = farm.stats.pongs.load(Ordering::Relaxed) - pongs0;
@@ -222,18 +272,40 @@ async fn capacity(
     Ok(())
 }
 
-/// Registers NCUs `range` with `server`, `concurrency` at a time, and starts answering their pings.
+/// Runs a hook of `capacity` to its end; fails when it fails.
+async fn run_hook(command: Option<&str>, pid: u32, addresses: i64, hold: Duration) -> anyhow::Result<()> {
+    let Some(command) = command else { return Ok(()) };
+    let mut child = std::process::Command::new("sh");
+    child
+        .arg("-c")
+        .arg(command)
+        .env("HBS_PID", pid.to_string())
+        .env("ADDRESSES", addresses.to_string())
+        .env("HOLD", hold.as_secs().to_string());
+    let status =
+        tokio::task::spawn_blocking(move || child.status()).await?.with_context(|| format!("running {command}"))?;
+    if !status.success() {
+        bail!("{command} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Registers NCUs `range` with `server`, `args.concurrency` at a time and at most `args.register_rate` a second,
+/// and starts answering their pings.
 async fn register_all(
+    args: &Args,
     ncus: &Arc<Vec<SimNcu>>,
     range: std::ops::Range<usize>,
     endpoints: &[quinn::Endpoint],
     farm: &Farm,
     server: &str,
-    concurrency: usize,
 ) -> anyhow::Result<Vec<ncu::Session>> {
-    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+    let permits = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    let start = tokio::time::Instant::now();
+    let gap = (args.register_rate > 0.0).then(|| Duration::from_secs_f64(1.0 / args.register_rate));
     let mut tasks = JoinSet::new();
-    for i in range.clone() {
+    for (k, i) in range.clone().enumerate() {
+        let not_before = gap.map(|gap| start + gap.saturating_mul(u32::try_from(k).unwrap_or(u32::MAX)));
         let ncus = ncus.clone();
         let endpoint = endpoints[i % endpoints.len()].clone();
         let permits = permits.clone();
@@ -241,6 +313,9 @@ async fn register_all(
         let port = farm.port;
         let farm_tx = farm.tx.clone();
         tasks.spawn(async move {
+            if let Some(at) = not_before {
+                tokio::time::sleep_until(at).await;
+            }
             let _permit = permits.acquire_owned().await?;
             let mut attempt = 0;
             loop {
@@ -341,14 +416,22 @@ async fn storm(
     let shutdown = CancellationToken::new();
     let hds_task = tokio::spawn(hds::run(hds_socket, hds_config, shutdown.clone()));
 
-    let mut hbs_a = HbsProcess::start(&args.hbs_bin, dir, "hbs-a", setup::free_port(a_ip)?, &args.database_url, None)?;
+    let mut hbs_a = HbsProcess::start(
+        &args.hbs_bin,
+        dir,
+        "hbs-a",
+        setup::free_port(a_ip)?,
+        &args.database_url,
+        None,
+        &args.hbs_config,
+    )?;
     setup::wait_for_fleet_row(pool, "hbs-a", Duration::from_secs(30)).await?;
     let started = Instant::now();
     let ncus = Arc::new(setup::seed_ncus(pool, &ca, 0, count, args.uplinks).await?);
     eprintln!("seeded {count} NCUs × {} uplinks in {:.1?}", args.uplinks, started.elapsed());
     let (lost_tx, mut lost_rx) = mpsc::unbounded_channel::<Lost>();
     let ips: Vec<Vec<IpAddr>> = ncus.iter().map(|n| n.ips.clone()).collect();
-    let farm = Arc::new(Farm::start(&ips, failover_after, lost_tx)?);
+    let farm = Arc::new(Farm::start(&ips, failover_after, lost_tx, args.farm_poll.map(Duration::from_micros))?);
     let endpoints = client_endpoints(a_ip)?;
 
     // 1. Every NCU asks hds (only hbs-a exists: no backup yet) and registers there.
@@ -358,13 +441,21 @@ async fn storm(
         bail!("NCU {i} was assigned {}", primary.name);
     }
     let a_address = assigned.first().map(|(p, _)| p.address.clone()).context("no NCUs")?;
-    let sessions = register_all(&ncus, 0..count, &endpoints, &farm, &a_address, args.concurrency).await?;
+    let sessions = register_all(args, &ncus, 0..count, &endpoints, &farm, &a_address).await?;
     let addresses = i64::try_from(count * args.uplinks)?;
     wait_live(pool, "hbs-a", addresses, Duration::from_secs(120)).await?;
     eprintln!("{count} NCUs ({addresses} addresses) live on hbs-a after {:.1?}", ramp.elapsed());
 
     // 2. hbs-b joins; every NCU asks hds for a backup, as ncu does while it has none.
-    let mut hbs_b = HbsProcess::start(&args.hbs_bin, dir, "hbs-b", setup::free_port(b_ip)?, &args.database_url, None)?;
+    let mut hbs_b = HbsProcess::start(
+        &args.hbs_bin,
+        dir,
+        "hbs-b",
+        setup::free_port(b_ip)?,
+        &args.database_url,
+        None,
+        &args.hbs_config,
+    )?;
     setup::wait_for_fleet_row(pool, "hbs-b", Duration::from_secs(30)).await?;
     let pairs = assign_all(&ncus, &hds_addr, &[], args.concurrency).await?;
     let backups: Vec<Option<tether_proto::hds::HeartbeatServer>> = pairs

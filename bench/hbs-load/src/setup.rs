@@ -181,7 +181,8 @@ pub(crate) struct HbsProcess {
 }
 
 impl HbsProcess {
-    /// Starts `bin` as `name` on `control`, pinned to `cpu` (taskset) when given; logs go to `dir/<name>.log`.
+    /// Starts `bin` as `name` on `control`, pinned to `cpu` (taskset) when given, with `extra` appended to its
+    /// configuration; logs go to `dir/<name>.log`.
     pub(crate) fn start(
         bin: &Path,
         dir: &Path,
@@ -189,6 +190,7 @@ impl HbsProcess {
         control: SocketAddr,
         database_url: &str,
         cpu: Option<&str>,
+        extra: &str,
     ) -> anyhow::Result<Self> {
         let config = dir.join(format!("{name}.toml"));
         let text = format!(
@@ -199,7 +201,7 @@ impl HbsProcess {
             cert = dir.join(format!("{name}.pem")).display(),
             key = dir.join(format!("{name}.key")).display(),
         );
-        std::fs::write(&config, text)?;
+        std::fs::write(&config, format!("{text}{extra}\n"))?;
         let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
         let mut command = match cpu {
             Some(cpu) => {

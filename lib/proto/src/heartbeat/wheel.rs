@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::monitor::TargetId;
+use super::monitor::{TargetId, TargetIndex};
 
 /// A target's deadline on the [`Wheel`].
 #[derive(Debug, Clone, Copy)]
@@ -11,6 +11,8 @@ pub(super) struct Entry {
     pub(super) deadline: Instant,
     /// Whose it is.
     pub(super) id: TargetId,
+    /// Where that target is in the monitor.
+    pub(super) target: TargetIndex,
     /// The millisecond (since the wheel's origin) whose slot holds it.
     tick: u64,
 }
@@ -76,14 +78,14 @@ impl Wheel {
         (tick & self.mask) as usize
     }
 
-    /// Adds a deadline; returns its place, which [`Wheel::cancel`] needs.
-    pub(super) fn insert(&mut self, at: Instant, id: TargetId) -> Place {
+    /// Adds a deadline of target `id`, at `target` in the monitor; returns its place, which [`Wheel::cancel`] needs.
+    pub(super) fn insert(&mut self, at: Instant, id: TargetId, target: TargetIndex) -> Place {
         let origin = *self.origin.get_or_insert(at);
         // A deadline already past is due at the next look, like any other in the cursor's tick.
         let tick = Self::tick(origin, at).max(self.cursor);
         let slot = self.slot(tick);
         let index = self.slots[slot].len();
-        self.slots[slot].push(Entry { deadline: at, id, tick });
+        self.slots[slot].push(Entry { deadline: at, id, target, tick });
         self.len += 1;
         // Every other entry is at `next` or later, so an earlier one is the earliest, stale or not.
         if self.next.is_none_or(|next| at < next) {
@@ -236,7 +238,7 @@ mod tests {
         assert_eq!(wheel.next(), None);
 
         // Emptied again by a cancel.
-        let place = wheel.insert(base + ms(3), 1);
+        let place = wheel.insert(base + ms(3), 1, 0);
         assert_eq!(wheel.next(), Some(base + ms(3)));
         wheel.cancel(place, 1);
         wheel.settle();
@@ -258,7 +260,7 @@ mod tests {
         let base = Instant::now();
         let mut wheel = Wheel::new(ms(500));
         for (at, id) in [(ms(0), 0), (ms(5), 3), (us(2_500), 1), (us(2_200), 9), (us(2_500), 4), (ms(2), 7)] {
-            wheel.insert(base + at, id);
+            wheel.insert(base + at, id, 0);
         }
         assert_eq!(wheel.next(), Some(base));
         let mut due = Vec::new();
@@ -278,8 +280,8 @@ mod tests {
     fn cancel_and_reschedule_move_the_next_deadline() {
         let base = Instant::now();
         let mut wheel = Wheel::new(ms(500));
-        let a = wheel.insert(base + ms(10), 1);
-        let b = wheel.insert(base + ms(20), 2);
+        let a = wheel.insert(base + ms(10), 1, 0);
+        let b = wheel.insert(base + ms(20), 2, 0);
         assert_eq!(wheel.next(), Some(base + ms(10)));
         wheel.cancel(a, 1);
         wheel.settle();
@@ -291,11 +293,11 @@ mod tests {
 
         // Earlier: the next deadline at once, before any settle.
         wheel.cancel(b, 2);
-        let b = wheel.insert(base + ms(5), 2);
+        let b = wheel.insert(base + ms(5), 2, 0);
         assert_eq!(wheel.next(), Some(base + ms(5)));
         // Later.
         wheel.cancel(b, 2);
-        wheel.insert(base + ms(30), 2);
+        wheel.insert(base + ms(30), 2, 0);
         wheel.settle();
         assert_eq!(wheel.next(), Some(base + ms(30)));
         assert_eq!(take_all(&mut wheel, base, base + ms(100)), [(ms(30), 2)]);
@@ -306,11 +308,11 @@ mod tests {
         let base = Instant::now();
         let mut wheel = Wheel::new(ms(100));
         assert_eq!(wheel.slot_count(), 1024);
-        wheel.insert(base, 1);
+        wheel.insert(base, 1, 0);
         // In tick 7's slot, three turns of the wheel later.
         let far = ms(3 * 1024 + 7);
-        wheel.insert(base + far, 2);
-        wheel.insert(base + ms(7), 3);
+        wheel.insert(base + far, 2, 0);
+        wheel.insert(base + ms(7), 3, 0);
         assert_eq!(take_all(&mut wheel, base, base + ms(100)), [(ms(0), 1), (ms(7), 3)]);
         assert_eq!(wheel.next(), Some(base + far), "found beyond a turn of the wheel");
         assert_eq!(take_all(&mut wheel, base, base + far - ms(1)), []);
@@ -322,11 +324,11 @@ mod tests {
     fn many_deadlines_in_one_slot() {
         let base = Instant::now();
         let mut wheel = Wheel::new(ms(100));
-        wheel.insert(base, -1);
+        wheel.insert(base, -1, 0);
         let places: Vec<Place> =
-            (0..1_000).rev().map(|id| wheel.insert(base + ms(3) + us(id as u64 / 2), id)).collect();
+            (0..1_000).rev().map(|id| wheel.insert(base + ms(3) + us(id as u64 / 2), id, 0)).collect();
         // The same slot, a turn later: after the others, its index moves when the slot is compacted.
-        let later = wheel.insert(base + ms(1_024 + 3), 5_000);
+        let later = wheel.insert(base + ms(1_024 + 3), 5_000, 0);
         for (index, place) in places.iter().enumerate() {
             let id = 999 - index as TargetId;
             if id % 3 == 0 {
@@ -350,18 +352,18 @@ mod tests {
     fn past_deadlines_and_time_going_back() {
         let base = Instant::now();
         let mut wheel = Wheel::new(ms(500));
-        wheel.insert(base + ms(1_000), 1);
+        wheel.insert(base + ms(1_000), 1, 0);
         // Before the first deadline ever scheduled (the wheel's origin).
-        wheel.insert(base, 2);
+        wheel.insert(base, 2, 0);
         assert_eq!(wheel.next(), Some(base));
         assert_eq!(take_all(&mut wheel, base, base), [(ms(0), 2)]);
         assert_eq!(take_all(&mut wheel, base, base + ms(2_000)), [(ms(1_000), 1)]);
         // Behind the ticks already passed.
-        wheel.insert(base + ms(1_500), 3);
+        wheel.insert(base + ms(1_500), 3, 0);
         assert_eq!(wheel.next(), Some(base + ms(1_500)));
         assert_eq!(take_all(&mut wheel, base, base + ms(2_000)), [(ms(1_500), 3)]);
         // The clock goes back: nothing is due early, and nothing is lost.
-        wheel.insert(base + ms(2_500), 4);
+        wheel.insert(base + ms(2_500), 4, 0);
         assert_eq!(take_all(&mut wheel, base, base + ms(500)), []);
         assert_eq!(take_all(&mut wheel, base, base + ms(2_499)), []);
         assert_eq!(wheel.next(), Some(base + ms(2_500)));
@@ -395,7 +397,7 @@ mod tests {
                         wheel.cancel(slot, id);
                         model.remove(&(old, id));
                     }
-                    slots.insert(id, (wheel.insert(at, id), at));
+                    slots.insert(id, (wheel.insert(at, id, 0), at));
                     model.insert((at, id));
                 }
                 5 => {
