@@ -5,7 +5,8 @@
 //! `capacity`: one hbs (pinned with taskset) carries more and more addresses; per step, its CPU and the addresses
 //! wrongly marked dead. `storm`: every NCU sits on hbs-a with hbs-b as backup (from hds, in-process here) and, as
 //! ncu does, an idle standby connection to hbs-b; hbs-a is SIGKILLed; how long until every NCU is registered on
-//! hbs-b, and how many addresses were marked dead meanwhile.
+//! hbs-b, and how many addresses were marked dead meanwhile. `attach`: no hbs of its own; addresses registered with
+//! a running one (bench/system's), kept heartbeating while another measurement runs beside them.
 
 #![allow(clippy::print_stdout)]
 
@@ -46,9 +47,9 @@ const ENDPOINTS: usize = 16;
 
 #[derive(Parser)]
 struct Args {
-    /// The hbs binary under test.
+    /// The hbs binary under test (not used by `attach`).
     #[arg(long)]
-    hbs_bin: PathBuf,
+    hbs_bin: Option<PathBuf>,
     /// A throwaway Postgres (its tables are filled with bench rows).
     #[arg(long, env = "DATABASE_URL")]
     database_url: String,
@@ -113,6 +114,28 @@ enum Mode {
         #[arg(long, default_value_t = 20)]
         watch: u64,
     },
+    /// Addresses heartbeating on a running hbs (trusting the CA in `--pki`), until killed or for `--hold` seconds.
+    Attach {
+        /// The hbs's control address.
+        #[arg(long)]
+        server: SocketAddr,
+        /// Its name (in `heartbeat_servers`).
+        #[arg(long)]
+        name: String,
+        /// The directory with the CA (ca.pem, ca.key) the hbs trusts; the simulated NCUs' certificates are signed
+        /// with it.
+        #[arg(long)]
+        pki: PathBuf,
+        /// Addresses to keep heartbeating (NCUs × `--uplinks`).
+        #[arg(long, default_value_t = 10_000)]
+        addresses: usize,
+        /// Seconds every address has to turn live.
+        #[arg(long, default_value_t = 180)]
+        live_within: u64,
+        /// Seconds to keep them heartbeating at most, once live.
+        #[arg(long, default_value_t = 1800)]
+        hold: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -164,6 +187,18 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<()> {
         Mode::Storm { ncus, failover_after, watch } => {
             storm(args, dir, &pool, *ncus, Duration::from_secs_f64(*failover_after), Duration::from_secs(*watch)).await
         }
+        Mode::Attach { server, name, pki, addresses, live_within, hold } => {
+            let target = Attached { control: *server, name, pki };
+            let timing = (Duration::from_secs(*live_within), Duration::from_secs(*hold));
+            attach(args, &pool, target, *addresses, timing).await
+        }
+    }
+}
+
+impl Args {
+    /// `--hbs-bin`, which the modes that start their own hbs need.
+    fn hbs_bin(&self) -> anyhow::Result<&Path> {
+        self.hbs_bin.as_deref().context("--hbs-bin is needed in this mode")
     }
 }
 
@@ -193,7 +228,7 @@ async fn capacity(
     let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let ca = setup::make_pki(dir, &[("hbs-a", local)])?;
     let mut hbs = HbsProcess::start(
-        &args.hbs_bin,
+        args.hbs_bin()?,
         dir,
         "hbs-a",
         setup::free_port(local)?,
@@ -417,7 +452,7 @@ async fn storm(
     let hds_task = tokio::spawn(hds::run(hds_socket, hds_config, shutdown.clone()));
 
     let mut hbs_a = HbsProcess::start(
-        &args.hbs_bin,
+        args.hbs_bin()?,
         dir,
         "hbs-a",
         setup::free_port(a_ip)?,
@@ -448,7 +483,7 @@ async fn storm(
 
     // 2. hbs-b joins; every NCU asks hds for a backup, as ncu does while it has none.
     let mut hbs_b = HbsProcess::start(
-        &args.hbs_bin,
+        args.hbs_bin()?,
         dir,
         "hbs-b",
         setup::free_port(b_ip)?,
@@ -648,6 +683,76 @@ async fn storm(
     drop(sessions);
     shutdown.cancel();
     let _ = hds_task.await;
+    Ok(())
+}
+
+/// The running hbs `attach` registers with.
+struct Attached<'a> {
+    /// Its control address.
+    control: SocketAddr,
+    /// Its name.
+    name: &'a str,
+    /// The directory holding the CA it trusts.
+    pki: &'a Path,
+}
+
+async fn attach(
+    args: &Args,
+    pool: &PgPool,
+    hbs: Attached<'_>,
+    addresses: usize,
+    (live_within, hold): (Duration, Duration),
+) -> anyhow::Result<()> {
+    let ca = tether_pki::Ca::load(hbs.pki).with_context(|| format!("loading the CA in {}", hbs.pki.display()))?;
+    let uplinks = args.uplinks.max(1);
+    let count = addresses.div_ceil(uplinks);
+    let started = Instant::now();
+    let ncus = Arc::new(setup::seed_ncus(pool, &ca, 0, count, uplinks).await?);
+    eprintln!("seeded {count} NCUs × {uplinks} uplinks in {:.1?}", started.elapsed());
+    let (lost_tx, mut lost_rx) = mpsc::unbounded_channel();
+    let ips: Vec<Vec<IpAddr>> = ncus.iter().map(|n| n.ips.clone()).collect();
+    let farm = Farm::start(&ips, Duration::from_secs(3), lost_tx, args.farm_poll.map(Duration::from_micros))?;
+    let endpoints = client_endpoints(hbs.control.ip())?;
+    let ramp = Instant::now();
+    let sessions = register_all(args, &ncus, 0..count, &endpoints, &farm, &hbs.control.to_string()).await?;
+    let total = i64::try_from(count * uplinks)?;
+    let deadline = Instant::now() + live_within;
+    loop {
+        let (live, pending, dead) = setup::bench_address_states(pool).await?;
+        if live >= total {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {live} of {total} addresses live after {live_within:?} ({pending} pending, {dead} dead)");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    println!(
+        "attach: all {total} addresses ({count} NCUs × {uplinks}) live on {} after {:.1?}",
+        hbs.name,
+        ramp.elapsed()
+    );
+    let deaths0 = setup::bench_deaths(pool).await?;
+    let mut reported = deaths0;
+    let mut lost = 0;
+    let held = Instant::now();
+    while held.elapsed() < hold {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        while lost_rx.try_recv().is_ok() {
+            lost += 1;
+        }
+        let deaths = setup::bench_deaths(pool).await?;
+        if deaths != reported {
+            println!(
+                "attach: since all were live, {} live→dead and {} pending→dead; primaries lost: {lost}",
+                deaths.0 - deaths0.0,
+                deaths.1 - deaths0.1
+            );
+            reported = deaths;
+        }
+    }
+    println!("attach: held {hold:?}; stopping");
+    drop(sessions);
     Ok(())
 }
 

@@ -144,6 +144,29 @@ pub(crate) async fn address_states(pool: &PgPool, hbs: &str) -> anyhow::Result<(
     Ok(row)
 }
 
+/// The states of the seeded NCUs' addresses (zone `bench.test.`, whichever server has them): (live, pending, dead).
+pub(crate) async fn bench_address_states(pool: &PgPool) -> anyhow::Result<(i64, i64, i64)> {
+    let row: (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE a.state = 'live'), count(*) FILTER (WHERE a.state = 'pending'), \
+         count(*) FILTER (WHERE a.state = 'dead') FROM addresses a JOIN domains d ON d.id = a.domain_id \
+         JOIN zones z ON z.id = d.zone_id WHERE a.source = 'ncu' AND z.origin = 'bench.test.'",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(row)
+}
+
+/// [`deaths`] of the seeded NCUs' addresses only (beside others in a shared database).
+pub(crate) async fn bench_deaths(pool: &PgPool) -> anyhow::Result<(i64, i64)> {
+    Ok(sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE b.was = 'live'), count(*) FILTER (WHERE b.was <> 'live') \
+         FROM bench_deaths b JOIN addresses a ON a.id = b.id JOIN domains d ON d.id = a.domain_id \
+         JOIN zones z ON z.id = d.zone_id WHERE z.origin = 'bench.test.'",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
 /// Which NCUs have addresses still pending on `hbs`: how many NCUs, how many of them have every address pending,
 /// and the first few ids (to find in hbs's log).
 pub(crate) async fn pending_ncus(pool: &PgPool, hbs: &str) -> anyhow::Result<String> {
