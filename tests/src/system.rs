@@ -165,6 +165,11 @@ impl Process {
         }
     }
 
+    /// Its process id while it runs (`ip netns exec` execs the program, so the program's).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The last `lines` lines of its log.
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
@@ -468,6 +473,24 @@ impl System {
         let process = Process::spawn(name, &self.ns.name(netns), &self.bin.join(binary), &args, &all_env, log)?;
         self.processes.push(process);
         Ok(())
+    }
+
+    /// Starts another binary of the build (`binary` in [`binaries`]'s directory: `hbs-load`, say) with `args` in
+    /// namespace `netns` (short name), logging and stopped like the others.
+    pub fn start_binary(&mut self, name: &str, binary: &str, netns: &str, args: &[&OsStr]) -> Result<()> {
+        let program = self.bin.join(binary);
+        if !program.exists() {
+            bail!("{} is missing: build it first (`cargo build --release -p {binary}`)", program.display());
+        }
+        let log = self.work.path().join(format!("{name}.log"));
+        let process = Process::spawn(name, &self.ns.name(netns), &program, args, &[], log)?;
+        self.processes.push(process);
+        Ok(())
+    }
+
+    /// The operator PKI of [`System::start`] (`hds pki init`): `ca.pem` and `ca.key`, the servers' certificates.
+    pub fn pki_dir(&self) -> PathBuf {
+        self.work.path().join("pki")
     }
 
     /// The process called `name`.
