@@ -1,18 +1,68 @@
-//! The DNS front: a hickory `RequestHandler` that hands each query to the current view's catalog (over TCP, and
-//! over UDP for what [`crate::udp`] does not answer itself).
+//! The DNS front: the fast path both transports try first ([`answer_fast`]), and a hickory `RequestHandler` that
+//! hands every other query to the current view's catalog (over UDP from [`crate::udp`], over TCP from
+//! [`crate::tcp`]).
 
 use std::sync::Arc;
 
 use hickory_server::{
-    net::runtime::Time,
-    proto::{op::OpCode, rr::RecordType},
+    net::{NetError, runtime::Time},
+    proto::{
+        op::{Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode},
+        rr::{Record, RecordType},
+        serialize::binary::{BinEncodable, BinEncoder},
+    },
     server::{Request, RequestHandler, ResponseHandler, ResponseInfo},
+    zone_handler::MessageResponse,
 };
+use tracing::warn;
 
 use crate::{
     sync::Shared,
+    view::View,
+    wire,
     xfr::{self, TsigKey},
 };
+
+/// The fast path: the answer to a plain query with a prebuilt answer ([`View::answer`]), appended to `out` and
+/// counted in `shared`'s metrics; its response code, or `None` (and `out` untouched) when the catalog must answer.
+pub fn answer_fast(shared: &Shared, view: &View, packet: &[u8], out: &mut Vec<u8>) -> Option<u16> {
+    let query = wire::parse(packet)?;
+    let rcode = u16::from(view.answer(&query, out)?);
+    shared.metrics.count_response(rcode);
+    Some(rcode)
+}
+
+/// Encodes a catalog response within `limit` bytes, as hickory's server does (truncated when over, with TC); an
+/// encoding failure becomes a bare SERVFAIL.
+pub(crate) fn encode_within<'a>(
+    response: MessageResponse<
+        '_,
+        'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+    >,
+    limit: u16,
+) -> Result<(ResponseInfo, Vec<u8>), NetError> {
+    let id = response.metadata().id;
+    let mut bytes = Vec::with_capacity(512);
+    let mut encoder = BinEncoder::new(&mut bytes);
+    encoder.set_max_size(limit);
+    let error = match response.destructive_emit(&mut encoder) {
+        Ok(info) => return Ok((info, bytes)),
+        Err(error) => error,
+    };
+    warn!(%error, "cannot encode response");
+    bytes.clear();
+    let mut encoder = BinEncoder::new(&mut bytes);
+    encoder.set_max_size(512);
+    let mut metadata = Metadata::new(id, MessageType::Response, OpCode::Query);
+    metadata.response_code = ResponseCode::ServFail;
+    let header = Header { metadata, counts: HeaderCounts::default() };
+    header.emit(&mut encoder)?;
+    Ok((ResponseInfo::from(header), bytes))
+}
 
 /// Answers from whatever view is current when the query arrives.
 pub struct Handler {

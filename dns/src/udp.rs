@@ -1,5 +1,6 @@
-//! DNS over UDP: one task owns the socket, answers plain A/AAAA queries from prebuilt messages in place, and hands
-//! every other query to the catalog ([`crate::server::Handler`]) in a task of its own.
+//! DNS over UDP: one task owns the socket, answers plain queries from prebuilt messages in place (A, AAAA, SRV,
+//! NXDOMAIN, NODATA: [`View::answer`]), and hands every other query to the catalog ([`crate::server::Handler`]) in a
+//! task of its own.
 //!
 //! hickory's own UDP server spawns a task, decodes the whole message and sends through a channel for every query;
 //! for the common query this loop does a hash lookup and a copy instead. What the catalog answers is unchanged: the
@@ -14,9 +15,9 @@ use std::{
 use hickory_server::{
     net::{NetError, runtime::TokioTime, xfer::Protocol},
     proto::{
-        op::{Header, HeaderCounts, Message, MessageType, Metadata, OpCode, ResponseCode},
+        op::{Header, Message, MessageType, ResponseCode},
         rr::{Record, RecordType},
-        serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder},
+        serialize::binary::{BinDecodable, BinDecoder, BinEncodable},
     },
     server::{Request, RequestHandler, ResponseHandler, ResponseInfo},
     zone_handler::{MessageResponse, MessageResponseBuilder, Queries},
@@ -27,8 +28,7 @@ use tracing::{debug, warn};
 
 use crate::{
     rrl::{Verdict, truncated},
-    server::Handler,
-    view::View,
+    server::{self, Handler},
     wire,
 };
 
@@ -83,9 +83,9 @@ pub async fn serve(socket: UdpSocket, handler: Arc<Handler>, shutdown: Cancellat
             }
             let packet = &buf[..len];
             let start = answers.len();
-            if answer_prebuilt(&handler, &view, packet, &mut answers) {
+            if let Some(rcode) = server::answer_fast(handler.shared(), &view, packet, &mut answers) {
                 let name = wire::parse(packet).map_or(&[][..], |q| q.qname);
-                if limit(handler.shared(), src.ip(), name, 0, &mut answers, start) {
+                if limit(handler.shared(), src.ip(), name, rcode, &mut answers, start) {
                     sends.push((src, answers.len()));
                 }
                 continue;
@@ -120,21 +120,6 @@ pub async fn serve(socket: UdpSocket, handler: Arc<Handler>, shutdown: Cancellat
     };
     while slow.join_next().await.is_some() {}
     result
-}
-
-/// The fast path: a plain query for a name with a prebuilt answer, appended to `out`.
-fn answer_prebuilt(handler: &Handler, view: &View, packet: &[u8], out: &mut Vec<u8>) -> bool {
-    let Some(query) = wire::parse(packet) else {
-        return false;
-    };
-    let Some(prebuilt) = view.prebuilt_answer(query.qname, query.qtype) else {
-        return false;
-    };
-    if !wire::respond(&query, prebuilt, out) {
-        return false;
-    }
-    handler.shared().metrics.count_response(u16::from(ResponseCode::NoError));
-    true
 }
 
 /// Response rate limiting of the answer in `out[start..]` to `source`: true to send it (as it is, or truncated in
@@ -273,24 +258,8 @@ fn encode_udp<'a>(
         impl Iterator<Item = &'a Record> + Send + 'a,
     >,
 ) -> Result<(ResponseInfo, Vec<u8>), NetError> {
-    let id = response.metadata().id;
     let limit = response.edns().map_or(512, |edns| edns.max_payload()).min(MAX_UDP_ANSWER);
-    let mut bytes = Vec::with_capacity(512);
-    let mut encoder = BinEncoder::new(&mut bytes);
-    encoder.set_max_size(limit);
-    let error = match response.destructive_emit(&mut encoder) {
-        Ok(info) => return Ok((info, bytes)),
-        Err(error) => error,
-    };
-    warn!(%error, "cannot encode response");
-    bytes.clear();
-    let mut encoder = BinEncoder::new(&mut bytes);
-    encoder.set_max_size(512);
-    let mut metadata = Metadata::new(id, MessageType::Response, OpCode::Query);
-    metadata.response_code = ResponseCode::ServFail;
-    let header = Header { metadata, counts: HeaderCounts::default() };
-    header.emit(&mut encoder)?;
-    Ok((ResponseInfo::from(header), bytes))
+    server::encode_within(response, limit)
 }
 
 /// Encodes a catalog response as DNS over UDP sends it (within the requestor's limit and [`MAX_UDP_ANSWER`]), for
@@ -310,7 +279,7 @@ pub fn encode_response<'a>(
 }
 
 /// hickory's rule: never answer port 0, an unspecified or a broadcast address.
-fn usable_source(src: SocketAddr) -> bool {
+pub(crate) fn usable_source(src: SocketAddr) -> bool {
     src.port() != 0
         && match src.ip() {
             IpAddr::V4(v4) => !v4.is_unspecified() && !v4.is_broadcast(),
@@ -319,11 +288,11 @@ fn usable_source(src: SocketAddr) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Mutex;
 
     use hickory_server::proto::{
-        op::{Edns, Message, Query},
+        op::{Edns, Message, OpCode, Query},
         rr::{Name, RecordType},
     };
 
@@ -357,7 +326,7 @@ mod tests {
         }
     }
 
-    fn handler() -> Handler {
+    pub(crate) fn handler() -> Handler {
         handler_with(crate::rrl::Settings::default())
     }
 
@@ -396,6 +365,15 @@ mod tests {
             services: Vec::new(),
             txt: Vec::new(),
         };
+        let service = |service: &str, ip: Option<&str>, target: Option<&str>, port| crate::view::ServiceRow {
+            service: service.into(),
+            transport: "tcp".into(),
+            ip: ip.map(|ip| ip.parse().expect("ip")),
+            target: target.map(|t| Name::from_ascii(t).expect("target")),
+            port,
+            priority: 10,
+            weight: 5,
+        };
         let domains = vec![
             domain(1, "www.example.test.", vec![address("198.51.100.1", 1), address("198.51.100.2", 1)]),
             domain(2, "v6.example.test.", vec![address("2001:db8::1", 1), address("198.51.100.9", 1)]),
@@ -403,6 +381,12 @@ mod tests {
             domain(4, "MiXed.example.test.", vec![address("198.51.100.5", 1)]),
         ];
         let mut domains = domains;
+        domains[0].services = vec![
+            service("http", Some("198.51.100.7"), None, 8080),
+            service("http", Some("2001:db8::7"), None, 8080),
+            service("http", None, Some("backup.example.org."), 80),
+            service("imap", None, Some("mail.example.org."), 143),
+        ];
         domains[0].txt.push(crate::view::TxtRow {
             owner: Name::from_ascii("www.example.test.").expect("owner"),
             value: "v=spf1 -all".into(),
@@ -413,7 +397,7 @@ mod tests {
         Handler::new(Arc::new(shared))
     }
 
-    fn query(name: &str, rtype: RecordType, edns: Option<u16>, id: u16, rd: bool) -> Vec<u8> {
+    pub(crate) fn query(name: &str, rtype: RecordType, edns: Option<u16>, id: u16, rd: bool) -> Vec<u8> {
         let mut message = Message::new(id, MessageType::Query, OpCode::Query);
         message.metadata.recursion_desired = rd;
         message.add_query(Query::query(Name::from_ascii(name).expect("name"), rtype));
@@ -425,7 +409,7 @@ mod tests {
         message.to_vec().expect("encode query")
     }
 
-    async fn by_catalog(handler: &Handler, packet: &[u8]) -> Vec<u8> {
+    pub(crate) async fn by_catalog(handler: &Handler, packet: &[u8]) -> Vec<u8> {
         let capture = Capture::default();
         let request =
             Request::from_bytes(packet.to_vec(), ([127, 0, 0, 1], 5300).into(), Protocol::Udp).expect("decodable");
@@ -437,7 +421,7 @@ mod tests {
 
     fn by_fast_path(handler: &Handler, packet: &[u8]) -> Option<Vec<u8>> {
         let mut out = Vec::new();
-        answer_prebuilt(handler, &handler.shared().view.load_full(), packet, &mut out).then_some(out)
+        server::answer_fast(handler.shared(), &handler.shared().view.load_full(), packet, &mut out).map(|_| out)
     }
 
     #[tokio::test]
@@ -460,6 +444,56 @@ mod tests {
                     assert_eq!(first, catalog, "{name} {rtype} edns {edns:?} rd {rd}");
                     let catalog = by_catalog(&handler, &packet).await;
                     assert_eq!(second, catalog, "{name} {rtype} edns {edns:?} rd {rd}, second turn");
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn srv_and_negative_answers_are_the_catalogs_byte_for_byte() {
+        let handler = handler();
+        let lower = [
+            ("_http._tcp.www.example.test.", RecordType::SRV, ResponseCode::NoError),
+            ("_imap._tcp.www.example.test.", RecordType::SRV, ResponseCode::NoError),
+            ("nope.example.test.", RecordType::A, ResponseCode::NXDomain),
+            ("a.b.c.nope.example.test.", RecordType::SRV, ResponseCode::NXDomain),
+            ("x.www.example.test.", RecordType::TXT, ResponseCode::NXDomain),
+            ("hostmaster.example.test.", RecordType::AAAA, ResponseCode::NXDomain),
+            ("www.example.test.", RecordType::AAAA, ResponseCode::NoError),
+            ("www.example.test.", RecordType::SRV, ResponseCode::NoError),
+            ("example.test.", RecordType::A, ResponseCode::NoError),
+            ("example.test.", RecordType::TXT, ResponseCode::NoError),
+            ("_tcp.www.example.test.", RecordType::A, ResponseCode::NoError),
+            ("ip-198-51-100-7.www.example.test.", RecordType::AAAA, ResponseCode::NoError),
+            ("_http._tcp.www.example.test.", RecordType::A, ResponseCode::NoError),
+        ];
+        // In mixed case: NXDOMAIN and NODATA from the fast path; SRV from it when its bytes allow, else the catalog.
+        let mixed = [
+            ("_HTTP._tcp.WWW.Example.test.", RecordType::SRV, ResponseCode::NoError),
+            ("_imap._TCP.www.example.TEST.", RecordType::SRV, ResponseCode::NoError),
+            ("NoPe.Example.TEST.", RecordType::AAAA, ResponseCode::NXDomain),
+            ("WWW.EXAMPLE.TEST.", RecordType::SRV, ResponseCode::NoError),
+        ];
+        for (name, rtype, rcode) in lower.into_iter().chain(mixed) {
+            for edns in [None, Some(512), Some(4096)] {
+                for dnssec_ok in [false, true] {
+                    if dnssec_ok && edns.is_none() {
+                        continue;
+                    }
+                    let mut packet = query(name, rtype, edns, 0x5678, dnssec_ok);
+                    if dnssec_ok {
+                        let at = packet.len() - 4;
+                        packet[at] |= 0x80;
+                    }
+                    let catalog = by_catalog(&handler, &packet).await;
+                    let message = Message::from_vec(&catalog).expect("response decodes");
+                    assert_eq!(message.metadata.response_code, rcode, "{name} {rtype}");
+                    let fast = by_fast_path(&handler, &packet);
+                    let must = lower.iter().any(|(n, _, _)| *n == name) || rtype != RecordType::SRV;
+                    assert!(fast.is_some() || !must, "{name} {rtype} edns {edns:?}: from the fast path");
+                    if let Some(fast) = fast {
+                        assert_eq!(fast, catalog, "{name} {rtype} edns {edns:?} DO {dnssec_ok}");
+                    }
                 }
             }
         }
@@ -586,8 +620,9 @@ mod tests {
         let mut response = query("www.example.test.", RecordType::A, None, 1, false);
         response[2] |= 0x80;
         let left = [
-            ("NXDOMAIN", query("nope.example.test.", RecordType::A, None, 1, false)),
-            ("NODATA", query("www.example.test.", RecordType::AAAA, None, 1, false)),
+            ("TXT", query("www.example.test.", RecordType::TXT, None, 1, false)),
+            ("NXDOMAIN of type MX", query("nope.example.test.", RecordType::MX, None, 1, false)),
+            ("NODATA of type MX", query("www.example.test.", RecordType::MX, None, 1, false)),
             ("SOA", query("example.test.", RecordType::SOA, None, 1, false)),
             ("not ours", query("www.example.org.", RecordType::A, None, 1, false)),
             ("EDNS version 1", version1),

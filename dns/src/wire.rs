@@ -1,12 +1,14 @@
-//! The fast path's wire format: recognise a plain A/AAAA query and turn a prebuilt response into its answer.
+//! The fast path's wire format: recognise a plain query and turn a prebuilt response into its answer.
 //!
-//! A prebuilt response ([`crate::view::View::prebuilt_answer`]) is the whole message the catalog would send for a
-//! query without EDNS, with ID 0 and RD/CD clear. [`respond`] copies it and sets what depends on the query: the ID,
-//! RD and CD (as hickory's `Metadata::response_from_request` does), the question's name as asked, in the question
-//! and as the first answer's owner (later answers point to that one, so they echo its case too) and, when the query had an OPT record, the response's OPT
-//! record (as hickory's `Catalog` builds it: payload at least 512, version 0, the DO bit copied, no options).
-//! Anything else a query may carry sends it to the catalog: [`parse`] returns `None`.
-
+//! A prebuilt response ([`crate::view::View::answer`]) is the whole message the catalog would send for a query
+//! without EDNS, with ID 0 and RD/CD clear, encoded by hickory. [`respond`] copies it and sets what depends on the
+//! query: the ID, RD and CD (as hickory's `Metadata::response_from_request` does), the question's name as asked, in
+//! the question and as the first answer's owner (later answers point to that one, so they echo its case too) and, when
+//! the query had an OPT record, the response's OPT record (as hickory's `Catalog` builds it: payload at least 512,
+//! version 0, the DO bit copied, no options). A negative answer ([`Relocatable`]) is built once per zone for a question
+//! of the zone's origin; [`respond_relocated`] puts the question asked in its place and moves every compression
+//! pointer after it by the difference in length (hickory never points into the question, which it copies as
+//! received). Anything else a query may carry sends it to the catalog: [`parse`] returns `None`.
 use hickory_server::proto::rr::RecordType;
 
 /// Length of the OPT record [`respond`] appends: root name, type, class, TTL, RDLENGTH.
@@ -26,12 +28,17 @@ const FLAG_DO: u8 = 0x80;
 /// EDNS options hickory keeps as opaque bytes (COOKIE, PADDING); any other option goes to the catalog.
 const OPAQUE_OPTIONS: [u16; 2] = [10, 12];
 
+/// The question types the fast path answers: A and AAAA (prebuilt answers, NODATA, NXDOMAIN), SRV (the same), TXT
+/// (NODATA and NXDOMAIN only).
+const TYPES: [(u16, RecordType); 4] =
+    [(1, RecordType::A), (28, RecordType::AAAA), (33, RecordType::SRV), (16, RecordType::TXT)];
+
 /// A query the fast path may answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlainQuery<'a> {
     /// The question's name, wire format, as asked (any case).
     pub qname: &'a [u8],
-    /// A or AAAA.
+    /// A, AAAA, SRV or TXT.
     pub qtype: RecordType,
     /// The whole question: name, type, class.
     question: &'a [u8],
@@ -43,7 +50,7 @@ pub struct PlainQuery<'a> {
     edns: Option<(u16, bool)>,
 }
 
-/// Recognises a standard query with one IN A or AAAA question, no compression, no records but an optional plain
+/// Recognises a standard query with one IN A, AAAA, SRV or TXT question, no compression, no records but an optional plain
 /// OPT record (version 0, no options but cookies or padding), and nothing after it.
 pub fn parse(packet: &[u8]) -> Option<PlainQuery<'_>> {
     let header = packet.get(..HEADER_LEN)?;
@@ -58,11 +65,9 @@ pub fn parse(packet: &[u8]) -> Option<PlainQuery<'_>> {
     let name_len = name_len(&packet[HEADER_LEN..])?;
     let question_end = HEADER_LEN + name_len + 4;
     let question = packet.get(HEADER_LEN..question_end)?;
-    let qtype = match be16(question, name_len)? {
-        1 => RecordType::A,
-        28 => RecordType::AAAA,
-        _ => return None,
-    };
+    let code = be16(question, name_len)?;
+    let (_, qtype) = TYPES.iter().find(|(c, _)| *c == code)?;
+    let qtype = *qtype;
     if be16(question, name_len + 2)? != CLASS_IN {
         return None;
     }
@@ -96,22 +101,144 @@ pub fn respond(query: &PlainQuery<'_>, prebuilt: &[u8], out: &mut Vec<u8>) -> bo
     let start = out.len();
     out.extend_from_slice(prebuilt);
     let message = &mut out[start..];
-    message[0..2].copy_from_slice(&query.id);
-    message[2] |= query.rd;
-    message[3] |= query.cd;
     message[HEADER_LEN..HEADER_LEN + name_len].copy_from_slice(query.qname);
     let owner = first_answer(query.question.len());
     if let Some(first) = message.get_mut(owner..owner + name_len) {
         first.copy_from_slice(query.qname);
     }
+    if !finish(query, out, start) {
+        out.truncate(start);
+        return false;
+    }
+    true
+}
+
+/// A whole response prepared for one question that answers any question of the same type in its place (see the
+/// module's documentation): NXDOMAIN or NODATA with the zone's SOA.
+#[derive(Debug, Clone)]
+pub struct Relocatable {
+    message: Box<[u8]>,
+    /// Length of the question it was built with.
+    question_len: usize,
+    /// Where its compression pointers are.
+    pointers: Box<[usize]>,
+}
+
+impl Relocatable {
+    /// `message` (one question, no OPT record) with its compression pointers found; `None` when a record of a type
+    /// whose names this module does not know is in it, or a pointer points into the question.
+    pub fn new(message: Vec<u8>) -> Option<Self> {
+        let counts = [be16(&message, 4)?, be16(&message, 6)?, be16(&message, 8)?, be16(&message, 10)?];
+        if counts[0] != 1 {
+            return None;
+        }
+        let question_len = name_len(message.get(HEADER_LEN..)?)? + 4;
+        let question_end = HEADER_LEN + question_len;
+        let mut pointers = Vec::new();
+        let mut at = question_end;
+        for _ in 0..counts[1] + counts[2] + counts[3] {
+            at = name_pointers(&message, at, &mut pointers)?;
+            let rtype = be16(&message, at)?;
+            let rdlen = usize::from(be16(&message, at + 8)?);
+            let rdata = at + 10;
+            let end = rdata + rdlen;
+            let names_at = match rtype {
+                1 | 16 | 28 => None,
+                2 | 5 | 12 => Some((rdata, 1)),
+                6 => Some((rdata, 2)),
+                15 => Some((rdata + 2, 1)),
+                33 => Some((rdata + 6, 1)),
+                _ => return None,
+            };
+            if let Some((mut name, count)) = names_at {
+                for _ in 0..count {
+                    name = name_pointers(&message, name, &mut pointers)?;
+                }
+                if name > end {
+                    return None;
+                }
+            }
+            at = end;
+        }
+        if at != message.len() {
+            return None;
+        }
+        for &pointer in &pointers {
+            if usize::from(be16(&message, pointer)? & 0x3fff) < question_end {
+                return None;
+            }
+        }
+        Some(Self { message: message.into_boxed_slice(), question_len, pointers: pointers.into_boxed_slice() })
+    }
+
+    /// The message as built, for its own question.
+    pub fn message(&self) -> &[u8] {
+        &self.message
+    }
+}
+
+/// Appends the answer to `query` to `out`, from `relocatable` with `query`'s question in place of its own; `false`
+/// (and `out` untouched) when a pointer would not fit or the answer would not fit 512 bytes.
+pub fn respond_relocated(query: &PlainQuery<'_>, relocatable: &Relocatable, out: &mut Vec<u8>) -> bool {
+    let Some(rest) = relocatable.message.get(HEADER_LEN + relocatable.question_len..) else {
+        return false;
+    };
+    let start = out.len();
+    out.extend_from_slice(&relocatable.message[..HEADER_LEN]);
+    out.extend_from_slice(query.question);
+    out.extend_from_slice(rest);
+    let grown = query.question.len().wrapping_sub(relocatable.question_len);
+    let moved = start + HEADER_LEN + query.question.len();
+    for &pointer in &relocatable.pointers {
+        let at = pointer - HEADER_LEN - relocatable.question_len + moved;
+        let target = usize::from(u16::from_be_bytes([out[at], out[at + 1]]) & 0x3fff).wrapping_add(grown);
+        let Some(value) = u16::try_from(target).ok().filter(|t| *t < 0x4000) else {
+            out.truncate(start);
+            return false;
+        };
+        out[at..at + 2].copy_from_slice(&(0xc000 | value).to_be_bytes());
+    }
+    if !finish(query, out, start) || out.len() - start > MAX_PLAIN_UDP {
+        out.truncate(start);
+        return false;
+    }
+    true
+}
+
+/// Sets the ID, RD and CD of the response at `out[start..]` from `query`, and appends the OPT record when the query
+/// had one.
+fn finish(query: &PlainQuery<'_>, out: &mut Vec<u8>, start: usize) -> bool {
+    let message = &mut out[start..];
+    message[0..2].copy_from_slice(&query.id);
+    message[2] |= query.rd;
+    message[3] |= query.cd;
     if let Some((payload, dnssec_ok)) = query.edns {
-        message[11] = 1;
+        let Some(additionals) = u16::from_be_bytes([message[10], message[11]]).checked_add(1) else {
+            return false;
+        };
+        message[10..12].copy_from_slice(&additionals.to_be_bytes());
         let [hi, lo] = payload.max(512).to_be_bytes();
         let [t_hi, t_lo] = TYPE_OPT.to_be_bytes();
         let flags = if dnssec_ok { FLAG_DO } else { 0 };
         out.extend_from_slice(&[0, t_hi, t_lo, hi, lo, 0, 0, flags, 0, 0, 0]);
     }
     true
+}
+
+/// Walks the name at `bytes[at..]`, noting where it ends in a compression pointer; the offset after it.
+fn name_pointers(bytes: &[u8], mut at: usize, pointers: &mut Vec<usize>) -> Option<usize> {
+    loop {
+        let len = *bytes.get(at)?;
+        match len {
+            0 => return Some(at + 1),
+            1..=63 => at += 1 + usize::from(len),
+            0xc0..=0xff => {
+                pointers.push(at);
+                return Some(at + 2);
+            }
+            _ => return None,
+        }
+    }
 }
 
 /// Where the first answer record starts in a message with one question of `question_len` bytes; a prebuilt

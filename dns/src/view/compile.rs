@@ -46,6 +46,8 @@ pub(super) struct NameEntry {
     pub(super) aaaa: Option<Arc<Rotations>>,
     pub(super) srv: Option<Arc<RecordSet>>,
     pub(super) srv_additionals: Vec<Arc<RecordSet>>,
+    /// The SRV answer prebuilt, when it qualifies.
+    pub(super) srv_message: Option<prebuilt::SrvMessage>,
     pub(super) txt: Option<Arc<RecordSet>>,
 }
 
@@ -174,8 +176,14 @@ impl CompiledDomain {
         for (owner, set, additionals) in by_owner {
             let owner = LowerName::new(&owner);
             let txt = txt.remove(&owner);
-            let entry =
-                NameEntry { srv: Some(Arc::new(set)), srv_additionals: additionals, txt, ..NameEntry::default() };
+            let srv_message = prebuilt::srv_message(&set, &additionals);
+            let entry = NameEntry {
+                srv: Some(Arc::new(set)),
+                srv_additionals: additionals,
+                srv_message,
+                txt,
+                ..NameEntry::default()
+            };
             names.push((owner, Arc::new(entry)));
         }
         // TXT under the domain at names of their own (an ACME challenge, say); one at a generated SRV target's name is

@@ -11,7 +11,7 @@ mod zone;
 use std::{collections::HashMap, sync::Arc};
 
 use hickory_server::{
-    proto::rr::RecordType,
+    proto::{op::ResponseCode, rr::RecordType},
     zone_handler::{Catalog, ZoneHandler},
 };
 
@@ -20,7 +20,7 @@ pub use rows::{Change, DomainRow, Nameserver, ServiceRow, TxtRow, ZoneRow};
 pub use zone::ZoneView;
 
 use crate::wire;
-use compile::CompiledDomain;
+use compile::{CompiledDomain, Rotations};
 
 /// Everything the server answers from.
 pub struct View {
@@ -113,6 +113,37 @@ impl View {
             _ => return None,
         };
         rotations.pick_message()
+    }
+
+    /// Appends the answer to `query` to `out` when it is prebuilt, taking the next turn of a rotation: an A, AAAA or
+    /// SRV answer, or NXDOMAIN or NODATA (A, AAAA, SRV, TXT) with the zone's SOA; its response code, or `None` (and
+    /// `out` untouched) when the catalog must answer: no zone of ours, an answer too large to prebuild, a TXT
+    /// answer, an SRV set whose answer depends on the case asked in and the name asked in mixed case.
+    pub fn answer(&self, query: &wire::PlainQuery<'_>, out: &mut Vec<u8>) -> Option<ResponseCode> {
+        let mut buf = [0; 255];
+        let qname = wire::lowercase(query.qname, &mut buf)?;
+        let zone = wire::suffixes(qname).find_map(|suffix| self.origins.get(suffix))?;
+        let Some(prebuilt) = zone.prebuilt.get(qname) else {
+            let negative = zone.negative.as_ref()?;
+            return wire::respond_relocated(query, &negative.nxdomain, out).then_some(ResponseCode::NXDomain);
+        };
+        let positive = match query.qtype {
+            RecordType::A => prebuilt.a.as_deref().map(Rotations::pick_message),
+            RecordType::AAAA => prebuilt.aaaa.as_deref().map(Rotations::pick_message),
+            RecordType::SRV => prebuilt.entry.srv.as_ref().map(|_| {
+                let message = prebuilt.entry.srv_message.as_ref()?;
+                (message.any_case || query.qname == qname).then_some(&*message.bytes)
+            }),
+            RecordType::TXT => prebuilt.entry.txt.as_ref().map(|_| None),
+            _ => return None,
+        };
+        match positive {
+            Some(message) => wire::respond(query, message?, out).then_some(ResponseCode::NoError),
+            None => {
+                let negative = zone.negative.as_ref()?;
+                wire::respond_relocated(query, &negative.nodata, out).then_some(ResponseCode::NoError)
+            }
+        }
     }
 
     /// The zone whose origin is `origin`, if served.

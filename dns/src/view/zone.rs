@@ -19,7 +19,7 @@ use crate::xfr::{Journal, Published, ZoneXfr, serial_of};
 
 use super::{
     compile::{CompiledDomain, CompiledZone, NameEntry, Rotations},
-    prebuilt::{self, Prebuilt},
+    prebuilt::{self, Negative, Prebuilt},
     rows::ZoneRow,
 };
 
@@ -34,6 +34,8 @@ pub struct ZoneView {
     pub(super) names: HashMap<LowerName, Arc<NameEntry>>,
     /// The names with prebuilt A or AAAA answers, keyed by their wire format (lower case).
     pub(super) prebuilt: HashMap<Box<[u8]>, Prebuilt>,
+    /// NXDOMAIN and NODATA for the fast path.
+    pub(super) negative: Option<Negative>,
     /// What secondaries receive and the journal IXFR answers from; `None` when the zone has no secondaries.
     xfr: Option<Arc<ZoneXfr>>,
 }
@@ -43,7 +45,8 @@ impl ZoneView {
     pub(super) fn build(row: ZoneRow, domains: &HashMap<i64, Arc<CompiledDomain>>) -> Self {
         let CompiledZone { row, origin, soa, negative_soa, ns, glue, names } = CompiledZone::compile(row, domains);
         let prebuilt = prebuilt::index(&names);
-        let mut zone = Self { row, origin, soa, negative_soa, ns, glue, names, prebuilt, xfr: None };
+        let negative = prebuilt::negative(&Name::from(&origin), &negative_soa);
+        let mut zone = Self { row, origin, soa, negative_soa, ns, glue, names, prebuilt, negative, xfr: None };
         if !zone.row.transfer.secondaries.is_empty() {
             zone.xfr = Some(Arc::new(ZoneXfr { published: Arc::new(zone.published()), journal: Journal::default() }));
         }
