@@ -24,6 +24,7 @@ pub mod rrl;
 pub mod server;
 pub mod store;
 pub mod sync;
+pub mod tcp;
 pub mod udp;
 pub mod update;
 pub mod view;
@@ -111,10 +112,10 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
     let keys: Arc<[xfr::TsigKey]> = config.tsig_keys.clone().into();
     let handler = || server::Handler::with_keys(shared.clone(), keys.clone()).with_pool(pool.clone());
     let udp_task = tokio::spawn(udp::serve(listeners.dns_udp, Arc::new(handler()), shutdown.clone()));
-    let mut dns = hickory_server::Server::new(handler());
+    let tcp_task =
+        tokio::spawn(tcp::serve(listeners.dns_tcp, Arc::new(handler()), config.tcp_idle_timeout, shutdown.clone()));
     let notify_task =
         tokio::spawn(xfr::notify::run(shared.clone(), config.also_notify.clone(), keys.clone(), shutdown.clone()));
-    dns.register_listener(listeners.dns_tcp, config.tcp_idle_timeout, 64);
     let migrate_task = tokio::spawn(migrate::run(pool.clone(), shutdown.clone()));
     let history_task = tokio::spawn(history::run(pool.clone(), config.event_retention, shutdown.clone()));
 
@@ -150,8 +151,10 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
 
     shutdown.cancelled().await;
     info!("shutting down");
-    if let Err(error) = dns.shutdown_gracefully().await {
-        warn!(%error, "DNS server did not stop cleanly");
+    match tcp_task.await {
+        Ok(Err(error)) => warn!(%error, "DNS over TCP stopped with an error"),
+        Err(error) => warn!(%error, "DNS over TCP task failed"),
+        Ok(Ok(())) => {}
     }
     match udp_task.await {
         Ok(Err(error)) => warn!(%error, "DNS over UDP stopped with an error"),

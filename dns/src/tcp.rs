@@ -1,0 +1,273 @@
+//! DNS over TCP: an accept loop and one task per connection that reads length-prefixed messages one at a time,
+//! answers what the fast path answers ([`server::answer_fast`], as over UDP) and hands the rest to the catalog.
+//!
+//! It does what hickory's TCP server did for dns: no answer to sources it cannot answer, a connection closed when no
+//! message arrives within the idle timeout (or a message takes longer than that), messages of one connection handled
+//! in order, FORMERR for undecodable queries, silence for responses, whole answers (no truncation) with their length
+//! prefix. No rate limiting (RRL is for UDP) and no minimal ANY (over TCP, ANY gets every RRset).
+
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+
+use hickory_server::{
+    net::{NetError, runtime::TokioTime, xfer::Protocol},
+    proto::{
+        op::{Header, MessageType, ResponseCode},
+        rr::Record,
+        serialize::binary::{BinDecodable, BinDecoder},
+    },
+    server::{Request, RequestHandler, ResponseHandler, ResponseInfo},
+    zone_handler::{MessageResponse, MessageResponseBuilder, Queries},
+};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::Mutex,
+    task::JoinSet,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::{
+    server::{self, Handler},
+    sync::Shared,
+    udp::usable_source,
+    view::View,
+};
+
+/// Serves DNS on `listener` until `shutdown`; open connections are closed then.
+pub async fn serve(
+    listener: TcpListener,
+    handler: Arc<Handler>,
+    idle: Duration,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    let mut connections = JoinSet::new();
+    let result = loop {
+        let (stream, src) = tokio::select! {
+            () = shutdown.cancelled() => break Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) if matches!(error.kind(), io::ErrorKind::NotConnected | io::ErrorKind::ConnectionAborted) => {
+                    break Err(error);
+                }
+                Err(error) => {
+                    debug!(%error, "TCP accept failed");
+                    continue;
+                }
+            },
+        };
+        if !usable_source(src) {
+            continue;
+        }
+        connections.spawn(connection(stream, src, handler.clone(), idle, shutdown.clone()));
+        while connections.try_join_next().is_some() {}
+    };
+    connections.shutdown().await;
+    result
+}
+
+/// The answer to `packet` (a message without its length prefix) from the fast path, with its length prefix,
+/// appended to `out`; `false` (and `out` untouched) when the catalog must answer.
+pub fn answer_fast(shared: &Shared, view: &View, packet: &[u8], out: &mut Vec<u8>) -> bool {
+    let start = out.len();
+    out.extend_from_slice(&[0, 0]);
+    let answered = server::answer_fast(shared, view, packet, out).is_some();
+    match u16::try_from(out.len() - start - 2) {
+        Ok(len) if answered => {
+            out[start..start + 2].copy_from_slice(&len.to_be_bytes());
+            true
+        }
+        _ => {
+            out.truncate(start);
+            false
+        }
+    }
+}
+
+/// One connection: message after message until the peer closes, stays idle past `idle`, or `shutdown`.
+async fn connection(
+    stream: TcpStream,
+    src: SocketAddr,
+    handler: Arc<Handler>,
+    idle: Duration,
+    shutdown: CancellationToken,
+) {
+    let (mut reader, writer) = stream.into_split();
+    let writer = Arc::new(Mutex::new(writer));
+    let mut out = Vec::with_capacity(wire_capacity());
+    loop {
+        let packet = tokio::select! {
+            () = shutdown.cancelled() => return,
+            read = tokio::time::timeout(idle, read_message(&mut reader)) => match read {
+                Ok(Ok(packet)) => packet,
+                Ok(Err(error)) => {
+                    debug!(%error, "TCP connection closed");
+                    return;
+                }
+                Err(_) => {
+                    debug!("TCP connection idle; closed");
+                    return;
+                }
+            },
+        };
+        out.clear();
+        let fast = answer_fast(handler.shared(), &handler.shared().view.load(), &packet, &mut out);
+        if fast {
+            if let Err(error) = writer.lock().await.write_all(&out).await {
+                debug!(%error, "TCP send failed");
+                return;
+            }
+            continue;
+        }
+        handle_with_catalog(&handler, packet, src, TcpResponder { writer: writer.clone() }).await;
+    }
+}
+
+fn wire_capacity() -> usize {
+    2 + crate::wire::MAX_PLAIN_UDP
+}
+
+/// One length-prefixed message.
+async fn read_message(reader: &mut (impl AsyncRead + Unpin)) -> io::Result<Vec<u8>> {
+    let len = reader.read_u16().await?;
+    let mut packet = vec![0; usize::from(len)];
+    reader.read_exact(&mut packet).await?;
+    Ok(packet)
+}
+
+/// What hickory's server does with a message before its handler sees it, then the handler.
+async fn handle_with_catalog<W>(handler: &Handler, packet: Vec<u8>, src: SocketAddr, mut responder: TcpResponder<W>)
+where
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let Ok(header) = Header::read(&mut BinDecoder::new(&packet)) else {
+        return;
+    };
+    let request = match Request::from_bytes(packet, src, Protocol::Tcp) {
+        Ok(request) => request,
+        Err(error) => {
+            debug!(%error, "undecodable query");
+            let Ok(queries) = Queries::read(&mut BinDecoder::new(&[]), 0) else {
+                return;
+            };
+            let response =
+                MessageResponseBuilder::new(&queries, None).error_msg(&header.metadata, ResponseCode::FormErr);
+            if let Ok(info) = responder.send_response(response).await {
+                handler.shared().metrics.count_response(u16::from(info.response_code));
+            }
+            return;
+        }
+    };
+    if request.metadata.message_type == MessageType::Response {
+        return;
+    }
+    handler.handle_request::<_, TokioTime>(&request, responder).await;
+}
+
+/// Writes the catalog's responses (one, or several for a zone transfer) to the connection, each with its length.
+struct TcpResponder<W> {
+    writer: Arc<Mutex<W>>,
+}
+
+impl<W> Clone for TcpResponder<W> {
+    fn clone(&self) -> Self {
+        Self { writer: self.writer.clone() }
+    }
+}
+
+#[async_trait::async_trait]
+impl<W: AsyncWrite + Unpin + Send + 'static> ResponseHandler for TcpResponder<W> {
+    async fn send_response<'a>(
+        &mut self,
+        response: MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, NetError> {
+        let (info, bytes) = server::encode_within(response, u16::MAX)?;
+        let len = u16::try_from(bytes.len()).map_err(|_| NetError::from("response over 65,535 bytes"))?;
+        let mut framed = Vec::with_capacity(bytes.len() + 2);
+        framed.extend_from_slice(&len.to_be_bytes());
+        framed.extend_from_slice(&bytes);
+        self.writer.lock().await.write_all(&framed).await?;
+        Ok(info)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hickory_server::proto::{op::Message, rr::RecordType};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::udp::tests::{by_catalog, handler, query};
+
+    async fn read_answer(stream: &mut TcpStream) -> Vec<u8> {
+        let wait = tokio::time::timeout(Duration::from_secs(5), read_message(stream));
+        wait.await.expect("answered in time").expect("an answer")
+    }
+
+    #[tokio::test]
+    async fn answers_pipelined_messages_in_order_like_the_catalog_then_closes_when_idle() {
+        let handler = Arc::new(handler());
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serve(listener, handler.clone(), Duration::from_millis(400), shutdown.clone()));
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+
+        // The fast path's kinds and the catalog's, back to back in one write.
+        let cases = [
+            ("ns1.example.test.", RecordType::A, Some(1232), true),
+            ("V6.Example.test.", RecordType::AAAA, None, true),
+            ("_http._tcp.www.example.test.", RecordType::SRV, Some(1232), true),
+            ("nope.example.test.", RecordType::A, None, true),
+            ("www.example.test.", RecordType::AAAA, Some(4096), true),
+            ("example.test.", RecordType::SOA, None, false),
+            ("www.example.test.", RecordType::TXT, Some(1232), false),
+            ("www.example.org.", RecordType::A, None, false),
+        ];
+        let mut packets = Vec::new();
+        let mut bytes = Vec::new();
+        for (i, (name, rtype, edns, _)) in cases.iter().enumerate() {
+            let packet = query(name, *rtype, *edns, 100 + u16::try_from(i).expect("id"), true);
+            bytes.extend_from_slice(&u16::try_from(packet.len()).expect("len").to_be_bytes());
+            bytes.extend_from_slice(&packet);
+            packets.push(packet);
+        }
+        stream.write_all(&bytes).await.expect("send");
+        for ((name, rtype, _, fast), packet) in cases.iter().zip(&packets) {
+            let answer = read_answer(&mut stream).await;
+            let mut out = Vec::new();
+            let view = handler.shared().view.load_full();
+            assert_eq!(answer_fast(handler.shared(), &view, packet, &mut out), *fast, "{name} {rtype}");
+            assert_eq!(answer, by_catalog(&handler, packet).await, "{name} {rtype}");
+        }
+
+        // ANY over TCP gets every RRset (two A and a TXT at www), not the minimal answer of UDP.
+        let any = query("www.example.test.", RecordType::ANY, None, 7, false);
+        stream.write_all(&u16::try_from(any.len()).expect("len").to_be_bytes()).await.expect("send");
+        stream.write_all(&any).await.expect("send");
+        let message = Message::from_vec(&read_answer(&mut stream).await).expect("decodes");
+        assert_eq!(message.answers.len(), 3, "{:?}", message.answers);
+
+        // Garbage after a header: FORMERR.
+        let garbage = [0, 5, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 63];
+        stream.write_all(&[0, 13]).await.expect("send");
+        stream.write_all(&garbage).await.expect("send");
+        let message = Message::from_vec(&read_answer(&mut stream).await).expect("decodes");
+        assert_eq!(message.metadata.response_code, ResponseCode::FormErr);
+
+        // Idle past the timeout: closed.
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+        assert!(matches!(closed, Ok(Ok(0))), "closed after the idle timeout: {closed:?}");
+
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task).await.expect("stops").expect("joins").expect("ok");
+    }
+}
