@@ -1,7 +1,7 @@
 //! dns's UDP fast path against hickory's catalog over the same view.
 //!
-//! For each query datagram: the fast path's answer (`wire::parse`, `View::prebuilt_answer`, `wire::respond`, as
-//! `dns::udp` runs them) and the catalog's (decoded and answered as `dns::udp` hands a query to `server::Handler`,
+//! For each query datagram: the fast path's answer (`server::answer_fast`: A, AAAA and SRV answers, NXDOMAIN and
+//! NODATA from prebuilt bytes, as `dns::udp` and `dns::tcp` run it) and the catalog's (decoded and answered as `dns::udp` hands a query to `server::Handler`,
 //! encoded by `udp::encode_response` as the UDP server sends it). Nothing may panic; no UDP answer may exceed 1,232
 //! bytes (`udp::MAX_UDP_ANSWER`), nor a fast one 512; and what the fast path answers, the catalog answers alike:
 //! byte for byte, or (when the two took different turns of a name's rotation) the same header, question, EDNS,
@@ -23,7 +23,7 @@ use std::{
 use arbitrary::{Arbitrary, Unstructured};
 use dns::{
     answer::{Address, Policy, State, WhenEmpty},
-    server::Handler,
+    server::{self, Handler},
     sync::Shared,
     udp::{self, MAX_UDP_ANSWER},
     view::{DomainRow, Nameserver, ServiceRow, TxtRow, View, ZoneRow},
@@ -145,10 +145,8 @@ fn check(packet: &[u8]) {
 /// What `dns::udp` answers without the catalog.
 fn by_fast_path(packet: &[u8]) -> Option<Vec<u8>> {
     let view = HANDLER.shared().view.load_full();
-    let query = wire::parse(packet)?;
-    let prebuilt = view.prebuilt_answer(query.qname, query.qtype)?;
     let mut out = Vec::new();
-    wire::respond(&query, prebuilt, &mut out).then_some(out)
+    server::answer_fast(HANDLER.shared(), &view, packet, &mut out).map(|_| out)
 }
 
 /// What `dns::udp` sends for a datagram it hands to the catalog: nothing for an unreadable header or a response,
