@@ -33,6 +33,12 @@ pub struct Config {
     /// Idle time after which a DNS-over-TCP connection is closed.
     #[serde(default = "default_tcp_idle_timeout", with = "humantime_serde")]
     pub tcp_idle_timeout: Duration,
+    /// DNS-over-TCP connections open at once; a connection past it is closed as soon as it is accepted.
+    #[serde(default = "default_tcp_max_connections")]
+    pub tcp_max_connections: usize,
+    /// DNS-over-TCP connections open at once from one source address (IPv6: one /64).
+    #[serde(default = "default_tcp_max_connections_per_source")]
+    pub tcp_max_connections_per_source: usize,
     /// Lifetime of NCU enrollment tokens issued by the admin API.
     #[serde(default = "default_enrollment_ttl", with = "humantime_serde")]
     pub enrollment_ttl: Duration,
@@ -125,6 +131,12 @@ impl Load for Config {
         if self.tcp_idle_timeout.is_zero() {
             return Err(invalid("tcp_idle_timeout", "must be above zero"));
         }
+        if !(1..=65_536).contains(&self.tcp_max_connections) {
+            return Err(invalid("tcp_max_connections", "must be 1 to 65536"));
+        }
+        if !(1..=self.tcp_max_connections).contains(&self.tcp_max_connections_per_source) {
+            return Err(invalid("tcp_max_connections_per_source", "must be 1 to tcp_max_connections"));
+        }
         if self.event_retention < Duration::from_secs(3600) || self.event_retention > Duration::from_secs(3650 * 86_400)
         {
             return Err(invalid("event_retention", "must be between 1h and 3650d"));
@@ -185,6 +197,14 @@ fn default_api_listen() -> SocketAddr {
 
 fn default_tcp_idle_timeout() -> Duration {
     Duration::from_secs(10)
+}
+
+fn default_tcp_max_connections() -> usize {
+    1024
+}
+
+fn default_tcp_max_connections_per_source() -> usize {
+    16
 }
 
 fn default_enrollment_ttl() -> Duration {

@@ -112,8 +112,12 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
     let keys: Arc<[xfr::TsigKey]> = config.tsig_keys.clone().into();
     let handler = || server::Handler::with_keys(shared.clone(), keys.clone()).with_pool(pool.clone());
     let udp_task = tokio::spawn(udp::serve(listeners.dns_udp, Arc::new(handler()), shutdown.clone()));
-    let tcp_task =
-        tokio::spawn(tcp::serve(listeners.dns_tcp, Arc::new(handler()), config.tcp_idle_timeout, shutdown.clone()));
+    let tcp_limits = tcp::Limits {
+        idle: config.tcp_idle_timeout,
+        total: config.tcp_max_connections,
+        per_source: config.tcp_max_connections_per_source,
+    };
+    let tcp_task = tokio::spawn(tcp::serve(listeners.dns_tcp, Arc::new(handler()), tcp_limits, shutdown.clone()));
     let notify_task =
         tokio::spawn(xfr::notify::run(shared.clone(), config.also_notify.clone(), keys.clone(), shutdown.clone()));
     let migrate_task = tokio::spawn(migrate::run(pool.clone(), shutdown.clone()));

@@ -35,6 +35,8 @@ pub struct Metrics {
     pub notifies: Family<KindLabel, Counter>,
     /// UDP answers over the response rate limit: `dropped` or `slipped` (sent truncated).
     pub rrl: Family<KindLabel, Counter>,
+    /// DNS-over-TCP connections closed at accept: `total` (at `tcp_max_connections`) or `per_source`.
+    pub tcp_refused: Family<KindLabel, Counter>,
 }
 
 /// A label naming a kind of event.
@@ -75,6 +77,7 @@ impl Metrics {
             transfers: Family::default(),
             notifies: Family::default(),
             rrl: Family::default(),
+            tcp_refused: Family::default(),
             registry,
         };
         let mut registry = metrics.registry;
@@ -96,6 +99,11 @@ impl Metrics {
         registry.register("zone_transfers", "Zone transfer requests by what they got", metrics.transfers.clone());
         registry.register("notifies", "NOTIFY messages by outcome", metrics.notifies.clone());
         registry.register("rrl", "UDP answers over the response rate limit, dropped or slipped", metrics.rrl.clone());
+        registry.register(
+            "tcp_connections_refused",
+            "DNS-over-TCP connections closed at accept, over the total or the per-source cap",
+            metrics.tcp_refused.clone(),
+        );
         Self { registry, ..metrics }
     }
 

@@ -6,7 +6,13 @@
 //! in order, FORMERR for undecodable queries, silence for responses, whole answers (no truncation) with their length
 //! prefix. No rate limiting (RRL is for UDP) and no minimal ANY (over TCP, ANY gets every RRset).
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    io,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use hickory_server::{
     net::{NetError, runtime::TokioTime, xfer::Protocol},
@@ -25,23 +31,84 @@ use tokio::{
     task::JoinSet,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, info};
 
 use crate::{
+    metrics::KindLabel,
     server::{self, Handler},
     sync::Shared,
     udp::usable_source,
     view::View,
 };
 
+/// How long a connection may stay idle, and how many may be open at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Closed when no message arrives within this long (or a message takes longer).
+    pub idle: Duration,
+    /// Connections open at once; more are closed as soon as they are accepted.
+    pub total: usize,
+    /// Connections open at once from one source (IPv6: one /64).
+    pub per_source: usize,
+}
+
+/// Open connections by source, each released when its task ends (even by a panic).
+#[derive(Default)]
+struct Open(std::sync::Mutex<HashMap<IpAddr, usize>>);
+
+impl Open {
+    /// A slot for a connection from `source`, or why there is none.
+    fn take(self: &Arc<Self>, source: IpAddr, limits: &Limits) -> Result<Slot, &'static str> {
+        let mut open = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if open.values().sum::<usize>() >= limits.total {
+            return Err("total");
+        }
+        let count = open.entry(source).or_default();
+        if *count >= limits.per_source {
+            return Err("per_source");
+        }
+        *count += 1;
+        Ok(Slot { open: self.clone(), source })
+    }
+}
+
+struct Slot {
+    open: Arc<Open>,
+    source: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.open.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.source) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// The key connections are counted under: the address, or for IPv6 its /64 (one subscriber's LAN).
+fn source_key(src: SocketAddr) -> IpAddr {
+    match src.ip() {
+        IpAddr::V4(ip) => IpAddr::V4(ip),
+        IpAddr::V6(ip) => IpAddr::V6(Ipv6Addr::from(ip.to_bits() & !u128::from(u64::MAX))),
+    }
+}
+
 /// Serves DNS on `listener` until `shutdown`; open connections are closed then.
 pub async fn serve(
     listener: TcpListener,
     handler: Arc<Handler>,
-    idle: Duration,
+    limits: Limits,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let mut connections = JoinSet::new();
+    let open = Arc::new(Open::default());
+    // Refusals are logged at most once a second, with how many there were: a flood must not flood the log too.
+    let mut refused_since_log = 0_u64;
+    let mut last_log: Option<std::time::Instant> = None;
     let result = loop {
         let (stream, src) = tokio::select! {
             () = shutdown.cancelled() => break Ok(()),
@@ -59,8 +126,25 @@ pub async fn serve(
         if !usable_source(src) {
             continue;
         }
-        connections.spawn(connection(stream, src, handler.clone(), idle, shutdown.clone()));
         while connections.try_join_next().is_some() {}
+        let slot = match open.take(source_key(src), &limits) {
+            Ok(slot) => slot,
+            Err(cap) => {
+                // Dropping the stream closes it: the peer sees the connection end before any answer.
+                drop(stream);
+                handler.shared().metrics.tcp_refused.get_or_create(&KindLabel { kind: cap }).inc();
+                refused_since_log += 1;
+                if last_log.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                    let (total, per_source) = (limits.total, limits.per_source);
+                    info!(%src, cap, total, per_source, refused = refused_since_log,
+                        "DNS-over-TCP connection refused: too many open (tcp_max_connections, tcp_max_connections_per_source)");
+                    refused_since_log = 0;
+                    last_log = Some(std::time::Instant::now());
+                }
+                continue;
+            }
+        };
+        connections.spawn(connection(stream, src, handler.clone(), limits.idle, shutdown.clone(), slot));
     };
     connections.shutdown().await;
     result
@@ -91,6 +175,8 @@ async fn connection(
     handler: Arc<Handler>,
     idle: Duration,
     shutdown: CancellationToken,
+    // Held for as long as the connection is open.
+    _slot: Slot,
 ) {
     let (mut reader, writer) = stream.into_split();
     let writer = Arc::new(Mutex::new(writer));
@@ -217,7 +303,8 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(serve(listener, handler.clone(), Duration::from_millis(400), shutdown.clone()));
+        let limits = Limits { idle: Duration::from_millis(400), total: 8, per_source: 8 };
+        let task = tokio::spawn(serve(listener, handler.clone(), limits, shutdown.clone()));
         let mut stream = TcpStream::connect(addr).await.expect("connect");
 
         // The fast path's kinds and the catalog's, back to back in one write.
@@ -267,6 +354,57 @@ mod tests {
         let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
         assert!(matches!(closed, Ok(Ok(0))), "closed after the idle timeout: {closed:?}");
 
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task).await.expect("stops").expect("joins").expect("ok");
+    }
+
+    /// Opens a connection from `source` and tells whether dns keeps it open (answers a query on it).
+    async fn kept_open(addr: SocketAddr, source: &str) -> Option<TcpStream> {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind(format!("{source}:0").parse().expect("source")).expect("bind");
+        let mut stream = socket.connect(addr).await.expect("connect");
+        let packet = query("ns1.example.test.", RecordType::A, None, 9, true);
+        let mut framed = u16::try_from(packet.len()).expect("len").to_be_bytes().to_vec();
+        framed.extend_from_slice(&packet);
+        // A refused connection may be closed before or after this write: either the write or the read fails.
+        if stream.write_all(&framed).await.is_err() {
+            return None;
+        }
+        let read = tokio::time::timeout(Duration::from_secs(5), read_message(&mut stream)).await.expect("in time");
+        read.ok().map(|_| stream)
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_caps_are_closed_and_counted() {
+        let handler = Arc::new(handler());
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let limits = Limits { idle: Duration::from_secs(30), total: 3, per_source: 2 };
+        let task = tokio::spawn(serve(listener, handler.clone(), limits, shutdown.clone()));
+        let refused = |kind| handler.shared().metrics.tcp_refused.get_or_create(&KindLabel { kind }).get();
+
+        let first = kept_open(addr, "127.0.0.1").await.expect("first from .1 kept");
+        let second = kept_open(addr, "127.0.0.1").await.expect("second from .1 kept");
+        assert!(kept_open(addr, "127.0.0.1").await.is_none(), "a third from .1 is over the per-source cap");
+        assert_eq!(refused("per_source"), 1);
+        let other = kept_open(addr, "127.0.0.2").await.expect("another source has its own count");
+        assert!(kept_open(addr, "127.0.0.3").await.is_none(), "a fourth in all is over the total");
+        assert_eq!(refused("total"), 1);
+
+        // Closing one frees its slot (its task ends when it reads the close).
+        drop(first);
+        let again = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if let Some(stream) = kept_open(addr, "127.0.0.1").await {
+                    break stream;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("a slot is freed once a connection closes");
+        drop((second, other, again));
         shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(5), task).await.expect("stops").expect("joins").expect("ok");
     }
