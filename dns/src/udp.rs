@@ -22,7 +22,8 @@ use hickory_server::{
     server::{Request, RequestHandler, ResponseHandler, ResponseInfo},
     zone_handler::{MessageResponse, MessageResponseBuilder, Queries},
 };
-use tokio::{net::UdpSocket, task::JoinSet};
+use tether_service::mmsg;
+use tokio::{io::Interest, net::UdpSocket, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -51,7 +52,8 @@ pub async fn serve(socket: UdpSocket, handler: Arc<Handler>, shutdown: Cancellat
         warn!(%error, "cannot enlarge the UDP socket buffers; bursts may be dropped");
     }
     let socket = Arc::new(socket);
-    let mut buf = vec![0u8; RECEIVE_BUFFER];
+    let mut slots = Box::new([[0u8; RECEIVE_BUFFER]; mmsg::BATCH]);
+    let mut received = [(0_usize, None::<SocketAddr>); mmsg::BATCH];
     // Answers of one batch, back to back, and where each goes: read a batch, then send it, so the client is woken
     // once per batch rather than once per answer (a cross-CPU wake-up costs more than building the answer).
     let mut answers = Vec::with_capacity(BUDGET * wire::MAX_PLAIN_UDP);
@@ -62,26 +64,35 @@ pub async fn serve(socket: UdpSocket, handler: Arc<Handler>, shutdown: Cancellat
             () = shutdown.cancelled() => break Ok(()),
             ready = socket.readable() => if let Err(error) = ready { break Err(error) },
         }
-        let mut drained = false;
+        // One `recvmmsg` of up to a batch. A short batch emptied the queue: returned through the runtime as
+        // `WouldBlock`, it also clears the readiness, which saves a turn and a call that would find nothing (the
+        // readiness cleared is the one seen before the call, so a datagram arriving after it still wakes the task).
+        let mut short = None;
+        let count = socket.try_io(Interest::READABLE, || {
+            let count = mmsg::receive(&*socket, &mut slots, &mut received)?;
+            if count < mmsg::BATCH {
+                short = Some(count);
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(count)
+        });
+        let (count, drained) = match (count, short) {
+            (_, Some(count)) => (count, true),
+            (Ok(count), None) => (count, false),
+            (Err(error), None) if error.kind() == io::ErrorKind::WouldBlock => (0, true),
+            // ICMP errors from earlier sends and the like: nothing to do with the next datagram.
+            (Err(error), None) => {
+                debug!(%error, "UDP receive failed");
+                (0, false)
+            }
+        };
         // One view for the batch: a change lands in the next one.
         let view = handler.shared().view.load_full();
-        for _ in 0..BUDGET {
-            let (len, src) = match socket.try_recv_from(&mut buf) {
-                Ok(received) => received,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                    drained = true;
-                    break;
-                }
-                Err(error) => {
-                    // ICMP errors from earlier sends and the like: nothing to do with the next datagram.
-                    debug!(%error, "UDP receive failed");
-                    continue;
-                }
-            };
-            if !usable_source(src) {
+        for (slot, &(len, src)) in slots.iter().zip(&received).take(count) {
+            let Some(src) = src.filter(|src| usable_source(*src)) else {
                 continue;
-            }
-            let packet = &buf[..len];
+            };
+            let packet = &slot[..len];
             let start = answers.len();
             if let Some(rcode) = server::answer_fast(handler.shared(), &view, packet, &mut answers) {
                 let name = wire::parse(packet).map_or(&[][..], |q| q.qname);
@@ -107,11 +118,8 @@ pub async fn serve(socket: UdpSocket, handler: Arc<Handler>, shutdown: Cancellat
             };
             slow.spawn(handle_with_catalog(handler.clone(), packet.to_vec(), src, responder));
         }
-        let mut start = 0;
-        for (dst, end) in sends.drain(..) {
-            send(&socket, &answers[start..end], dst).await;
-            start = end;
-        }
+        send_all(&socket, &answers, &sends).await;
+        sends.clear();
         answers.clear();
         while slow.try_join_next().is_some() {}
         if !drained {
@@ -151,13 +159,35 @@ fn limit(
     }
 }
 
-async fn send(socket: &UdpSocket, bytes: &[u8], dst: SocketAddr) {
-    let result = match socket.try_send_to(bytes, dst) {
-        Err(error) if error.kind() == io::ErrorKind::WouldBlock => socket.send_to(bytes, dst).await,
-        other => other,
-    };
-    if let Err(error) = result {
-        debug!(%error, "UDP send failed");
+/// Sends the answers of a batch (`answers`, cut at each end offset in `sends`), [`mmsg::BATCH`] per `sendmmsg`,
+/// waiting for room when the socket's buffer is full. An answer the kernel refuses is skipped.
+async fn send_all(socket: &UdpSocket, answers: &[u8], sends: &[(SocketAddr, usize)]) {
+    let mut start = 0;
+    let datagrams: Vec<(SocketAddr, &[u8])> = sends
+        .iter()
+        .map(|&(dst, end)| {
+            let bytes = &answers[start..end];
+            start = end;
+            (dst, bytes)
+        })
+        .collect();
+    let mut done = 0;
+    while done < datagrams.len() {
+        let chunk = &datagrams[done..datagrams.len().min(done + mmsg::BATCH)];
+        match socket.try_io(Interest::WRITABLE, || mmsg::send(socket, chunk)) {
+            Ok(sent) => done += sent.max(1),
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                if let Err(error) = socket.writable().await {
+                    debug!(%error, "UDP socket not writable; answers dropped");
+                    return;
+                }
+            }
+            // `sendmmsg` fails only when its first datagram does: skip that one.
+            Err(error) => {
+                debug!(%error, dst = %chunk[0].0, "UDP send failed");
+                done += 1;
+            }
+        }
     }
 }
 

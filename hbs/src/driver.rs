@@ -9,29 +9,27 @@
 //! to a different address.
 
 use std::{
-    io::{self, IoSlice, IoSliceMut},
+    io,
     net::SocketAddr,
-    os::fd::AsRawFd,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
 };
 
-use nix::sys::socket::{
-    ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg, setsockopt, sockopt,
-};
+use nix::sys::socket::{setsockopt, sockopt};
 use rand::SeedableRng;
 use tether_proto::heartbeat::{
     monitor::{Event, Liveness, Monitor, Policy, TargetId, Transmit},
     packet::{Key, PACKET_LEN},
 };
+use tether_service::mmsg;
 use tokio::{io::Interest, net::UdpSocket, sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 /// Datagrams read or written per system call.
-pub const BATCH: usize = 64;
+pub use tether_service::mmsg::BATCH;
 /// Receive batches handled per turn before the timer and the commands get a look in.
 const RECV_BATCHES: usize = 8;
 /// Receive batches read before deadlines are handled: more than a full [`SOCKET_BUFFER`] of heartbeat datagrams.
@@ -214,14 +212,14 @@ impl Batches {
             let mut short = None;
             let count = match ask {
                 Ask::IfReady => socket.try_io(Interest::READABLE, || {
-                    let count = receive_batch(socket, slots, &mut received)?;
+                    let count = mmsg::receive(socket, slots, &mut received)?;
                     if count < BATCH {
                         short = Some(count);
                         return Err(io::ErrorKind::WouldBlock.into());
                     }
                     Ok(count)
                 }),
-                Ask::Kernel => receive_batch(socket, slots, &mut received),
+                Ask::Kernel => mmsg::receive(socket, slots, &mut received),
             };
             let count = match (count, short) {
                 (_, Some(count)) | (Ok(count), None) => count,
@@ -292,42 +290,11 @@ enum Ask {
     Kernel,
 }
 
-/// One non-blocking `recvmmsg` into `slots`; each datagram's length (cut at [`SLOT`]) and source go to `received`.
-fn receive_batch(
-    socket: &UdpSocket,
-    slots: &mut [[u8; SLOT]; BATCH],
-    received: &mut [(usize, Option<SocketAddr>); BATCH],
-) -> io::Result<usize> {
-    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
-    let mut iovs = slots.each_mut().map(|slot| [IoSliceMut::new(slot)]);
-    let results = recvmmsg(socket.as_raw_fd(), &mut headers, iovs.iter_mut(), MsgFlags::MSG_DONTWAIT, None)?;
-    let mut count = 0;
-    for (entry, message) in received.iter_mut().zip(results) {
-        *entry = (message.bytes.min(SLOT), message.address.as_ref().and_then(std_addr));
-        count += 1;
-    }
-    Ok(count)
-}
-
 /// One `sendmmsg` of up to [`BATCH`] transmits; how many the kernel took.
 fn send_batch(socket: &UdpSocket, chunk: &[Transmit]) -> io::Result<usize> {
-    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
-    let count = chunk.len().min(BATCH);
-    let iovs: [[IoSlice<'_>; 1]; BATCH] =
-        std::array::from_fn(|i| [IoSlice::new(chunk.get(i).map_or(&[][..], |transmit| &transmit.payload[..]))]);
-    let addrs: [Option<SockaddrStorage>; BATCH] =
-        std::array::from_fn(|i| chunk.get(i).map(|transmit| SockaddrStorage::from(transmit.dest)));
-    let no_control: [ControlMessage<'_>; 0] = [];
-    let results =
-        sendmmsg(socket.as_raw_fd(), &mut headers, iovs[..count].iter(), addrs, no_control, MsgFlags::MSG_DONTWAIT)?;
-    Ok(results.count())
-}
-
-fn std_addr(storage: &SockaddrStorage) -> Option<SocketAddr> {
-    if let Some(v4) = storage.as_sockaddr_in() {
-        return Some(SocketAddr::from(*v4));
-    }
-    storage.as_sockaddr_in6().map(|v6| SocketAddr::from(*v6))
+    let datagrams: Vec<(SocketAddr, &[u8])> =
+        chunk.iter().take(BATCH).map(|transmit| (transmit.dest, &transmit.payload[..])).collect();
+    mmsg::send(socket, &datagrams)
 }
 
 fn apply(monitor: &mut Monitor, command: Command, now: std::time::Instant) {

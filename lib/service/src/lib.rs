@@ -1,5 +1,6 @@
 //! The plumbing every tether server shares: its `main` ([`main`], [`start`]: arguments, configuration, logs, runtime,
-//! signals, exit codes), the `/metrics` and `/healthz` listener ([`http`]) and the QUIC accept loop ([`accept`]).
+//! signals, exit codes), the `/metrics` and `/healthz` listener ([`http`]), the QUIC accept loop ([`accept`]) and
+//! batched UDP system calls ([`mmsg`]).
 
 use std::{future::Future, path::PathBuf, process::ExitCode};
 
@@ -11,6 +12,7 @@ use tracing_subscriber::EnvFilter;
 
 pub mod accept;
 pub mod http;
+pub mod mmsg;
 
 /// A server's configuration file.
 pub trait ServerConfig: Load {
