@@ -9,10 +9,10 @@ use hickory_server::{
     proto::{
         op::{Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode},
         rr::{Record, RecordType},
-        serialize::binary::{BinEncodable, BinEncoder},
+        serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder},
     },
     server::{Request, RequestHandler, ResponseHandler, ResponseInfo},
-    zone_handler::MessageResponse,
+    zone_handler::{MessageResponse, MessageResponseBuilder, Queries},
 };
 use tracing::warn;
 
@@ -30,6 +30,32 @@ pub fn answer_fast(shared: &Shared, view: &View, packet: &[u8], out: &mut Vec<u8
     let rcode = u16::from(view.answer(&query, out)?);
     shared.metrics.count_response(rcode);
     Some(rcode)
+}
+
+/// What hickory's server does with a message before its handler sees it: a query that does not decode gets FORMERR
+/// (through `responder`, counted), a response gets nothing; `None` in both cases, the request otherwise.
+pub(crate) async fn decode_request<R: ResponseHandler>(
+    handler: &Handler,
+    packet: Vec<u8>,
+    src: std::net::SocketAddr,
+    protocol: hickory_server::net::xfer::Protocol,
+    responder: &mut R,
+) -> Option<Request> {
+    let header = Header::read(&mut BinDecoder::new(&packet)).ok()?;
+    let request = match Request::from_bytes(packet, src, protocol) {
+        Ok(request) => request,
+        Err(error) => {
+            tracing::debug!(%error, "undecodable query");
+            let queries = Queries::read(&mut BinDecoder::new(&[]), 0).ok()?;
+            let response =
+                MessageResponseBuilder::new(&queries, None).error_msg(&header.metadata, ResponseCode::FormErr);
+            if let Ok(info) = responder.send_response(response).await {
+                handler.shared().metrics.count_response(u16::from(info.response_code));
+            }
+            return None;
+        }
+    };
+    (request.metadata.message_type != MessageType::Response).then_some(request)
 }
 
 /// Encodes a catalog response within `limit` bytes, as hickory's server does (truncated when over, with TC); an

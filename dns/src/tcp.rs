@@ -16,13 +16,9 @@ use std::{
 
 use hickory_server::{
     net::{NetError, runtime::TokioTime, xfer::Protocol},
-    proto::{
-        op::{Header, MessageType, ResponseCode},
-        rr::Record,
-        serialize::binary::{BinDecodable, BinDecoder},
-    },
-    server::{Request, RequestHandler, ResponseHandler, ResponseInfo},
-    zone_handler::{MessageResponse, MessageResponseBuilder, Queries},
+    proto::rr::Record,
+    server::{RequestHandler, ResponseHandler, ResponseInfo},
+    zone_handler::MessageResponse,
 };
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
@@ -226,27 +222,9 @@ async fn handle_with_catalog<W>(handler: &Handler, packet: Vec<u8>, src: SocketA
 where
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let Ok(header) = Header::read(&mut BinDecoder::new(&packet)) else {
+    let Some(request) = server::decode_request(handler, packet, src, Protocol::Tcp, &mut responder).await else {
         return;
     };
-    let request = match Request::from_bytes(packet, src, Protocol::Tcp) {
-        Ok(request) => request,
-        Err(error) => {
-            debug!(%error, "undecodable query");
-            let Ok(queries) = Queries::read(&mut BinDecoder::new(&[]), 0) else {
-                return;
-            };
-            let response =
-                MessageResponseBuilder::new(&queries, None).error_msg(&header.metadata, ResponseCode::FormErr);
-            if let Ok(info) = responder.send_response(response).await {
-                handler.shared().metrics.count_response(u16::from(info.response_code));
-            }
-            return;
-        }
-    };
-    if request.metadata.message_type == MessageType::Response {
-        return;
-    }
     handler.handle_request::<_, TokioTime>(&request, responder).await;
 }
 
@@ -286,7 +264,10 @@ impl<W: AsyncWrite + Unpin + Send + 'static> ResponseHandler for TcpResponder<W>
 
 #[cfg(test)]
 mod tests {
-    use hickory_server::proto::{op::Message, rr::RecordType};
+    use hickory_server::proto::{
+        op::{Message, ResponseCode},
+        rr::RecordType,
+    };
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;

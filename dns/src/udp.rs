@@ -15,12 +15,12 @@ use std::{
 use hickory_server::{
     net::{NetError, runtime::TokioTime, xfer::Protocol},
     proto::{
-        op::{Header, Message, MessageType, ResponseCode},
+        op::Message,
         rr::{Record, RecordType},
-        serialize::binary::{BinDecodable, BinDecoder, BinEncodable},
+        serialize::binary::{BinDecodable, BinEncodable},
     },
-    server::{Request, RequestHandler, ResponseHandler, ResponseInfo},
-    zone_handler::{MessageResponse, MessageResponseBuilder, Queries},
+    server::{RequestHandler, ResponseHandler, ResponseInfo},
+    zone_handler::MessageResponse,
 };
 use tether_service::mmsg;
 use tokio::{io::Interest, net::UdpSocket, task::JoinSet};
@@ -193,27 +193,9 @@ async fn send_all(socket: &UdpSocket, answers: &[u8], sends: &[(SocketAddr, usiz
 
 /// What hickory's server does with a datagram before its handler sees it, then the handler.
 async fn handle_with_catalog(handler: Arc<Handler>, packet: Vec<u8>, src: SocketAddr, mut responder: UdpResponder) {
-    let Ok(header) = Header::read(&mut BinDecoder::new(&packet)) else {
+    let Some(request) = server::decode_request(&handler, packet, src, Protocol::Udp, &mut responder).await else {
         return;
     };
-    let request = match Request::from_bytes(packet, src, Protocol::Udp) {
-        Ok(request) => request,
-        Err(error) => {
-            debug!(%error, "undecodable query");
-            let Ok(queries) = Queries::read(&mut BinDecoder::new(&[]), 0) else {
-                return;
-            };
-            let response =
-                MessageResponseBuilder::new(&queries, None).error_msg(&header.metadata, ResponseCode::FormErr);
-            if let Ok(info) = responder.send_response(response).await {
-                handler.shared().metrics.count_response(u16::from(info.response_code));
-            }
-            return;
-        }
-    };
-    if request.metadata.message_type == MessageType::Response {
-        return;
-    }
     // RFC 8482: ANY over UDP gets one RRset of the name, never all of them (no amplification); over TCP, all.
     let question = request.queries.queries().first();
     responder.minimal_any = question.is_some_and(|q| q.query_type() == RecordType::ANY);
@@ -321,9 +303,12 @@ pub(crate) fn usable_source(src: SocketAddr) -> bool {
 pub(crate) mod tests {
     use std::sync::Mutex;
 
-    use hickory_server::proto::{
-        op::{Edns, Message, OpCode, Query},
-        rr::{Name, RecordType},
+    use hickory_server::{
+        proto::{
+            op::{Edns, Message, MessageType, OpCode, Query, ResponseCode},
+            rr::{Name, RecordType},
+        },
+        server::Request,
     };
 
     use super::*;
