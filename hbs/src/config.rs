@@ -48,6 +48,11 @@ pub struct Config {
     /// Re-probes before an address is dead.
     #[serde(default = "default_reprobes")]
     pub reprobes: u8,
+    /// The heartbeat driver turns on this grid: pings due and pongs that arrived meanwhile are handled together at
+    /// the next multiple of it, one wake-up for all of them. Each deadline may be handled up to one tick late.
+    /// `0s` turns at every deadline as it comes (more wake-ups, the same verdicts).
+    #[serde(default = "default_tick", with = "humantime_serde")]
+    pub tick: Duration,
     /// Longest time state changes wait to be written together.
     #[serde(default = "default_batch_window", with = "humantime_serde")]
     pub batch_window: Duration,
@@ -103,6 +108,9 @@ impl Load for Config {
         if self.reprobe_interval.is_zero() {
             return Err(invalid("reprobe_interval", "must be above zero"));
         }
+        if self.tick > Duration::from_millis(50) || self.tick * 2 > self.reprobe_interval.min(self.reply_timeout) {
+            return Err(invalid("tick", "at most 50ms and half of reply_timeout and of reprobe_interval"));
+        }
         if self.batch_window > Duration::from_secs(1) {
             return Err(invalid("batch_window", "at most 1s"));
         }
@@ -122,9 +130,11 @@ impl Config {
         self.database_url.as_ref().map_or("", Secret::expose)
     }
 
-    /// Worst-case time from the last answered ping to a death: the figure to compare with the 1.5 s target.
+    /// Worst-case time from the last answered ping to a death: the figure to compare with the 1.5 s target. Each
+    /// deadline of the chain (the cycle's ping, its reply window, every re-probe window) may be handled a tick late.
     pub fn detection_bound(&self) -> Duration {
-        self.interval + self.reply_timeout + self.reprobe_interval * u32::from(self.reprobes)
+        let deadlines = u32::from(self.reprobes) + 2;
+        self.interval + self.reply_timeout + self.reprobe_interval * u32::from(self.reprobes) + self.tick * deadlines
     }
 }
 
@@ -151,6 +161,9 @@ fn default_reprobe_interval() -> Duration {
 }
 fn default_reprobes() -> u8 {
     4
+}
+fn default_tick() -> Duration {
+    Duration::from_millis(5)
 }
 fn default_batch_window() -> Duration {
     // Short: a pending address's first proof waits for it. Under load, changes also gather while a write runs.
@@ -182,6 +195,25 @@ mod tests {
         let config = Config::parse(include_str!("../../deploy/hbs.toml")).expect("example parses");
         assert_eq!(config.name, "hbs-a");
         assert!(config.detection_bound() <= Duration::from_millis(1500), "{:?}", config.detection_bound());
+    }
+
+    #[test]
+    fn a_tick_too_long_for_the_windows_is_refused() {
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let base =
+            format!("name = 'a'\ndatabase_url = 'postgres://h/db'\nca = '{file}'\ncert = '{file}'\nkey = '{file}'\n");
+        // The default windows: reply_timeout 100 ms, reprobe_interval 80 ms.
+        for (tick, ms, ok) in
+            [("0s", 0, true), ("5ms", 5, true), ("40ms", 40, true), ("41ms", 41, false), ("60ms", 60, false)]
+        {
+            let config = Config::parse(&format!("{base}tick = '{tick}'")).expect("parses");
+            assert_eq!(config.tick, Duration::from_millis(ms));
+            let checked = config.validate();
+            assert_eq!(checked.is_ok(), ok, "tick {tick}: {checked:?}");
+            if let Err(error) = checked {
+                assert!(error.to_string().contains("tick"), "{error}");
+            }
+        }
     }
 
     #[test]

@@ -1,9 +1,16 @@
-//! The heartbeat driver: one task owning the UDP socket and the [`Monitor`]. Each turn it feeds commands,
-//! datagrams or the timer into the machine, sends what it asks to send, passes its events on, and re-arms the one
-//! timer at `poll_timeout()`.
+//! The heartbeat driver: one task owning the UDP socket and the [`Monitor`]. Each turn it feeds commands or the
+//! timer into the machine (the timer first reads every datagram that queued up), sends what it asks to send, passes
+//! its events on, and re-arms the one timer at `poll_timeout()`, moved onto the tick grid.
+//!
+//! The driver turns on a grid of `tick` (5 ms by default), never on a datagram's arrival: the socket is not even
+//! registered with the runtime, whose edge-triggered epoll would wake the thread for every burst of pongs whether a
+//! task waits or not. Each deadline is handled at the first grid point at or after it, after the pongs queued until
+//! then are read, so a pong read late still counts: what the wait changes is only when a verdict is made, by at most
+//! a tick. What it saves is wake-ups: at 10,000 addresses one per tick instead of one per millisecond's pings and
+//! per burst of pongs, each a context switch, and on a virtual machine an exit.
 //!
 //! Datagrams go both ways in batches, one system call per [`BATCH`]: `recvmmsg` reads what has queued up, and the
-//! pings a turn produces (every target due in the same millisecond) leave together through `sendmmsg`. The socket's
+//! pings a turn produces (every target due in the same tick) leave together through `sendmmsg`. The socket's
 //! buffers are raised to [`SOCKET_BUFFER`] so that a second's worth of bursts at 100,000 targets is not dropped.
 //! UDP_SEGMENT (GSO) cannot batch further: it cuts one buffer into datagrams for one destination, and every ping goes
 //! to a different address.
@@ -24,14 +31,12 @@ use tether_proto::heartbeat::{
     packet::{Key, PACKET_LEN},
 };
 use tether_service::mmsg;
-use tokio::{io::Interest, net::UdpSocket, sync::mpsc, time::Instant};
+use tokio::{net::UdpSocket, sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 /// Datagrams read or written per system call.
 pub use tether_service::mmsg::BATCH;
-/// Receive batches handled per turn before the timer and the commands get a look in.
-const RECV_BATCHES: usize = 8;
 /// Receive batches read before deadlines are handled: more than a full [`SOCKET_BUFFER`] of heartbeat datagrams.
 const DRAIN_BATCHES: usize = 128;
 /// Commands applied per turn.
@@ -92,29 +97,39 @@ pub struct Counters {
     pub dead: AtomicU64,
 }
 
-/// Runs until `shutdown` or until every command sender is gone.
+/// Runs until `shutdown` or until every command sender is gone, turning on the grid of `tick` (see the module).
 pub async fn run(
     socket: UdpSocket,
     policy: Policy,
+    tick: std::time::Duration,
     mut commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedSender<Event>,
     counters: Arc<Counters>,
     shutdown: CancellationToken,
 ) {
+    // Out of the runtime's reactor: nothing but the timer reads it (the socket stays non-blocking).
+    let socket = match socket.into_std() {
+        Ok(socket) => socket,
+        Err(error) => {
+            warn!(%error, "cannot take the heartbeat socket out of the runtime; no heartbeats");
+            return;
+        }
+    };
     size_buffers(&socket);
     dont_fragment(&socket);
     let mut monitor = Monitor::new(policy);
     let mut rng = rand::rngs::StdRng::from_os_rng();
-    let mut io = Batches::new();
+    let mut io = Batches::new(tick);
     let timer = tokio::time::sleep(std::time::Duration::from_secs(3600));
     tokio::pin!(timer);
-    // The deadline the timer is set to; None once it has fired.
+    // The instant the timer is set to; None once it has fired.
     let mut armed = None;
+    let grid = Grid { origin: std::time::Instant::now(), tick };
     loop {
-        let next = monitor.poll_timeout();
+        let next = monitor.poll_timeout().map(|deadline| grid.at_or_after(deadline));
         if next != armed {
-            if let Some(deadline) = next {
-                timer.as_mut().reset(Instant::from_std(deadline));
+            if let Some(at) = next {
+                timer.as_mut().reset(Instant::from_std(at));
             }
             armed = next;
         }
@@ -130,10 +145,6 @@ pub async fn run(
                     }
                 }
                 None => return,
-            },
-            ready = socket.readable() => match ready {
-                Ok(()) => io.receive(&socket, &mut monitor),
-                Err(error) => debug!(%error, "heartbeat socket not readable"),
             },
             () = &mut timer, if armed.is_some() => {
                 armed = None;
@@ -154,8 +165,26 @@ pub async fn run(
     }
 }
 
+/// The instants the driver turns at: multiples of `tick` from `origin` (every instant when `tick` is zero).
+#[derive(Debug, Clone, Copy)]
+struct Grid {
+    origin: std::time::Instant,
+    tick: std::time::Duration,
+}
+
+impl Grid {
+    /// The first grid point at or after `at`.
+    fn at_or_after(&self, at: std::time::Instant) -> std::time::Instant {
+        let tick = self.tick.as_nanos();
+        let Some(since) = at.checked_duration_since(self.origin).filter(|_| tick > 0) else { return at };
+        let steps = since.as_nanos().div_ceil(tick);
+        let offset = u64::try_from(steps * tick).unwrap_or(u64::MAX);
+        self.origin + std::time::Duration::from_nanos(offset)
+    }
+}
+
 /// Raises the socket's buffers, so that bursts of pongs wait in the kernel rather than being dropped.
-fn size_buffers(socket: &UdpSocket) {
+fn size_buffers(socket: &std::net::UdpSocket) {
     if let Err(error) = setsockopt(socket, sockopt::RcvBuf, &SOCKET_BUFFER) {
         warn!(%error, "cannot raise the heartbeat socket's receive buffer");
     }
@@ -167,7 +196,7 @@ fn size_buffers(socket: &UdpSocket) {
 /// Sets DF on the pings (IP_PMTUDISC_PROBE, as quinn does for QUIC): a 55-byte datagram is never fragmented, and
 /// without DF the kernel draws each datagram's IP identification from a shared hashed table (`__ip_select_ident`,
 /// 4 % of hbs's CPU at 50,000 addresses); with DF it is 0 (RFC 6864). The datagrams are otherwise the same.
-fn dont_fragment(socket: &UdpSocket) {
+fn dont_fragment(socket: &std::net::UdpSocket) {
     use rustix::net::sockopt::{Ipv4PathMtuDiscovery, set_ip_mtu_discover};
     if let Err(error) = set_ip_mtu_discover(socket, Ipv4PathMtuDiscovery::PROBE) {
         debug!(%error, "cannot set DF on the heartbeat socket");
@@ -180,52 +209,33 @@ struct Batches {
     slots: Box<[[u8; SLOT]; BATCH]>,
     /// The monitor's transmits, in order, waiting for `sendmmsg`.
     pending: Vec<Transmit>,
+    /// How long a send waits for room in a full socket buffer before it tries again.
+    retry: std::time::Duration,
 }
 
 impl Batches {
-    fn new() -> Self {
-        Self { slots: Box::new([[0; SLOT]; BATCH]), pending: Vec::with_capacity(BATCH) }
+    fn new(tick: std::time::Duration) -> Self {
+        let retry = tick.max(std::time::Duration::from_millis(1));
+        Self { slots: Box::new([[0; SLOT]; BATCH]), pending: Vec::with_capacity(BATCH), retry }
     }
 
-    /// The timer fired: replies already queued on the socket are read first, then the deadlines handled. After this
-    /// task waited for a core (a busy host, a storm of registrations), pongs that arrived within their windows are
-    /// in the kernel's queue, and a deadline handled first would declare their targets dead. The kernel is asked
-    /// directly: the runtime may not have seen the socket turn readable yet.
-    fn on_timer(&mut self, socket: &UdpSocket, monitor: &mut Monitor, rng: &mut impl rand::RngCore) {
-        self.receive_up_to(socket, monitor, DRAIN_BATCHES, Ask::Kernel);
+    /// The timer fired: replies queued on the socket are read first, then the deadlines handled. Pongs that
+    /// arrived within their windows while the driver waited for its tick (or for a core: a busy host, a storm of
+    /// registrations) are in the kernel's queue, and a deadline handled first would declare their targets dead.
+    fn on_timer(&mut self, socket: &std::net::UdpSocket, monitor: &mut Monitor, rng: &mut impl rand::RngCore) {
+        self.receive(socket, monitor);
         monitor.handle_timeout(std::time::Instant::now(), rng);
     }
 
-    /// Feeds the monitor what has queued up on the socket, up to [`RECV_BATCHES`] system calls' worth.
-    fn receive(&mut self, socket: &UdpSocket, monitor: &mut Monitor) {
-        self.receive_up_to(socket, monitor, RECV_BATCHES, Ask::IfReady);
-    }
-
-    /// Feeds the monitor what has queued up on the socket, up to `batches` system calls' worth.
-    fn receive_up_to(&mut self, socket: &UdpSocket, monitor: &mut Monitor, batches: usize, ask: Ask) {
-        for _ in 0..batches {
+    /// Feeds the monitor what has queued up on the socket, up to [`DRAIN_BATCHES`] system calls' worth.
+    fn receive(&mut self, socket: &std::net::UdpSocket, monitor: &mut Monitor) {
+        for _ in 0..DRAIN_BATCHES {
             let mut received = [(0_usize, None::<SocketAddr>); BATCH];
-            let slots = &mut *self.slots;
-            // A short batch emptied the queue: through the runtime, it also clears the readiness (as `WouldBlock`
-            // does), which saves a turn and a `recvmmsg` that would find nothing. The readiness cleared is the one
-            // seen before the call, so a datagram arriving after it still wakes the task.
-            let mut short = None;
-            let count = match ask {
-                Ask::IfReady => socket.try_io(Interest::READABLE, || {
-                    let count = mmsg::receive(socket, slots, &mut received)?;
-                    if count < BATCH {
-                        short = Some(count);
-                        return Err(io::ErrorKind::WouldBlock.into());
-                    }
-                    Ok(count)
-                }),
-                Ask::Kernel => mmsg::receive(socket, slots, &mut received),
-            };
-            let count = match (count, short) {
-                (_, Some(count)) | (Ok(count), None) => count,
-                (Err(error), None) if error.kind() == io::ErrorKind::WouldBlock => return,
+            let count = match mmsg::receive(socket, &mut self.slots, &mut received) {
+                Ok(count) => count,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
                 // ICMP errors of earlier sends can surface here; nothing to do but read on.
-                (Err(error), None) => {
+                Err(error) => {
                     debug!(%error, "heartbeat socket receive error");
                     continue;
                 }
@@ -249,24 +259,18 @@ impl Batches {
         }
     }
 
-    /// Sends every pending transmit, [`BATCH`] per system call, waiting for room in the socket's buffer when it is
-    /// full. A datagram the kernel refuses is skipped. False when `shutdown` came first.
-    async fn send(&mut self, socket: &UdpSocket, shutdown: &CancellationToken) -> bool {
+    /// Sends every pending transmit, [`BATCH`] per system call; when the socket's buffer is full, tries again
+    /// after a pause. A datagram the kernel refuses is skipped. False when `shutdown` came first.
+    async fn send(&mut self, socket: &std::net::UdpSocket, shutdown: &CancellationToken) -> bool {
         let mut done = 0;
         while done < self.pending.len() {
             let chunk = &self.pending[done..self.pending.len().min(done + BATCH)];
-            let sent = socket.try_io(Interest::WRITABLE, || send_batch(socket, chunk));
-            match sent {
+            match send_batch(socket, chunk) {
                 Ok(sent) => done += sent.max(1),
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                     tokio::select! {
                         () = shutdown.cancelled() => return false,
-                        writable = socket.writable() => {
-                            if let Err(error) = writable {
-                                debug!(%error, "heartbeat socket not writable; pings dropped");
-                                break;
-                            }
-                        }
+                        () = tokio::time::sleep(self.retry) => {}
                     }
                 }
                 // `sendmmsg` fails only when its first datagram does: skip that one.
@@ -281,17 +285,8 @@ impl Batches {
     }
 }
 
-/// Whether a receive trusts the runtime's readiness or asks the kernel.
-#[derive(Debug, Clone, Copy)]
-enum Ask {
-    /// Only when the runtime saw the socket readable (clearing that readiness on `WouldBlock`).
-    IfReady,
-    /// Whatever the runtime saw.
-    Kernel,
-}
-
 /// One `sendmmsg` of up to [`BATCH`] transmits; how many the kernel took.
-fn send_batch(socket: &UdpSocket, chunk: &[Transmit]) -> io::Result<usize> {
+fn send_batch(socket: &std::net::UdpSocket, chunk: &[Transmit]) -> io::Result<usize> {
     let datagrams: Vec<(SocketAddr, &[u8])> =
         chunk.iter().take(BATCH).map(|transmit| (transmit.dest, &transmit.payload[..])).collect();
     mmsg::send(socket, &datagrams)
@@ -329,15 +324,32 @@ mod tests {
 
     use super::*;
 
+    /// Deadlines move to the next multiple of the tick from the origin (one on the grid stays); a zero tick, or
+    /// a deadline before the origin, leaves them as they are.
+    #[test]
+    fn deadlines_move_to_the_next_grid_point() {
+        let origin = std::time::Instant::now();
+        let ms = Duration::from_millis;
+        let grid = Grid { origin, tick: ms(5) };
+        assert_eq!(grid.at_or_after(origin), origin);
+        assert_eq!(grid.at_or_after(origin + Duration::from_nanos(1)), origin + ms(5));
+        assert_eq!(grid.at_or_after(origin + ms(5)), origin + ms(5));
+        assert_eq!(grid.at_or_after(origin + ms(12)), origin + ms(15));
+        assert_eq!(grid.at_or_after(origin + ms(3_600_001)), origin + ms(3_600_005));
+        let before = origin.checked_sub(ms(2)).expect("an instant before");
+        assert_eq!(grid.at_or_after(before), before);
+        let none = Grid { origin, tick: Duration::ZERO };
+        assert_eq!(none.at_or_after(origin + ms(12)), origin + ms(12));
+    }
+
     /// Every datagram a batch send is handed arrives, in order, whatever the batch boundaries.
     #[tokio::test]
     async fn batched_sends_and_receives_keep_every_datagram() {
-        let a = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let a = bound();
         let b = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         size_buffers(&a);
-        size_buffers(&b);
         let to = b.local_addr().expect("addr");
-        let mut batches = Batches::new();
+        let mut batches = Batches::new(Duration::from_millis(5));
         let total = BATCH * 3 + 7;
         for i in 0..total {
             let mut payload = [0_u8; PACKET_LEN];
@@ -360,12 +372,12 @@ mod tests {
     async fn pongs_queued_while_the_driver_waited_count_before_their_deadlines() {
         use tether_proto::heartbeat::packet::{Kind, Packet, decode, encode};
         const KEY: Key = [9; 32];
-        let hbs = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let hbs = bound();
         let ncu = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         let (hbs_addr, ncu_addr) = (hbs.local_addr().expect("addr"), ncu.local_addr().expect("addr"));
         let mut monitor = Monitor::new(Policy::default());
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let mut io = Batches::new();
+        let mut io = Batches::new(Duration::from_millis(5));
         let shutdown = CancellationToken::new();
         let start = std::time::Instant::now();
         for id in 1..=3 {
@@ -412,24 +424,84 @@ mod tests {
     /// Batched receives hand the monitor every datagram, however many system calls that takes.
     #[tokio::test]
     async fn batched_receives_feed_every_datagram_to_the_monitor() {
-        let a = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let a = bound();
         let b = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         size_buffers(&a);
         let to = a.local_addr().expect("addr");
-        let total = BATCH * RECV_BATCHES + BATCH + 5;
+        let total = BATCH * 8 + 5;
         for i in 0..total {
             // Not heartbeat packets: too short, or too long for a receive slot.
             let len = if i % 2 == 0 { 10 } else { 200 };
             b.send_to(&vec![0xff; len], to).await.expect("sent");
         }
         let mut monitor = Monitor::new(Policy::default());
-        let mut batches = Batches::new();
+        let mut batches = Batches::new(Duration::from_millis(5));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while monitor.stats().malformed < total as u64 {
             assert!(std::time::Instant::now() < deadline, "{:?}", monitor.stats());
-            a.readable().await.expect("readable");
+            tokio::time::sleep(Duration::from_millis(5)).await;
             batches.receive(&a, &mut monitor);
         }
         assert_eq!(monitor.stats().malformed, total as u64);
+    }
+
+    /// A non-blocking socket on loopback, as the driver holds it.
+    fn bound() -> std::net::UdpSocket {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        socket.set_nonblocking(true).expect("non-blocking");
+        socket
+    }
+
+    /// A full run: pings leave on the tick grid, pongs read at the ticks keep the target live, and a target whose
+    /// answers stop is declared dead within the policy's bound plus a tick per deadline.
+    #[tokio::test]
+    async fn the_ticked_driver_keeps_an_answering_target_live_and_finds_a_silent_one_dead() {
+        use tether_proto::heartbeat::packet::{Kind, Packet, decode, encode};
+        const KEY: Key = [4; 32];
+        let hbs = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let ncu = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let ncu_addr = ncu.local_addr().expect("addr");
+        let policy = Policy { interval: Duration::from_millis(200), ..Policy::default() };
+        let (command_tx, command_rx) = mpsc::unbounded_channel();
+        let (event_tx, mut event_rx) = mpsc::unbounded_channel();
+        let shutdown = CancellationToken::new();
+        let tick = Duration::from_millis(5);
+        let driver = tokio::spawn(run(hbs, policy, tick, command_rx, event_tx, Arc::default(), shutdown.clone()));
+        command_tx
+            .send(Command::Add { id: 1, session: 11, uplink: 0, key: KEY, dest: ncu_addr, initial: Liveness::Pending })
+            .expect("driver running");
+        // Answer five pings, then fall silent.
+        let mut buf = [0_u8; 128];
+        for _ in 0..5 {
+            let (len, from) = tokio::time::timeout(Duration::from_secs(2), ncu.recv_from(&mut buf))
+                .await
+                .expect("a ping within the interval")
+                .expect("ping");
+            let ping = decode(&buf[..len], &KEY).expect("authentic ping");
+            ncu.send_to(&encode(&Packet { kind: Kind::Pong, ..ping }, &KEY), from).await.expect("pong");
+        }
+        let silent_at = std::time::Instant::now();
+        let mut alive = false;
+        let death = loop {
+            let event = tokio::time::timeout(Duration::from_secs(5), event_rx.recv())
+                .await
+                .expect("an event")
+                .expect("driver running");
+            match event {
+                Event::Alive { id: 1, .. } => alive = true,
+                Event::Dead { id: 1 } => break silent_at.elapsed(),
+                _ => {}
+            }
+        };
+        assert!(alive, "the answering target was never live");
+        let deadlines = u32::from(policy.reprobes) + 2;
+        let bound = policy.interval
+            + policy.reply_timeout
+            + policy.reprobe_interval * u32::from(policy.reprobes)
+            + tick * deadlines
+            + Duration::from_millis(100);
+        assert!(death <= bound, "dead {death:?} after the last pong; bound {bound:?}");
+        shutdown.cancel();
+        driver.await.expect("driver stopped");
     }
 }

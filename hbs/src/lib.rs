@@ -117,7 +117,7 @@ mod run {
         };
         let mut tasks = tokio::task::JoinSet::new();
         let inner = shutdown.child_token();
-        tasks.spawn(driver::run(heartbeat, policy, driver_rx, events_tx, counters.clone(), inner.clone()));
+        tasks.spawn(driver::run(heartbeat, policy, config.tick, driver_rx, events_tx, counters.clone(), inner.clone()));
         tasks.spawn(writer::run(
             pool.clone(),
             config.name.clone(),
