@@ -2,7 +2,8 @@
 //! timer into the machine (the timer first reads every datagram that queued up), sends what it asks to send, passes
 //! its events on, and re-arms the one timer at `poll_timeout()`, moved onto the tick grid.
 //!
-//! The driver turns on a grid of `tick` (5 ms by default), never on a datagram's arrival: the socket is not even
+//! The driver turns on a grid of `tick` (5 ms by default), and reads the socket at least every [`READ_EVERY`], never
+//! on a datagram's arrival: the socket is not even
 //! registered with the runtime, whose edge-triggered epoll would wake the thread for every burst of pongs whether a
 //! task waits or not. Each deadline is handled at the first grid point at or after it, after the pongs queued until
 //! then are read, so a pong read late still counts: what the wait changes is only when a verdict is made, by at most
@@ -39,6 +40,9 @@ use tracing::{debug, warn};
 pub use tether_service::mmsg::BATCH;
 /// Receive batches read before deadlines are handled: more than a full [`SOCKET_BUFFER`] of heartbeat datagrams.
 const DRAIN_BATCHES: usize = 128;
+/// Longest time between two reads of the socket, deadline or not: hellos and stray datagrams reach the monitor
+/// this soon even while no target has a deadline near (or none is monitored).
+const READ_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
 /// Commands applied per turn.
 const COMMAND_BUDGET: usize = 1024;
 /// Bytes of each receive slot: room for a heartbeat packet; anything longer is cut here, and so malformed.
@@ -125,8 +129,10 @@ pub async fn run(
     // The instant the timer is set to; None once it has fired.
     let mut armed = None;
     let grid = Grid { origin: std::time::Instant::now(), tick };
+    let mut last_read = grid.origin;
     loop {
-        let next = monitor.poll_timeout().map(|deadline| grid.at_or_after(deadline));
+        let read_by = last_read + READ_EVERY;
+        let next = Some(grid.at_or_after(monitor.poll_timeout().map_or(read_by, |deadline| deadline.min(read_by))));
         if next != armed {
             if let Some(at) = next {
                 timer.as_mut().reset(Instant::from_std(at));
@@ -148,6 +154,7 @@ pub async fn run(
             },
             () = &mut timer, if armed.is_some() => {
                 armed = None;
+                last_read = std::time::Instant::now();
                 io.on_timer(&socket, &mut monitor, &mut rng);
             }
         }
@@ -443,6 +450,32 @@ mod tests {
             batches.receive(&a, &mut monitor);
         }
         assert_eq!(monitor.stats().malformed, total as u64);
+    }
+
+    /// With no target to ping, and so no deadline, the socket is still read: stray datagrams are counted (and
+    /// dropped) within a few reads, not left to fill the queue.
+    #[tokio::test]
+    async fn an_idle_driver_still_reads_its_socket() {
+        let hbs = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let to = hbs.local_addr().expect("addr");
+        let (_command_tx, command_rx) = mpsc::unbounded_channel();
+        let (event_tx, _event_rx) = mpsc::unbounded_channel();
+        let counters = Arc::new(Counters::default());
+        let shutdown = CancellationToken::new();
+        let tick = Duration::from_millis(5);
+        let driver =
+            tokio::spawn(run(hbs, Policy::default(), tick, command_rx, event_tx, counters.clone(), shutdown.clone()));
+        let sender = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        for _ in 0..3 {
+            sender.send_to(b"not a heartbeat", to).await.expect("sent");
+        }
+        let start = std::time::Instant::now();
+        while counters.malformed.load(Ordering::Relaxed) < 3 {
+            assert!(start.elapsed() < Duration::from_secs(2), "stray datagrams never read");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        shutdown.cancel();
+        driver.await.expect("driver stopped");
     }
 
     /// A non-blocking socket on loopback, as the driver holds it.
