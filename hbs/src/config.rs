@@ -49,8 +49,8 @@ pub struct Config {
     #[serde(default = "default_reprobes")]
     pub reprobes: u8,
     /// The heartbeat driver turns on this grid: pings due and pongs that arrived meanwhile are handled together at
-    /// the next multiple of it, one wake-up for all of them. Each deadline may be handled up to one tick late.
-    /// `0s` turns at every deadline as it comes (more wake-ups, the same verdicts).
+    /// the next multiple of it, one wake-up for all of them. Each deadline, and each proof of a new address, may
+    /// come up to one tick late. `0s` turns at every deadline as it comes, reading the socket every millisecond.
     #[serde(default = "default_tick", with = "humantime_serde")]
     pub tick: Duration,
     /// Longest time state changes wait to be written together.
@@ -163,7 +163,7 @@ fn default_reprobes() -> u8 {
     4
 }
 fn default_tick() -> Duration {
-    Duration::from_millis(5)
+    Duration::from_millis(2)
 }
 fn default_batch_window() -> Duration {
     // Short: a pending address's first proof waits for it. Under load, changes also gather while a write runs.

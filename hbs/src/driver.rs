@@ -2,13 +2,13 @@
 //! timer into the machine (the timer first reads every datagram that queued up), sends what it asks to send, passes
 //! its events on, and re-arms the one timer at `poll_timeout()`, moved onto the tick grid.
 //!
-//! The driver turns on a grid of `tick` (5 ms by default), and reads the socket at least every [`READ_EVERY`], never
-//! on a datagram's arrival: the socket is not even
+//! The driver turns on a grid of `tick` (2 ms by default), never on a datagram's arrival: the socket is not even
 //! registered with the runtime, whose edge-triggered epoll would wake the thread for every burst of pongs whether a
-//! task waits or not. Each deadline is handled at the first grid point at or after it, after the pongs queued until
-//! then are read, so a pong read late still counts: what the wait changes is only when a verdict is made, by at most
-//! a tick. What it saves is wake-ups: at 10,000 addresses one per tick instead of one per millisecond's pings and
-//! per burst of pongs, each a context switch, and on a virtual machine an exit.
+//! task waits or not. While any target is monitored it turns on every grid point (reading what queued up; with
+//! none, every [`IDLE_READ`]), and each deadline is handled at the first grid point at or after it, after the pongs
+//! queued until then are read, so a pong read late still counts: what the wait changes is only when a proof or a
+//! verdict is made, by at most a tick. What it saves is wake-ups: at 10,000 addresses one per tick instead of one
+//! per millisecond's pings and per burst of pongs, each a context switch, and on a virtual machine an exit.
 //!
 //! Datagrams go both ways in batches, one system call per [`BATCH`]: `recvmmsg` reads what has queued up, and the
 //! pings a turn produces (every target due in the same tick) leave together through `sendmmsg`. The socket's
@@ -40,9 +40,11 @@ use tracing::{debug, warn};
 pub use tether_service::mmsg::BATCH;
 /// Receive batches read before deadlines are handled: more than a full [`SOCKET_BUFFER`] of heartbeat datagrams.
 const DRAIN_BATCHES: usize = 128;
-/// Longest time between two reads of the socket, deadline or not: hellos and stray datagrams reach the monitor
-/// this soon even while no target has a deadline near (or none is monitored).
-const READ_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+/// Time between two reads of the socket while no target is monitored: stray datagrams are counted and dropped, and
+/// the first hellos heard, this soon. (With targets, the socket is read every tick.)
+const IDLE_READ: std::time::Duration = std::time::Duration::from_millis(20);
+/// The shortest time between two reads when `tick` is zero (deadlines are then handled as they come).
+const MIN_TICK: std::time::Duration = std::time::Duration::from_millis(1);
 /// Commands applied per turn.
 const COMMAND_BUDGET: usize = 1024;
 /// Bytes of each receive slot: room for a heartbeat packet; anything longer is cut here, and so malformed.
@@ -129,9 +131,10 @@ pub async fn run(
     // The instant the timer is set to; None once it has fired.
     let mut armed = None;
     let grid = Grid { origin: std::time::Instant::now(), tick };
+    // The grid point of the last read.
     let mut last_read = grid.origin;
     loop {
-        let read_by = last_read + READ_EVERY;
+        let read_by = last_read + if monitor.len() == 0 { IDLE_READ } else { tick.max(MIN_TICK) };
         let next = Some(grid.at_or_after(monitor.poll_timeout().map_or(read_by, |deadline| deadline.min(read_by))));
         if next != armed {
             if let Some(at) = next {
@@ -153,8 +156,7 @@ pub async fn run(
                 None => return,
             },
             () = &mut timer, if armed.is_some() => {
-                armed = None;
-                last_read = std::time::Instant::now();
+                last_read = armed.take().unwrap_or_else(std::time::Instant::now);
                 io.on_timer(&socket, &mut monitor, &mut rng);
             }
         }
@@ -222,7 +224,7 @@ struct Batches {
 
 impl Batches {
     fn new(tick: std::time::Duration) -> Self {
-        let retry = tick.max(std::time::Duration::from_millis(1));
+        let retry = tick.max(MIN_TICK);
         Self { slots: Box::new([[0; SLOT]; BATCH]), pending: Vec::with_capacity(BATCH), retry }
     }
 
