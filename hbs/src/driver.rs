@@ -134,7 +134,7 @@ pub async fn run(
     // The grid point of the last read.
     let mut last_read = grid.origin;
     loop {
-        let read_by = last_read + if monitor.len() == 0 { IDLE_READ } else { tick.max(MIN_TICK) };
+        let read_by = last_read + if monitor.is_empty() { IDLE_READ } else { tick.max(MIN_TICK) };
         let next = Some(grid.at_or_after(monitor.poll_timeout().map_or(read_by, |deadline| deadline.min(read_by))));
         if next != armed {
             if let Some(at) = next {
