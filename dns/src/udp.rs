@@ -172,21 +172,10 @@ async fn send_all(socket: &UdpSocket, answers: &[u8], sends: &[(SocketAddr, usiz
         })
         .collect();
     let mut done = 0;
-    while done < datagrams.len() {
-        let chunk = &datagrams[done..datagrams.len().min(done + mmsg::BATCH)];
-        match socket.try_io(Interest::WRITABLE, || mmsg::send(socket, chunk)) {
-            Ok(sent) => done += sent.max(1),
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                if let Err(error) = socket.writable().await {
-                    debug!(%error, "UDP socket not writable; answers dropped");
-                    return;
-                }
-            }
-            // `sendmmsg` fails only when its first datagram does: skip that one.
-            Err(error) => {
-                debug!(%error, dst = %chunk[0].0, "UDP send failed");
-                done += 1;
-            }
+    while socket.try_io(Interest::WRITABLE, || mmsg::send_from(socket, &datagrams, &mut done)).is_err() {
+        if let Err(error) = socket.writable().await {
+            debug!(%error, "UDP socket not writable; answers dropped");
+            return;
         }
     }
 }

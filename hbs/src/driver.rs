@@ -271,34 +271,18 @@ impl Batches {
     /// Sends every pending transmit, [`BATCH`] per system call; when the socket's buffer is full, tries again
     /// after a pause. A datagram the kernel refuses is skipped. False when `shutdown` came first.
     async fn send(&mut self, socket: &std::net::UdpSocket, shutdown: &CancellationToken) -> bool {
+        let datagrams: Vec<(SocketAddr, &[u8])> =
+            self.pending.iter().map(|transmit| (transmit.dest, &transmit.payload[..])).collect();
         let mut done = 0;
-        while done < self.pending.len() {
-            let chunk = &self.pending[done..self.pending.len().min(done + BATCH)];
-            match send_batch(socket, chunk) {
-                Ok(sent) => done += sent.max(1),
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                    tokio::select! {
-                        () = shutdown.cancelled() => return false,
-                        () = tokio::time::sleep(self.retry) => {}
-                    }
-                }
-                // `sendmmsg` fails only when its first datagram does: skip that one.
-                Err(error) => {
-                    debug!(%error, dest = %chunk[0].dest, "ping not sent");
-                    done += 1;
-                }
+        while mmsg::send_from(socket, &datagrams, &mut done).is_err() {
+            tokio::select! {
+                () = shutdown.cancelled() => return false,
+                () = tokio::time::sleep(self.retry) => {}
             }
         }
         self.pending.clear();
         true
     }
-}
-
-/// One `sendmmsg` of up to [`BATCH`] transmits; how many the kernel took.
-fn send_batch(socket: &std::net::UdpSocket, chunk: &[Transmit]) -> io::Result<usize> {
-    let datagrams: Vec<(SocketAddr, &[u8])> =
-        chunk.iter().take(BATCH).map(|transmit| (transmit.dest, &transmit.payload[..])).collect();
-    mmsg::send(socket, &datagrams)
 }
 
 fn apply(monitor: &mut Monitor, command: Command, now: std::time::Instant) {

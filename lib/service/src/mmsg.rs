@@ -46,6 +46,24 @@ pub fn send(socket: &impl AsRawFd, datagrams: &[(SocketAddr, &[u8])]) -> io::Res
     Ok(results.count())
 }
 
+/// Sends `datagrams` from index `*done` on, [`BATCH`] per `sendmmsg`, moving `*done` past what the kernel took.
+/// `Ok` once all are sent; `WouldBlock` when the socket's buffer is full (wait, then call again). A datagram the
+/// kernel refuses (`sendmmsg` fails only when its first one does) is logged and skipped.
+pub fn send_from(socket: &impl AsRawFd, datagrams: &[(SocketAddr, &[u8])], done: &mut usize) -> io::Result<()> {
+    while *done < datagrams.len() {
+        let chunk = &datagrams[*done..datagrams.len().min(*done + BATCH)];
+        match send(socket, chunk) {
+            Ok(sent) => *done += sent.max(1),
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Err(error),
+            Err(error) => {
+                tracing::debug!(%error, dest = %chunk[0].0, "datagram not sent");
+                *done += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn std_addr(storage: &SockaddrStorage) -> Option<SocketAddr> {
     if let Some(v4) = storage.as_sockaddr_in() {
         return Some(SocketAddr::from(*v4));
@@ -83,5 +101,34 @@ mod tests {
         assert_eq!(received[1], (16, from), "cut at the slot");
         let empty = receive(&server, &mut slots, &mut received);
         assert_eq!(empty.map_err(|error| error.kind()), Err(io::ErrorKind::WouldBlock));
+    }
+
+    /// `send_from` sends more than a batch in several calls, and skips a datagram the kernel refuses (one too long
+    /// for UDP) without losing the ones after it.
+    #[test]
+    fn send_from_crosses_batches_and_skips_a_refused_datagram() {
+        let server = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        server.set_nonblocking(true).expect("non-blocking");
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let to = server.local_addr().expect("addr");
+        let too_long = vec![0_u8; 70_000];
+        let payloads: Vec<[u8; 2]> = (0..BATCH as u16 + 10).map(u16::to_be_bytes).collect();
+        let mut datagrams: Vec<(SocketAddr, &[u8])> = payloads.iter().map(|p| (to, &p[..])).collect();
+        datagrams.insert(3, (to, &too_long[..]));
+        let mut done = 0;
+        send_from(&client, &datagrams, &mut done).expect("all sent");
+        assert_eq!(done, datagrams.len());
+        let mut slots = Box::new([[0_u8; 16]; BATCH]);
+        let mut received = [(0, None); BATCH];
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            match receive(&server, &mut slots, &mut received) {
+                Ok(count) => got.extend(slots[..count].iter().zip(&received).map(|(s, r)| (s[0], s[1], r.0))),
+                Err(_) if got.len() == payloads.len() => break,
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        }
+        let want: Vec<(u8, u8, usize)> = payloads.iter().map(|p| (p[0], p[1], 2)).collect();
+        assert_eq!(got, want);
     }
 }
