@@ -13,6 +13,11 @@ pub struct Config {
     /// UDP and TCP address the authoritative server listens on.
     #[serde(default = "default_dns_listen")]
     pub dns_listen: SocketAddr,
+    /// UDP sockets serving `dns_listen`, each read by a task of its own (SO_REUSEPORT: the kernel spreads queries
+    /// over them by source). Unset: one per core the process may run on, as NSD's `server-count` and Knot's
+    /// `udp-workers` default to.
+    #[serde(default)]
+    pub udp_workers: Option<usize>,
     /// TCP address of the admin API (HTTP, JSON).
     #[serde(default = "default_api_listen")]
     pub api_listen: SocketAddr,
@@ -128,6 +133,9 @@ impl Load for Config {
         if let Some(addr) = self.also_notify.iter().find(|a| a.port() == 0 || a.ip().is_unspecified()) {
             return Err(invalid("also_notify", format!("{addr} is not a unicast address with a port")));
         }
+        if self.udp_workers.is_some_and(|workers| !(1..=MAX_UDP_WORKERS).contains(&workers)) {
+            return Err(invalid("udp_workers", format!("must be 1 to {MAX_UDP_WORKERS}")));
+        }
         if self.tcp_idle_timeout.is_zero() {
             return Err(invalid("tcp_idle_timeout", "must be above zero"));
         }
@@ -193,6 +201,18 @@ fn default_dns_listen() -> SocketAddr {
 
 fn default_api_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8053))
+}
+
+/// Most UDP sockets `udp_workers` may ask for.
+pub const MAX_UDP_WORKERS: usize = 256;
+
+impl Config {
+    /// UDP sockets to serve on: `udp_workers`, or one per core this process may run on (its CPU affinity).
+    pub fn udp_workers(&self) -> usize {
+        self.udp_workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
+            .clamp(1, MAX_UDP_WORKERS)
+    }
 }
 
 fn default_tcp_idle_timeout() -> Duration {
@@ -355,6 +375,22 @@ mod tests {
         let debug = format!("{config:?}");
         assert!(!debug.contains("postgres://env/db"), "{debug}");
         assert!(!debug.contains("from-the-file"), "{debug}");
+    }
+
+    #[test]
+    fn udp_workers_default_to_the_cores_and_are_bounded() {
+        let config = Config::parse("database_url = 'postgres://x/y'").expect("parses");
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        assert_eq!(config.udp_workers(), cores.min(MAX_UDP_WORKERS));
+        let config = Config::parse("database_url = 'postgres://x/y'\nudp_workers = 3").expect("parses");
+        config.validate().expect("3 workers are fine");
+        assert_eq!(config.udp_workers(), 3);
+        for workers in [0, MAX_UDP_WORKERS + 1] {
+            let config =
+                Config::parse(&format!("database_url = 'postgres://x/y'\nudp_workers = {workers}")).expect("parses");
+            let err = config.validate().expect_err("out of bounds");
+            assert!(err.to_string().contains("udp_workers"), "{err}");
+        }
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub use config::Config;
 
 /// Sockets bound before `run`, so tests can bind port 0 and read the addresses back.
 pub struct Listeners {
-    /// DNS over UDP.
+    /// DNS over UDP: the first of `udp_workers` sockets on the address (SO_REUSEPORT; `run` binds the others).
     pub dns_udp: UdpSocket,
     /// DNS over TCP, same port as UDP.
     pub dns_tcp: TcpListener,
@@ -48,7 +48,7 @@ impl Listeners {
     pub async fn bind(dns: SocketAddr, api: SocketAddr) -> io::Result<Self> {
         let mut attempts = 0;
         let (dns_udp, dns_tcp) = loop {
-            let udp = UdpSocket::bind(dns).await?;
+            let udp = bind_udp(dns)?;
             match TcpListener::bind(udp.local_addr()?).await {
                 Ok(tcp) => break (udp, tcp),
                 Err(error) if dns.port() == 0 && attempts < 16 => {
@@ -71,6 +71,29 @@ impl Listeners {
     pub fn api_addr(&self) -> io::Result<SocketAddr> {
         self.api.local_addr()
     }
+}
+
+/// A UDP socket on `addr` that more sockets of this process (its user) may join: the kernel then spreads the
+/// datagrams over them by source address and port, one flow always to the same socket.
+fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::DGRAM, None)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// The UDP sockets to serve on: `first` (from [`Listeners::bind`]) and `workers - 1` more on its address.
+fn udp_sockets(first: UdpSocket, workers: usize) -> anyhow::Result<Vec<UdpSocket>> {
+    let addr = first.local_addr()?;
+    let mut sockets = vec![first];
+    for _ in 1..workers {
+        sockets.push(
+            bind_udp(addr)
+                .with_context(|| format!("binding UDP socket {} of {workers} on {addr}", sockets.len() + 1))?,
+        );
+    }
+    Ok(sockets)
 }
 
 /// Runs the DNS server, the view sync and the admin API until `shutdown` is cancelled.
@@ -111,7 +134,12 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
     let api_addr = listeners.api_addr()?;
     let keys: Arc<[xfr::TsigKey]> = config.tsig_keys.clone().into();
     let handler = || server::Handler::with_keys(shared.clone(), keys.clone()).with_pool(pool.clone());
-    let udp_task = tokio::spawn(udp::serve(listeners.dns_udp, Arc::new(handler()), shutdown.clone()));
+    let workers = config.udp_workers();
+    let udp_handler = Arc::new(handler());
+    let mut udp_tasks = tokio::task::JoinSet::new();
+    for socket in udp_sockets(listeners.dns_udp, workers)? {
+        udp_tasks.spawn(udp::serve(socket, udp_handler.clone(), shutdown.clone()));
+    }
     let tcp_limits = tcp::Limits {
         idle: config.tcp_idle_timeout,
         total: config.tcp_max_connections,
@@ -151,7 +179,7 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
             .with_graceful_shutdown(api_shutdown.cancelled_owned())
             .await
     });
-    info!(%dns_addr, %api_addr, "serving");
+    info!(%dns_addr, %api_addr, udp_workers = workers, "serving");
 
     shutdown.cancelled().await;
     info!("shutting down");
@@ -160,10 +188,12 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
         Err(error) => warn!(%error, "DNS over TCP task failed"),
         Ok(Ok(())) => {}
     }
-    match udp_task.await {
-        Ok(Err(error)) => warn!(%error, "DNS over UDP stopped with an error"),
-        Err(error) => warn!(%error, "DNS over UDP task failed"),
-        Ok(Ok(())) => {}
+    while let Some(result) = udp_tasks.join_next().await {
+        match result {
+            Ok(Err(error)) => warn!(%error, "DNS over UDP stopped with an error"),
+            Err(error) => warn!(%error, "DNS over UDP task failed"),
+            Ok(Ok(())) => {}
+        }
     }
     match api_task.await {
         Ok(Err(error)) => warn!(%error, "admin API did not stop cleanly"),
@@ -177,4 +207,48 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationTok
     pool.close().await;
     sync_pool.close().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use hickory_server::proto::{op::Message, rr::RecordType};
+
+    use super::*;
+    use crate::udp::tests::{handler, query};
+
+    /// Two workers share the port: every one of 32 clients is answered, which it would not be (half of them, by the
+    /// kernel's spread) if a socket of the group were left unread; a third bind on the port by a process that did
+    /// not ask to share it still fails.
+    #[tokio::test]
+    async fn udp_workers_share_the_port_and_all_are_served() {
+        let first = bind_udp("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = first.local_addr().expect("addr");
+        let sockets = udp_sockets(first, 2).expect("second socket");
+        assert_eq!(sockets.len(), 2);
+        assert!(std::net::UdpSocket::bind(addr).is_err(), "a socket without SO_REUSEPORT cannot join");
+        let shutdown = CancellationToken::new();
+        let handler = Arc::new(handler());
+        let mut tasks = tokio::task::JoinSet::new();
+        for socket in sockets {
+            tasks.spawn(udp::serve(socket, handler.clone(), shutdown.clone()));
+        }
+        let mut buf = vec![0u8; 4096];
+        for id in 1..=32_u16 {
+            let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind client");
+            client.send_to(&query("www.example.test.", RecordType::A, None, id, false), addr).await.expect("send");
+            let (len, _) = tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("client {id} answered in time"))
+                .expect("recv");
+            let message = Message::from_vec(&buf[..len]).expect("response decodes");
+            assert_eq!(message.metadata.id, id);
+            assert_eq!(message.answers.len(), 2);
+        }
+        shutdown.cancel();
+        while let Some(result) = tasks.join_next().await {
+            result.expect("joins").expect("ok");
+        }
+    }
 }
